@@ -1,0 +1,47 @@
+"""The ``magpie-hf`` command.
+
+Each subcommand lives in the module that owns its idea and exposes ``register_cli(subparsers)``,
+which adds its parser and sets ``func`` to the function that runs it.
+
+Example:
+    $ magpie-hf template HuggingFaceTB/SmolLM2-135M-Instruct
+    $ magpie-hf push runs/pro/dataset me/magpie-pro --version 1.0.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: modules that contribute subcommands
+SUBCOMMAND_MODULES = ("magpie_hf.templates", "magpie_hf.hub.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from magpie_hf import __version__
+
+    parser = argparse.ArgumentParser(prog="magpie-hf", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"magpie-hf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # the module is not part of this install
+                continue
+            raise
+        module.register_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

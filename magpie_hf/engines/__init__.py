@@ -1,0 +1,83 @@
+"""Text-generation backends behind one interface.
+
+Example:
+    >>> from magpie_hf.engines import EngineConfig, SamplingConfig, load_engine
+    >>> engine = load_engine(EngineConfig.embedded())  # doctest: +SKIP
+    >>> engine.generate(["Hello"], SamplingConfig(max_tokens=8, temperature=0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+
+from magpie_hf.engines.base import Completion, Engine, SamplingConfig
+from magpie_hf.engines.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Completion", "Engine", "EngineConfig", "SamplingConfig", "load_engine", "resolve_backend", "release_engines"]
+
+# Engines stay loaded while consecutive pipeline stages use the same config.
+_LOADED: dict[EngineConfig, Engine] = {}
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def resolve_backend(config: EngineConfig) -> str:
+    """The concrete backend ``config`` asks for; ``auto`` picks vLLM when CUDA and vllm exist."""
+    if config.backend != "auto":
+        return config.backend
+    if config.base_url:
+        choice, why = "openai", "a base_url was given"
+    elif config.gguf_file is None and _cuda_available() and importlib.util.find_spec("vllm") is not None:
+        choice, why = "vllm", "CUDA and vllm are available"
+    else:
+        reasons = []
+        if not _cuda_available():
+            reasons.append("no CUDA device")
+        if importlib.util.find_spec("vllm") is None:
+            reasons.append("vllm not installed")
+        if config.gguf_file is not None:
+            reasons.append("GGUF weights")
+        choice, why = "transformers", ", ".join(reasons) or "default"
+    logger.info("engine 'auto' chose %s for %s (%s)", choice, config.describe(), why)
+    return choice
+
+
+def load_engine(config: EngineConfig) -> Engine:
+    """Load (or reuse an already loaded) engine for ``config``."""
+    if config in _LOADED:
+        return _LOADED[config]
+    backend = resolve_backend(config)
+    if backend == "transformers":
+        from magpie_hf.engines.transformers import TransformersEngine as cls
+    elif backend == "vllm":
+        from magpie_hf.engines.vllm import VLLMEngine as cls
+    elif backend == "openai":
+        from magpie_hf.engines.openai import OpenAICompletionsEngine as cls
+    else:
+        raise ValueError(f"Unknown engine backend {config.backend!r}; choose auto, transformers, vllm or openai.")
+    engine = cls(config)
+    _LOADED[config] = engine
+    return engine
+
+
+def release_engines(keep: set[EngineConfig] | frozenset[EngineConfig] = frozenset()) -> None:
+    """Close every cached engine whose config is not in ``keep``, freeing its memory."""
+    for config in list(_LOADED):
+        if config not in keep:
+            _LOADED.pop(config).close()
+    gc.collect()
+    if _cuda_available():
+        import torch
+
+        torch.cuda.empty_cache()

@@ -1,0 +1,116 @@
+"""The one interface every text-generation backend implements.
+
+Example:
+    >>> from magpie_hf.engines import EngineConfig, load_engine, SamplingConfig
+    >>> engine = load_engine(EngineConfig.embedded())          # doctest: +SKIP
+    >>> out = engine.generate(["<|im_start|>user\\n"], SamplingConfig(max_tokens=32, n=2, seed=0))  # doctest: +SKIP
+    >>> out[0][0].text, out[0][0].num_tokens, out[0][0].finish_reason  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to decode. ``temperature == 0`` means greedy.
+
+    ``stop`` strings and ``stop_token_ids`` end a completion (finish reason ``"stop"``);
+    reaching ``max_tokens`` ends it with ``"length"``. ``n`` completions are sampled per
+    prompt. ``seed`` makes a call reproducible on the same engine, prompts and settings.
+    ``json_schema`` asks for constrained JSON decoding where the backend supports it.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    n: int = 1
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    json_schema: dict | None = field(default=None, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        # accept lists from callers but keep the object hashable
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes: Any) -> "SamplingConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_record(self) -> dict[str, Any]:
+        """The settings worth recording in a row's provenance (no stop lists)."""
+        return {
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+            "max_tokens": int(self.max_tokens),
+            "repetition_penalty": float(self.repetition_penalty),
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated continuation."""
+
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason
+
+
+class Engine(abc.ABC):
+    """A loaded text-generation backend.
+
+    Prompts are complete raw text (chat template already applied, BOS included where the
+    model needs it); engines tokenize them **without** adding special tokens.
+    """
+
+    #: short backend name recorded in provenance ("transformers", "vllm", "openai")
+    name: str = "base"
+
+    def __init__(self, config: "EngineConfig") -> None:
+        self.config = config
+
+    @property
+    def model_id(self) -> str:
+        return self.config.model
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer (used for chat-template arithmetic)."""
+
+    @abc.abstractmethod
+    def generate(
+        self, prompts: Sequence[str], sampling: SamplingConfig, *, progress: Any = None
+    ) -> list[list[Completion]]:
+        """Return, for every prompt, ``sampling.n`` completions in order.
+
+        ``progress`` is an optional callback ``progress(num_finished_completions, num_new_tokens)``
+        the engine calls as completions finish, for progress bars.
+        """
+
+    def close(self) -> None:
+        """Free the model and any accelerator memory it holds."""
+
+
+from magpie_hf.engines.config import EngineConfig  # noqa: E402  (re-export for typing)

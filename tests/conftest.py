@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests never download: HF_HUB_OFFLINE is set before anything imports the Hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chat_templates"
+
+
+@pytest.fixture(scope="session")
+def embedded_engine():
+    """The embedded chat model (SmolLM2-135M-Instruct), loaded once for the whole session."""
+    from magpie_hf.engines import EngineConfig, load_engine
+
+    return load_engine(EngineConfig.embedded())
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_engine):
+    return embedded_engine.tokenizer
+
+
+def chat_template_fixtures() -> dict[str, dict]:
+    """The real chat templates in ../shared/fixtures/chat_templates, by file stem."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(FIXTURES.glob("*.json"))}
