@@ -11,13 +11,14 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+from typing import Iterable
 
 from magpie_hf.engines.base import Completion, Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Completion", "Engine", "EngineConfig", "SamplingConfig", "load_engine", "resolve_backend", "release_engines"]
+__all__ = ["Completion", "Engine", "EngineConfig", "SamplingConfig", "load_engine", "loaded_engine_configs", "resolve_backend", "release_engines"]
 
 # Engines stay loaded while consecutive pipeline stages use the same config.
 _LOADED: dict[EngineConfig, Engine] = {}
@@ -71,11 +72,18 @@ def load_engine(config: EngineConfig) -> Engine:
     return engine
 
 
-def release_engines(keep: set[EngineConfig] | frozenset[EngineConfig] = frozenset()) -> None:
-    """Close every cached engine whose config is not in ``keep``, freeing its memory."""
-    for config in list(_LOADED):
-        if config not in keep:
-            _LOADED.pop(config).close()
+def loaded_engine_configs() -> frozenset[EngineConfig]:
+    """Configs of the engines loaded now."""
+    return frozenset(_LOADED)
+
+
+def release_engines(configs: Iterable[EngineConfig]) -> None:
+    """Close the cached engines of ``configs``, freeing their memory."""
+    for config in configs:
+        engine = _LOADED.pop(config, None)
+        if engine is not None:
+            logger.info("releasing engine %s", config.describe())
+            engine.close()
     gc.collect()
     if _cuda_available():
         import torch

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 if TYPE_CHECKING:
     import datasets
@@ -59,6 +59,8 @@ class Step:
 
     def __post_init__(self) -> None:
         self.stats: collections.Counter[str] = collections.Counter()
+        #: set by the pipeline; engines call it as ``progress(num_finished, num_new_tokens)``
+        self.progress_callback: Callable[[int, int], None] | None = None
         if self.name is None:
             self.name = _snake(type(self).__name__)
 

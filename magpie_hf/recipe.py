@@ -1,0 +1,260 @@
+"""What every recipe shares: flags, presets, hardware checks and provenance.
+
+A recipe script (``recipes/magpie_pro.py`` and friends) declares its paper defaults as a
+:class:`RecipeDefaults`, parses the shared flags with :func:`recipe_parser`, and turns them into
+:class:`RecipeSettings` with :func:`resolve_settings`. ``--preset cpu`` swaps in the embedded
+SmolLM2-135M-Instruct and small sizes so the recipe finishes on a laptop CPU in minutes.
+
+Example:
+    >>> from magpie_hf.recipe import RecipeDefaults, recipe_parser, resolve_settings
+    >>> defaults = RecipeDefaults(name="magpie_pro", model="meta-llama/Meta-Llama-3-70B-Instruct", num_rows=1_000_000)
+    >>> args = recipe_parser(defaults).parse_args(["--preset", "cpu", "--output-dir", "/tmp/run"])
+    >>> resolve_settings(args, defaults).num_rows
+    120
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from magpie_hf.engines import EngineConfig
+from magpie_hf.steps.base import StepChain
+from magpie_hf.steps.generate import PRO_MIXTURE, DecodingSetting
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("paper", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeDefaults:
+    """The paper-scale defaults of one recipe."""
+
+    name: str
+    model: str
+    num_rows: int
+    engine: str = "vllm"
+    tensor_parallel_size: int = 4
+    mixture: tuple[DecodingSetting, ...] = PRO_MIXTURE
+    instruction_max_tokens: int = 2048
+    response_max_tokens: int = 4096
+    shard_size: int = 10_000
+    #: judge model for the LLM taggers (task category, quality, difficulty)
+    judge_model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    reward_model: str = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
+    guard_model: str = "meta-llama/Meta-Llama-Guard-2-8B"
+    embedding_model: str = "sentence-transformers/all-mpnet-base-v2"
+    base_model: str = "meta-llama/Meta-Llama-3-8B"
+    source_model_license: str = "llama3"
+
+
+#: what ``--preset cpu`` changes, whatever the recipe
+CPU_PRESET = {
+    "num_rows": 120,
+    "shard_size": 40,
+    "instruction_max_tokens": 192,
+    "response_max_tokens": 256,
+}
+
+
+@dataclasses.dataclass
+class RecipeSettings:
+    """Resolved settings of one recipe run."""
+
+    name: str
+    preset: str
+    engine: EngineConfig
+    num_rows: int
+    shard_size: int
+    seed: int
+    output_dir: Path
+    mixture: tuple[DecodingSetting, ...]
+    instruction_max_tokens: int
+    response_max_tokens: int
+    judge: EngineConfig
+    base: EngineConfig
+    reward_model: str | None
+    guard_model: str | None
+    embedding_model: str
+    source_model_license: str
+    command: str
+    args: argparse.Namespace
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.output_dir / "dataset"
+
+    @property
+    def is_cpu_preset(self) -> bool:
+        return self.preset == "cpu"
+
+
+def recipe_parser(defaults: RecipeDefaults, description: str | None = None) -> argparse.ArgumentParser:
+    """The flags every recipe takes (the publishing flags included)."""
+    parser = argparse.ArgumentParser(
+        prog=f"python recipes/{defaults.name}.py",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    group = parser.add_argument_group("run")
+    group.add_argument("--preset", choices=PRESETS, default="paper",
+                       help="'paper': the paper's models and sizes (needs GPUs); 'cpu': the embedded SmolLM2-135M-Instruct, small sizes")
+    group.add_argument("--num-rows", type=int, default=None, help=f"rows to generate (paper: {defaults.num_rows:,})")
+    group.add_argument("--shard-size", type=int, default=None, help="rows per Parquet shard, the unit of resumption")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--output-dir", type=Path, default=Path(f"runs/{defaults.name}"),
+                       help="where shards go; rerun with the same flags to resume")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help=f"chat model id or path (paper: {defaults.model})")
+    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model (transformers engine)")
+    group.add_argument("--engine", choices=("auto", "transformers", "vllm", "openai"), default=None,
+                       help=f"generation backend (paper: {defaults.engine})")
+    group.add_argument("--tensor-parallel-size", type=int, default=None,
+                       help=f"GPUs per vLLM engine (paper: {defaults.tensor_parallel_size})")
+    group.add_argument("--base-url", default=None, help="OpenAI-compatible server for --engine openai (e.g. http://127.0.0.1:8000/v1)")
+    group.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (transformers engine)")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+    try:
+        from magpie_hf.hub import add_publish_args
+    except ImportError:  # publishing module not installed in this checkout
+        pass
+    else:
+        add_publish_args(parser)
+    return parser
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def recipe_command(argv: list[str] | None = None) -> str:
+    """The command line that ran this recipe, for provenance (token-looking values masked)."""
+    argv = list(sys.argv if argv is None else argv)
+    masked = []
+    hide_next = False
+    for item in argv:
+        if hide_next or item.startswith("hf_"):
+            masked.append("***")
+            hide_next = False
+            continue
+        if item in ("--token", "--hub-token"):
+            hide_next = True
+        masked.append(item)
+    return shlex.join(["python", *masked])
+
+
+def resolve_settings(args: argparse.Namespace, defaults: RecipeDefaults) -> RecipeSettings:
+    """Apply the preset and overrides; fail early, clearly, when the hardware cannot run it."""
+    cpu = args.preset == "cpu"
+    sizes = {**dataclasses.asdict(defaults), **(CPU_PRESET if cpu else {})}
+    num_rows = args.num_rows if args.num_rows is not None else sizes["num_rows"]
+    shard_size = args.shard_size if args.shard_size is not None else min(sizes["shard_size"], max(num_rows, 1))
+    if num_rows < 1 or shard_size < 1:
+        raise SystemExit("--num-rows and --shard-size must be >= 1")
+
+    extra: dict[str, Any] = {}
+    if args.batch_size:
+        extra["batch_size"] = args.batch_size
+    if cpu and args.model is None:
+        engine = EngineConfig.embedded(trust_remote_code=args.trust_remote_code, **extra)
+        if args.engine not in (None, "auto", "transformers"):
+            raise SystemExit("--preset cpu runs the embedded GGUF model with the transformers engine; drop --engine or pass --model.")
+    else:
+        backend = args.engine or ("auto" if cpu else defaults.engine)
+        engine = EngineConfig(
+            model=args.model or defaults.model,
+            backend=backend,
+            gguf_file=args.gguf_file,
+            tensor_parallel_size=args.tensor_parallel_size or (1 if cpu else defaults.tensor_parallel_size),
+            base_url=args.base_url,
+            trust_remote_code=args.trust_remote_code,
+            **extra,
+        )
+    _check_hardware(engine, defaults)
+
+    # the helper models: the paper's, or the embedded chat model standing in under --preset cpu
+    judge = engine if cpu else EngineConfig(model=defaults.judge_model, backend=engine.backend if engine.backend != "openai" else "auto")
+    base = engine if cpu else EngineConfig(model=defaults.base_model, backend=judge.backend)
+    return RecipeSettings(
+        name=defaults.name,
+        preset=args.preset,
+        engine=engine,
+        num_rows=num_rows,
+        shard_size=shard_size,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        mixture=defaults.mixture,
+        instruction_max_tokens=sizes["instruction_max_tokens"],
+        response_max_tokens=sizes["response_max_tokens"],
+        judge=judge,
+        base=base,
+        reward_model=None if cpu else defaults.reward_model,
+        guard_model=None if cpu else defaults.guard_model,
+        embedding_model="embedded" if cpu else defaults.embedding_model,
+        source_model_license="apache-2.0" if cpu and args.model is None else defaults.source_model_license,
+        command=recipe_command(),
+        args=args,
+    )
+
+
+def _check_hardware(engine: EngineConfig, defaults: RecipeDefaults) -> None:
+    if engine.backend == "vllm" or (engine.backend == "auto" and engine.gguf_file is None and not engine.base_url and _has_cuda()):
+        if not _has_cuda():
+            raise SystemExit(
+                f"This recipe's paper settings run {engine.model} with vLLM on "
+                f"{engine.tensor_parallel_size} GPU(s), and no CUDA GPU was found.\n"
+                f"  Try it on this CPU:    python recipes/{defaults.name}.py --preset cpu\n"
+                f"  Or pick a model/engine: --model MODEL --engine transformers   (or --engine openai --base-url URL)"
+            )
+        if importlib.util.find_spec("vllm") is None:
+            raise SystemExit("The vLLM engine needs vllm: pip install 'magpie-hf[vllm]'  (or pass --engine transformers)")
+
+
+def run_info(settings: RecipeSettings, manifest: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Provenance for the dataset card: models, templates, sampling, seeds, stage counts, command."""
+    from magpie_hf import __version__
+
+    steps = {s["step"]: s for s in manifest.get("steps", [])}
+    info: dict[str, Any] = {
+        "recipe": settings.name,
+        "preset": settings.preset,
+        "command": settings.command,
+        "package_version": __version__,
+        "seed": settings.seed,
+        "num_rows_requested": settings.num_rows,
+        "models": {"instruct": settings.engine.describe()},
+        "engine": settings.engine.backend,
+        "decoding_mixture": [
+            {"temperature": m.temperature, "top_p": m.top_p, "weight": m.weight} for m in settings.mixture
+        ],
+        "stage_stats": manifest.get("stages", []),
+    }
+    if "Responses" in steps:
+        r = steps["Responses"]
+        info["response_sampling"] = {k: r.get(k) for k in ("temperature", "top_p", "repetition_penalty", "max_tokens")}
+    info.update(extra)
+    return info
+
+
+def generation_steps(settings: RecipeSettings, **instruction_overrides: Any) -> StepChain:
+    """Magpie steps 1 and 2 with the recipe's model, mixture and lengths."""
+    from magpie_hf.steps import MagpieInstructions, Responses
+
+    instructions = MagpieInstructions(
+        engine=settings.engine,
+        num_rows=settings.num_rows,
+        mixture=settings.mixture,
+        max_tokens=settings.instruction_max_tokens,
+        seed=settings.seed,
+        **instruction_overrides,
+    )
+    return instructions >> Responses(engine=settings.engine, max_tokens=settings.response_max_tokens)
