@@ -10,6 +10,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+import tempfile  # noqa: E402
+
+# datasets keys its cache of a local folder by name and card metadata only: keep each test
+# session's cache apart so one run's rows are never served for another's
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="magpie-hf-datasets-cache-")
+
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 

@@ -1,7 +1,29 @@
-"""Pipeline steps. Heavy dependencies are imported by each step's ``load()``, not here."""
+"""Pipeline steps.
+
+The generation steps are imported eagerly; the taggers, neighbours, filters and preference steps
+load on first use (``from magpie_hf.steps import Neighbors``) so that importing the package stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from magpie_hf.steps.base import Batch, GeneratorStep, GlobalStep, Step, StepChain
 from magpie_hf.steps.generate import AIR_MIXTURE, PRO_MIXTURE, DecodingSetting, MagpieInstructions, Responses
+
+_LAZY = {
+    "magpie_hf.steps.judges": ("TaskCategory", "InputQuality", "Difficulty"),
+    "magpie_hf.steps.safety": ("LlamaGuard",),
+    "magpie_hf.steps.language": ("Language",),
+    "magpie_hf.steps.reward": ("RewardModelScorer", "InstructReward", "JudgeReward"),
+    "magpie_hf.steps.neighbors": ("Neighbors", "find_neighbors"),
+    "magpie_hf.steps.filters": ("Filter", "Condition", "ColumnRef", "DEDUPLICATE", "Stratum", "preset_filter", "FILTER_PRESETS"),
+    "magpie_hf.steps.base_responses": ("BaseResponses", "RewardDifference"),
+    "magpie_hf.steps.preferences": ("InstructVsBasePairs", "MultiResponses", "MultiResponseRewards", "BestOfNPairs"),
+    "magpie_hf.steps.multi_turn": ("MultiTurn",),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
     "AIR_MIXTURE",
@@ -14,4 +36,11 @@ __all__ = [
     "Responses",
     "Step",
     "StepChain",
+    *_WHERE,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

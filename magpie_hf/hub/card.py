@@ -1,0 +1,287 @@
+"""The dataset card: YAML metadata (``huggingface_hub.DatasetCardData``) plus text from Jinja templates.
+
+Templates live in ``hub_cards/`` at the repository root (or, in an installed wheel, in
+``magpie_hf/hub_cards/``): ``dataset_card.md.j2`` includes ``_provenance.md.j2`` and ``_statistics.md.j2``.
+The card is rendered from the run record ``magpie_run.json`` that :func:`magpie_hf.hub.save_dataset_folder`
+writes, so :func:`magpie_hf.hub.publish` can re-render it with the repository id and version without
+recomputing statistics or plots.
+
+Example:
+    >>> from magpie_hf.hub.card import render_card
+    >>> text = render_card("runs/pro/dataset", repo_id="me/magpie-pro", version="v1.0.0")  # doctest: +SKIP
+    >>> text.splitlines()[0]                                                               # doctest: +SKIP
+    '---'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .layout import CARD_FILE, RUN_FILE, FolderLayout, read_layout
+
+TEMPLATE = "dataset_card.md.j2"
+PAPER_URL = "https://arxiv.org/abs/2406.08464"
+
+#: licenses of the paper's and the embedded models, by model-id prefix (the card names the source model's license)
+KNOWN_MODEL_LICENSES = (
+    ("meta-llama/Meta-Llama-3.1-", "llama3.1"),
+    ("meta-llama/Llama-3.1-", "llama3.1"),
+    ("meta-llama/Llama-3.2-", "llama3.2"),
+    ("meta-llama/Llama-3.3-", "llama3.3"),
+    ("meta-llama/Meta-Llama-3-", "llama3"),
+    ("meta-llama/Meta-Llama-Guard-2", "llama3"),
+    ("meta-llama/Llama-Guard-3", "llama3.1"),
+    ("sfairXC/FsfairX-LLaMA3-RM", "llama3 (derived from Llama-3)"),
+    ("HuggingFaceTB/SmolLM2-", "apache-2.0"),
+    ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+    ("sentence-transformers/all-mpnet-base-v2", "apache-2.0"),
+    ("google/gemma-", "gemma"),
+    ("microsoft/Phi-3", "mit"),
+    ("mistralai/Mistral-7B-Instruct", "apache-2.0"),
+)
+#: run_info keys the templates render in their own sections; any other key is listed under "Other settings"
+KNOWN_RUN_KEYS = (
+    "recipe",
+    "command",
+    "package_version",
+    "models",
+    "pre_query_template",
+    "decoding_mixture",
+    "seed",
+    "response_sampling",
+    "stage_stats",
+    "filter_report",
+    "preset",
+)
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
+_TOKEN_FLAG = re.compile(r"(--(?:hf[-_])?token[= ])(\S+)")
+
+
+class CardTemplateNotFound(FileNotFoundError):
+    """The ``hub_cards`` templates are neither in the source tree nor in the installed package."""
+
+
+def templates_dir() -> Path:
+    """``<repo>/hub_cards`` in a source checkout (editable installs), else the copy inside the installed package."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "hub_cards", here.parents[1] / "hub_cards"):
+        if (candidate / TEMPLATE).is_file():
+            return candidate
+    raise CardTemplateNotFound(
+        f"Dataset card templates ({TEMPLATE}) not found in {here.parents[2] / 'hub_cards'} or "
+        f"{here.parents[1] / 'hub_cards'}; reinstall magpie-hf."
+    )
+
+
+def redact(value: Any) -> Any:
+    """Replace anything that looks like a Hub token (``hf_...``, ``--token X``) in strings, lists and dicts."""
+    if isinstance(value, str):
+        return _TOKEN.sub("hf_***", _TOKEN_FLAG.sub(r"\1***", value))
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def model_license(model_id: str) -> str | None:
+    for prefix, license_name in KNOWN_MODEL_LICENSES:
+        if str(model_id).startswith(prefix):
+            return license_name
+    return None
+
+
+def size_category(rows: int) -> str:
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+              (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+    return next((name for bound, name in bounds if rows < bound), "n>1T" if rows >= 10**12 else "1B<n<10B")
+
+
+# ---------------------------------------------------------------------------------------------- jinja filters
+def _missing(value) -> bool:
+    import jinja2
+
+    return value is None or isinstance(value, jinja2.Undefined)
+
+
+def _num(value) -> str:
+    if _missing(value):
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        if value.is_integer():
+            return f"{int(value):,}" if abs(value) >= 100 else f"{value:.1f}"
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _cell(value) -> str:
+    """Make a value safe inside a Markdown table cell."""
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, ensure_ascii=False)
+    return "–" if _missing(value) else str(value).replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _kv(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_num(v)}" for k, v in value.items()) if value else "–"
+    return _cell(value)
+
+
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+@lru_cache(maxsize=4)
+def _environment(directory: str):
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(directory),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.ChainableUndefined,  # run_info is free-form: a missing key renders as "–", never fails
+        autoescape=False,
+    )
+    env.filters.update(num=_num, cell=_cell, kv=_kv, tojson_text=_json)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- card
+def card_data(record: dict, layout: FolderLayout):
+    """The YAML metadata of the card as ``huggingface_hub.DatasetCardData``."""
+    from huggingface_hub import DatasetCardData
+
+    largest = max(layout.config_rows(c) for c in layout.configs)
+    tags = ["synthetic", "magpie", "magpie-hf"] + [c for c in ("sft", "dpo") if c in layout.configs]
+    extra: dict[str, Any] = {}
+    if record["license"] == "other":
+        source_license = model_sources(record)[1] or "see-dataset-card"
+        extra["license_name"] = re.sub(r"[^a-z0-9.]+", "-", source_license.lower()).strip("-")
+    languages = _hub_languages(record.get("statistics") or {})
+    data = DatasetCardData(
+        license=record["license"],
+        pretty_name=record["pretty_name"],
+        language=languages or None,
+        task_categories=["text-generation"],
+        size_categories=[size_category(largest)],
+        tags=tags,
+        configs=layout.card_configs(),
+        **extra,
+    )
+    layout.dataset_infos().to_dataset_card_data(data)
+    return data
+
+
+def _hub_languages(statistics: dict) -> list[str]:
+    """Two-letter language codes with at least 1% of the rows (Hub metadata wants lowercase ISO 639-1)."""
+    counts = (statistics.get("categorical") or {}).get("language", {}).get("counts") or {}
+    total = sum(counts.values()) or 1
+    return [v.lower() for v, c in counts.items() if re.fullmatch(r"[A-Za-z]{2}", v) and c / total >= 0.01][:10]
+
+
+#: model roles that do not write the rows (their licenses are listed, but the card's "source model" is the generator)
+NON_GENERATOR_ROLES = ("embedding", "embeddings", "reward", "reward_model", "guard", "safety", "tagger", "judge", "language")
+
+
+def model_sources(record: dict) -> tuple[list[dict], str | None]:
+    """``[{role, model, license, generator}]`` for the run's models, and the source (generator) models' license.
+
+    ``record["source_model_license"]`` (the user's word) wins over the table of known model licenses.
+    """
+    models = (record.get("run_info") or {}).get("models") or {}
+    if not isinstance(models, dict):
+        models = {"generator": models}
+    override = record.get("source_model_license")
+    sources = []
+    for role, model in models.items():
+        if not model:
+            continue
+        generator = str(role).lower() not in NON_GENERATOR_ROLES
+        license_name = override if generator and override else model_license(str(model))
+        sources.append({"role": role, "model": model, "license": license_name, "generator": generator})
+    generator_licenses = sorted({s["license"] for s in sources if s["generator"] and s["license"]})
+    return sources, override or (", ".join(generator_licenses) if generator_licenses else None)
+
+
+def categorical_tables(statistics: dict | None, top: int = 15) -> list[dict]:
+    """Rows of the card's tag tables: the ``top`` most frequent values, the rest folded into "(other values)"."""
+    tables = []
+    for name, column in ((statistics or {}).get("categorical") or {}).items():
+        counts = list(column["counts"].items())
+        total = sum(c for _, c in counts) or 1
+        shown = counts if len(counts) <= top + 1 else counts[:top]
+        rows = [{"value": v, "count": c, "share": 100 * c / total} for v, c in shown]
+        if len(shown) < len(counts):
+            rest = sum(c for _, c in counts[top:])
+            rows.append({"value": f"({len(counts) - top} other values)", "count": rest, "share": 100 * rest / total})
+        tables.append({"name": name, "label": column["label"], "rows": rows})
+    return tables
+
+
+def render_card(
+    folder: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    version: str | None = None,
+    record: dict | None = None,
+    layout: FolderLayout | None = None,
+) -> str:
+    """Render ``README.md`` for ``folder`` from its run record: a Hub card when ``repo_id`` is given, else local."""
+    from huggingface_hub import DatasetCard
+
+    root = Path(folder)
+    layout = layout or read_layout(root)
+    if record is None:
+        record = json.loads((root / RUN_FILE).read_text(encoding="utf-8"))
+    record = json.loads(json.dumps(record, default=str))  # render exactly what magpie_run.json holds
+    run_info = record.get("run_info") or {}
+    data = card_data(record, layout)
+    sources, source_license = model_sources(record)
+    context = {
+        "card_data": data.to_yaml(),
+        "pretty_name": record["pretty_name"],
+        "license": record["license"],
+        "source_model_license": source_license,
+        "generators": [s for s in sources if s["generator"]],
+        "sources": sources,
+        "paper_url": PAPER_URL,
+        "repo_id": repo_id,
+        "version": version,
+        "folder": str(root.resolve()),
+        "configs": [
+            {"name": c, "splits": layout.rows[c], "rows": layout.config_rows(c), "default": i == 0}
+            for i, c in enumerate(layout.configs)
+        ],
+        "default_config": layout.configs[0],
+        "run": {key: run_info.get(key) for key in KNOWN_RUN_KEYS},
+        "extra_settings": {k: v for k, v in run_info.items() if k not in KNOWN_RUN_KEYS},
+        "created": record.get("created"),
+        "statistics": record.get("statistics"),
+        "categorical_tables": categorical_tables(record.get("statistics")),
+        "plots": record.get("plots") or [],
+        "package_version": run_info.get("package_version") or record.get("package_version"),
+    }
+    template = _environment(str(templates_dir())).get_template(TEMPLATE)
+    text = template.render(**context)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    DatasetCard(text)  # parses the metadata block: a template bug fails here, not on the Hub
+    return text
+
+
+def write_card(folder: str | os.PathLike, **kwargs) -> Path:
+    path = Path(folder) / CARD_FILE
+    path.write_text(render_card(folder, **kwargs), encoding="utf-8")
+    return path

@@ -1,0 +1,518 @@
+"""Chat-template arithmetic for Magpie: pre-query templates, stop strings and prompts, derived from the tokenizer.
+
+Magpie prompts an aligned model with only the *pre-query template* of its chat format (everything up to
+where the user's words start) and lets it write the user's query. Instead of a hand-kept table of
+templates, everything here is derived from the tokenizer's own ``chat_template``: render a conversation
+whose last user message is a sentinel string and cut at the sentinel.
+
+- ``pre_query``: render ``[user: SENTINEL]`` and keep what comes before the sentinel (plus BOS text when
+  the tokenizer, not the template, adds the BOS: engines tokenize with ``add_special_tokens=False``).
+- ``query_prompt(history)``: the same cut after a history, for multi-turn generation.
+- ``stop_strings``: the end-of-turn marker that follows the sentinel (its first special token, or
+  else its first line), for the user turn and for the assistant turn; where only whitespace ends a
+  user turn, the assistant header that follows it (``### Response:``).
+- ``response_prompt(messages)``: ``apply_chat_template(..., add_generation_prompt=True)`` with BOS once.
+- ``keep_default_system_prompt=False``: the block a template writes before the first user turn on its
+  own (Llama-3.1's dated block, Qwen2's "You are a helpful assistant.") is found by comparing the
+  rendering of the first user turn with that of a later user turn, and removed.
+
+Example:
+    >>> from transformers import AutoTokenizer
+    >>> from magpie_hf.templates import derive_templates
+    >>> tok = AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct")  # doctest: +SKIP
+    >>> t = derive_templates(tok, keep_default_system_prompt=False)  # doctest: +SKIP
+    >>> t.pre_query, t.stop_strings  # doctest: +SKIP
+    ('<|im_start|>user\\n', ['<|im_end|>'])
+    >>> t.query_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])  # doctest: +SKIP
+    '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n<|im_start|>user\\n'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import argparse
+
+logger = logging.getLogger(__name__)
+
+#: message contents that no template rewrites (no whitespace to trim, no markup) and no text contains
+USER_SENTINEL = "MagpieUserSentinel7Q3"
+SECOND_USER_SENTINEL = "MagpieUserSentinel9K5"
+ASSISTANT_SENTINEL = "MagpieAssistantSentinel4W8"
+
+Message = dict[str, str]
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot give what Magpie needs; the message says the way out."""
+
+
+_WAY_OUT = (
+    "Way out: pass the raw pre-query text yourself: derive_templates(tokenizer, pre_query_template=..., "
+    "stop_strings=[...]) (CLI/recipes: --pre-query-template), e.g. "
+    "pre_query_template='<|im_start|>user\\n', stop_strings=['<|im_end|>'] for ChatML."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreQueryOverride:
+    """A correction applied to a derived user-turn prompt where the derived form is known to be worse.
+
+    ``pattern`` is searched at the end of every user-turn prompt (``pre_query`` and ``query_prompt``);
+    a match is replaced by ``replacement``.
+    """
+
+    name: str
+    pattern: str
+    replacement: str
+    reason: str
+
+    def apply(self, text: str) -> str | None:
+        new, count = re.subn(self.pattern, self.replacement, text, count=1)
+        return new if count else None
+
+
+#: Keep this table small: every entry must say why the derived form is worse.
+PRE_QUERY_OVERRIDES: tuple[PreQueryOverride, ...] = (
+    PreQueryOverride(
+        name="inst-trailing-space",
+        pattern=r"\[INST\] $",
+        replacement="[INST]",
+        reason=(
+            "Llama-2 and Mistral templates write '[INST] ' + content. Cut at the sentinel, the prompt ends "
+            "in a space that SentencePiece tokenizers encode as a lone '▁' token; in training the model only "
+            "ever saw '[INST]' followed by a word token that carries its own space ('▁What'), so a prompt "
+            "ending in '▁' yields glued or odd first words. Ending the prompt at '[INST]' lets the model "
+            "write '▁What' itself; clean() strips the leading space."
+        ),
+    ),
+)
+
+_DEFAULT = object()  # "use the object's system prompt"
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` exactly as engines see prompts: without adding special tokens.
+
+    Example:
+        >>> encode(tok, "<|im_start|>user\\n")  # doctest: +SKIP
+        [1, 4093, 198]
+    """
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(text)`` (with special tokens) puts a BOS token in front of the text."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None or not getattr(tokenizer, "bos_token", None):
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bool(with_special) and with_special[0] == bos_id and without[:1] != [bos_id]
+
+
+def _added_tokens(tokenizer: Any) -> list[str]:
+    """Added/special token strings, longest first (so '<|im_end|>' wins over a shorter prefix)."""
+    tokens: set[str] = set()
+    try:
+        tokens.update(tokenizer.get_added_vocab())
+    except Exception:  # slow or exotic tokenizers
+        pass
+    tokens.update(getattr(tokenizer, "all_special_tokens", []) or [])
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def _end_marker(tail: str, special_tokens: Sequence[str]) -> str | None:
+    """The end-of-turn marker at the start of ``tail`` (the text after a message's content).
+
+    The marker is the first special token when the tail starts with one (``<|eot_id|>``, ``<|im_end|>``,
+    ``<end_of_turn>``), else the first line (``[/INST]``, ``### Response:``); None when only whitespace.
+    """
+    text = tail.lstrip()
+    if not text:
+        return None
+    for token in special_tokens:
+        if text.startswith(token):
+            return token
+    line = text.split("\n", 1)[0].rstrip()
+    return line or None
+
+
+def _split_at(text: str, sentinel: str) -> tuple[str, str]:
+    if text.count(sentinel) != 1:
+        raise ChatTemplateError(
+            f"The chat template did not render the message content verbatim (found the sentinel "
+            f"{text.count(sentinel)} times in {text!r}). {_WAY_OUT}"
+        )
+    before, after = text.split(sentinel)
+    return before, after
+
+
+def _dedupe(items: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(x for x in items if x is not None and x != ""))
+
+
+def _render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"The tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template, so the "
+            f"Magpie pre-query template cannot be derived. {_WAY_OUT}"
+        )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except ChatTemplateError:
+        raise
+    except Exception as err:  # jinja2 TemplateError from raise_exception(), missing roles, ...
+        roles = [m.get("role") for m in messages]
+        hint = ""
+        if roles and roles[0] == "system":
+            hint = " This template does not accept a system message: drop the system prompt (system_prompt=None)."
+        raise ChatTemplateError(
+            f"The chat template of {getattr(tokenizer, 'name_or_path', '')!r} failed on a conversation "
+            f"with roles {roles}: {err}.{hint} {_WAY_OUT}"
+        ) from err
+
+
+@dataclasses.dataclass
+class ChatTemplates:
+    """The pieces of a chat format Magpie needs, derived once from a tokenizer (see :func:`derive_templates`).
+
+    Attributes:
+        pre_query: the raw text up to where the user's words start (BOS included when the model needs one).
+        stop_strings: end-of-turn markers that end a generated user query or response.
+        stop_token_ids: ids of the stop strings that are single (special) tokens, plus the eos id.
+        system_prompt: the system prompt in ``pre_query`` and, by default, in every prompt built here.
+        keep_default_system_prompt: whether a system block the template injects by itself is kept.
+        default_system_block: that injected block as text ('' when the template injects none).
+    """
+
+    pre_query: str
+    stop_strings: list[str]
+    stop_token_ids: list[int]
+    system_prompt: str | None = None
+    keep_default_system_prompt: bool = True
+    default_system_block: str = ""
+    source: str = "derived"  # "derived" from the chat template, or "explicit" pre_query_template
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    bos_token: str | None = None
+    add_bos_text: bool = False  # BOS text is prefixed because the tokenizer (not the template) adds it
+    tokenizer_name: str | None = None
+    chat_template_sha256: str | None = None
+    tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
+    lead_text: str = dataclasses.field(default="", repr=False)  # text before the injected block (usually BOS)
+
+    # ---------------------------------------------------------------- prompts
+    def query_prompt(self, history: Sequence[Message] = (), system_prompt: Any = _DEFAULT) -> str:
+        """Prompt text for the next USER turn after ``history`` (a list of ``{role, content}``).
+
+        It is the template's own rendering of ``history + [user: SENTINEL]`` cut at the sentinel, so
+        templates that render the last message differently or write BOS per turn come out right.
+        With no history and the object's system prompt it equals ``pre_query``.
+        """
+        system = self.system_prompt if system_prompt is _DEFAULT else system_prompt
+        history = list(history)
+        if self.source == "explicit" and not history and system == self.system_prompt:
+            return self.pre_query
+        return self._user_turn_prompt(history, system)[0]
+
+    def response_prompt(self, messages: Sequence[Message], system_prompt: Any = _DEFAULT) -> str:
+        """Prompt text for the assistant's reply to ``messages`` (``add_generation_prompt=True``), BOS once."""
+        system = self.system_prompt if system_prompt is _DEFAULT else system_prompt
+        full = self._with_system(list(messages), system)
+        return self._finish(_render(self.tokenizer, full, add_generation_prompt=True), full)
+
+    def clean(self, text: str) -> str:
+        """Cut ``text`` at the first stop string, drop trailing special tokens and surrounding whitespace."""
+        stops = _dedupe([*self.stop_strings, self.eos_token])
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        specials = _added_tokens(self.tokenizer) if self.tokenizer is not None else []
+        previous = None
+        while previous != text:
+            previous = text
+            text = text.strip()
+            for token in specials:
+                if text.endswith(token):
+                    text = text[: -len(token)]
+                if text.startswith(token) and token in (self.bos_token, self.eos_token):
+                    text = text[len(token) :]
+        return text
+
+    @property
+    def eos_token(self) -> str | None:
+        return getattr(self.tokenizer, "eos_token", None) if self.tokenizer is not None else None
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able description for provenance (dataset cards, ``gen_input_configs``)."""
+        return {
+            "pre_query": self.pre_query,
+            "stop_strings": list(self.stop_strings),
+            "stop_token_ids": [int(i) for i in self.stop_token_ids],
+            "system_prompt": self.system_prompt,
+            "keep_default_system_prompt": self.keep_default_system_prompt,
+            "default_system_block": self.default_system_block,
+            "source": self.source,
+            "overrides": list(self.overrides),
+            "bos_token": self.bos_token,
+            "add_bos_text": self.add_bos_text,
+            "tokenizer": self.tokenizer_name,
+            "chat_template_sha256": self.chat_template_sha256,
+        }
+
+    # ---------------------------------------------------------------- internals
+    def _user_turn_prompt(self, history: list[Message], system: str | None) -> tuple[str, list[str]]:
+        """Render ``history + [user: SENTINEL]``, cut at the sentinel; returns (text, overrides applied)."""
+        messages = self._with_system(history, system) + [{"role": "user", "content": USER_SENTINEL}]
+        before, _ = _split_at(_render(self.tokenizer, messages, add_generation_prompt=False), USER_SENTINEL)
+        before = self._finish(before, messages)
+        applied = []
+        if self.source == "derived":
+            for override in PRE_QUERY_OVERRIDES:
+                fixed = override.apply(before)
+                if fixed is not None:
+                    before, applied = fixed, [*applied, override.name]
+        return before, applied
+
+    @staticmethod
+    def _with_system(messages: list[Message], system: str | None) -> list[Message]:
+        if system is not None and not (messages and messages[0].get("role") == "system"):
+            return [{"role": "system", "content": system}, *messages]
+        return messages
+
+    def _finish(self, text: str, messages: Sequence[Message]) -> str:
+        """Remove the injected default system block if asked, and make sure BOS text is there once."""
+        has_system = bool(messages) and messages[0].get("role") == "system"
+        if not self.keep_default_system_prompt and self.default_system_block and not has_system:
+            head = self.lead_text + self.default_system_block
+            if not text.startswith(head):
+                raise ChatTemplateError(
+                    f"Cannot remove the template's default system block {self.default_system_block!r}: the "
+                    f"rendering {text[:200]!r} does not start with it. Use keep_default_system_prompt=True "
+                    f"or an explicit system prompt."
+                )
+            text = self.lead_text + text[len(head) :]
+        if self.add_bos_text and self.bos_token and not text.startswith(self.bos_token):
+            text = self.bos_token + text
+        return text
+
+
+def _default_system_block(
+    tokenizer: Any, first_turn_prefix: str, assistant_marker: str | None
+) -> tuple[str, str] | None:
+    """Split the text before the first user turn into ``(lead, injected_block)``; None when it cannot.
+
+    The user-turn header is what precedes a *later* user message once the previous assistant turn's end
+    marker is removed (``[u, a, u]`` rendering). Whatever precedes the *first* user header besides a leading
+    BOS is a block the template injected by itself (Llama-3.1's dated system block, Qwen2's default system
+    prompt). Templates that reject system messages (Gemma) are fine: no system message is ever rendered.
+    """
+    conversation = [
+        {"role": "user", "content": USER_SENTINEL},
+        {"role": "assistant", "content": ASSISTANT_SENTINEL},
+        {"role": "user", "content": SECOND_USER_SENTINEL},
+    ]
+    try:
+        rendered = _render(tokenizer, conversation, add_generation_prompt=False)
+    except ChatTemplateError as err:
+        logger.debug("multi-turn rendering failed: %s", err)
+        return None
+    between = rendered.split(ASSISTANT_SENTINEL, 1)[1].split(SECOND_USER_SENTINEL, 1)[0].lstrip()
+    if assistant_marker and between.startswith(assistant_marker):
+        between = between[len(assistant_marker) :].lstrip()
+    user_header = between
+    if not user_header or not first_turn_prefix.endswith(user_header):
+        logger.debug("could not find the user header %r at the end of %r", user_header, first_turn_prefix)
+        return None
+    prefix = first_turn_prefix[: len(first_turn_prefix) - len(user_header)]
+    bos = getattr(tokenizer, "bos_token", None)
+    # BOS is a lead unless it is the turn-start token itself (SmolLM2's bos is '<|im_start|>')
+    lead = bos if bos and prefix.startswith(bos) and not user_header.startswith(bos) else ""
+    return lead, prefix[len(lead) :]
+
+
+def derive_templates(
+    tokenizer: Any,
+    system_prompt: str | None = None,
+    keep_default_system_prompt: bool = True,
+    pre_query_template: str | None = None,
+    stop_strings: Sequence[str] | None = None,
+) -> ChatTemplates:
+    """Derive the Magpie pieces of ``tokenizer``'s chat format.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer with a ``chat_template``.
+        system_prompt: a system message put before the user turn (and into every prompt built here).
+        keep_default_system_prompt: with ``False`` and no ``system_prompt``, drop the system block the
+            template writes by itself (Llama-3.1, Qwen2/2.5, SmolLM2); a no-op for templates without one.
+        pre_query_template: an explicit raw pre-query text; it always wins and is used verbatim. Its stop
+            strings are then the tokenizer's eos plus ``stop_strings``.
+        stop_strings: extra stop strings, added to the derived (or eos) ones.
+
+    Raises:
+        ChatTemplateError: no chat template, a template that rejects the system prompt, or a template that
+            does not render content verbatim; the message names ``pre_query_template=`` as the way out.
+
+    Example:
+        >>> t = derive_templates(tok)  # doctest: +SKIP
+        >>> t.pre_query
+        '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n'
+    """
+    extra_stops = list(stop_strings or [])
+    chat_template = getattr(tokenizer, "chat_template", None)
+    template_text = chat_template if isinstance(chat_template, str) else repr(chat_template) if chat_template else None
+    bos = getattr(tokenizer, "bos_token", None)
+    common: dict[str, Any] = dict(
+        system_prompt=system_prompt,
+        keep_default_system_prompt=keep_default_system_prompt,
+        bos_token=bos,
+        tokenizer_name=getattr(tokenizer, "name_or_path", None) or None,
+        chat_template_sha256=hashlib.sha256(template_text.encode()).hexdigest() if template_text else None,
+        tokenizer=tokenizer,
+    )
+    specials = _added_tokens(tokenizer)
+
+    if pre_query_template is not None:
+        stops = _dedupe([getattr(tokenizer, "eos_token", None), *extra_stops])
+        return ChatTemplates(
+            pre_query=pre_query_template,
+            stop_strings=stops,
+            stop_token_ids=_stop_token_ids(tokenizer, stops, specials),
+            source="explicit",
+            **common,
+        )
+
+    one_turn = [{"role": "user", "content": USER_SENTINEL}]
+    before, user_tail = _split_at(_render(tokenizer, one_turn, add_generation_prompt=False), USER_SENTINEL)
+    two_turns = one_turn + [{"role": "assistant", "content": ASSISTANT_SENTINEL}]
+    try:
+        _, assistant_tail = _split_at(
+            _render(tokenizer, two_turns, add_generation_prompt=False), ASSISTANT_SENTINEL
+        )
+    except ChatTemplateError as err:
+        logger.debug("assistant turn rendering failed: %s", err)
+        assistant_tail = ""
+    user_marker = _end_marker(user_tail, specials)
+    if user_marker is None:  # only whitespace ends a user turn (Alpaca-style): stop at the assistant header
+        _, user_tail = _split_at(_render(tokenizer, one_turn, add_generation_prompt=True), USER_SENTINEL)
+        user_marker = _end_marker(user_tail, specials)
+    assistant_marker = _end_marker(assistant_tail, specials)
+    stops = _dedupe([user_marker, assistant_marker, *extra_stops])
+    if not stops and getattr(tokenizer, "eos_token", None):
+        stops = [tokenizer.eos_token]
+    split = _default_system_block(tokenizer, before, assistant_marker)
+    if split is None and not keep_default_system_prompt and system_prompt is None:
+        logger.warning(
+            "Could not locate the user-turn header in this chat template, so a default system block (if any) "
+            "is kept in %r. Pass system_prompt= or pre_query_template= to control it.",
+            before,
+        )
+    lead, block = split or ("", "")
+
+    templates = ChatTemplates(
+        pre_query="",
+        stop_strings=stops,
+        stop_token_ids=_stop_token_ids(tokenizer, stops, specials),
+        default_system_block=block,
+        source="derived",
+        add_bos_text=tokenizer_adds_bos(tokenizer),
+        lead_text=lead,
+        **common,
+    )
+    # the pre-query is the first user turn of an empty history: one code path for single and multi-turn
+    templates.pre_query, templates.overrides = templates._user_turn_prompt([], system_prompt)
+    return templates
+
+
+def _stop_token_ids(tokenizer: Any, stops: Sequence[str], specials: Sequence[str]) -> list[int]:
+    ids: list[Any] = []
+    special_set = set(specials)
+    for stop in stops:
+        if stop in special_set:
+            token_ids = encode(tokenizer, stop)
+            if len(token_ids) == 1:
+                ids.append(token_ids[0])
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    return [int(i) for i in _dedupe(ids)]
+
+
+# -------------------------------------------------------------------- CLI
+def register_cli(subparsers: "argparse._SubParsersAction") -> None:
+    """Add ``magpie-hf template MODEL_OR_PATH`` (prints the derived pieces of a model's chat format)."""
+    parser = subparsers.add_parser(
+        "template",
+        help="show the Magpie pre-query template, stops and prompts derived from a model's chat template",
+        description="Load only the tokenizer of MODEL_OR_PATH and print the derived Magpie template pieces.",
+    )
+    parser.add_argument("model", metavar="MODEL_OR_PATH", help="Hub model id or local directory")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL_OR_PATH")
+    parser.add_argument("--system-prompt", default=None, help="system prompt to put before the user turn")
+    parser.add_argument(
+        "--no-default-system-prompt",
+        dest="keep_default_system_prompt",
+        action="store_false",
+        help="drop the system block the template injects by itself (Llama-3.1, Qwen2, SmolLM2)",
+    )
+    parser.add_argument(
+        "--pre-query-template",
+        default=None,
+        help="explicit raw pre-query text, BOS included; overrides the derived one ('\\n' means newline)",
+    )
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code")
+    parser.add_argument("--json", action="store_true", help="print the provenance record as JSON")
+    parser.set_defaults(func=_run_cli)
+
+
+def _unescape(text: str | None) -> str | None:
+    """Let shell users write newlines and tabs as ``\\n`` and ``\\t`` in ``--pre-query-template``."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _run_cli(args: "argparse.Namespace") -> int:
+    import json
+    import sys
+
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
+    if args.gguf_file:
+        kwargs["gguf_file"] = args.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
+    try:
+        templates = derive_templates(
+            tokenizer,
+            system_prompt=args.system_prompt,
+            keep_default_system_prompt=args.keep_default_system_prompt,
+            pre_query_template=_unescape(args.pre_query_template),
+        )
+    except ChatTemplateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(templates.to_record(), indent=2, ensure_ascii=False))
+        return 0
+    ids = encode(tokenizer, templates.pre_query)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    sample = [{"role": "user", "content": "Hello!"}]
+    lines = [
+        f"model:             {args.model}" + (f" ({args.gguf_file})" if args.gguf_file else ""),
+        f"source:            {templates.source}" + (f" (overrides: {', '.join(templates.overrides)})" if templates.overrides else ""),
+        f"pre_query:         {templates.pre_query!r}",
+        f"pre_query ids:     {ids} (BOS {tokenizer.bos_token!r} x{ids.count(bos_id) if bos_id is not None else 0})",
+        f"stop_strings:      {templates.stop_strings!r}",
+        f"stop_token_ids:    {templates.stop_token_ids}",
+        f"system_prompt:     {templates.system_prompt!r}",
+        f"default system:    {templates.default_system_block!r} "
+        f"({'kept' if templates.keep_default_system_prompt else 'removed'})",
+    ]
+    if templates.source == "derived" or getattr(tokenizer, "chat_template", None):
+        lines.append(f"response_prompt:   {templates.response_prompt(sample)!r}  (for {sample})")
+    print("\n".join(lines))
+    return 0
