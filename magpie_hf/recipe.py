@@ -121,6 +121,9 @@ def recipe_parser(defaults: RecipeDefaults, description: str | None = None) -> a
     group.add_argument("--base-url", default=None, help="OpenAI-compatible server for --engine openai (e.g. http://127.0.0.1:8000/v1)")
     group.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (transformers engine)")
     group.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+    group.add_argument("--pre-query-template", default=None,
+                       help="raw pre-query text to use instead of the one derived from the chat template "
+                            "(inspect a model first with: magpie-hf template MODEL)")
     try:
         from magpie_hf.hub import add_publish_args
     except ImportError:  # publishing module not installed in this checkout
@@ -249,6 +252,7 @@ def generation_steps(settings: RecipeSettings, **instruction_overrides: Any) -> 
     """Magpie steps 1 and 2 with the recipe's model, mixture and lengths."""
     from magpie_hf.steps import MagpieInstructions, Responses
 
+    instruction_overrides.setdefault("pre_query_template", settings.args.pre_query_template)
     instructions = MagpieInstructions(
         engine=settings.engine,
         num_rows=settings.num_rows,

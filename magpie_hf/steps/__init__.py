@@ -16,7 +16,7 @@ _LAZY = {
     "magpie_hf.steps.judges": ("TaskCategory", "InputQuality", "Difficulty"),
     "magpie_hf.steps.safety": ("LlamaGuard",),
     "magpie_hf.steps.language": ("Language",),
-    "magpie_hf.steps.reward": ("RewardModelScorer", "InstructReward", "JudgeReward"),
+    "magpie_hf.steps.reward": ("RewardModelScorer", "RewardModel", "JudgeReward"),
     "magpie_hf.steps.neighbors": ("Neighbors", "find_neighbors"),
     "magpie_hf.steps.filters": ("Filter", "Condition", "ColumnRef", "DEDUPLICATE", "Stratum", "preset_filter", "FILTER_PRESETS"),
     "magpie_hf.steps.base_responses": ("BaseResponses", "RewardDifference"),

@@ -1,0 +1,433 @@
+"""LLM-judge taggers: task category, input quality and difficulty of each instruction (paper §3, App. F).
+
+An instruct model (the paper uses Llama-3-8B-Instruct) reads the instruction inside a rubric,
+written in its own chat template, and answers in JSON. Where the engine can, decoding is
+constrained to the answer's JSON schema (``SamplingConfig.json_schema``: vLLM structured outputs,
+or :mod:`magpie_hf.constrained` for transformers). The answer is parsed and validated: labels are
+always inside their published sets. A row whose answer cannot be parsed, or whose label falls
+outside the set, gets nulls and the reason in ``<label>_error`` (``task_category_error``,
+``input_quality_error``, ``difficulty_error``; null when the row parsed), and is counted in
+``step.stats``; the run never stops for it.
+
+Example:
+    >>> from magpie_hf.engines import EngineConfig
+    >>> from magpie_hf.steps.judges import TaskCategory, InputQuality, Difficulty
+    >>> judge = EngineConfig("meta-llama/Meta-Llama-3-8B-Instruct")
+    >>> tags = TaskCategory(engine=judge) >> InputQuality(engine=judge) >> Difficulty(engine=judge)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import weakref
+from typing import Any, ClassVar, Sequence
+
+from tqdm.auto import tqdm
+
+from magpie_hf.engines.base import Engine, SamplingConfig
+from magpie_hf.engines.config import EngineConfig
+from magpie_hf.steps.base import Batch, Step, batch_len, resolve_engine
+
+logger = logging.getLogger(__name__)
+
+PAPER_JUDGE_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+
+TASK_CATEGORIES: tuple[str, ...] = (
+    "Information seeking",
+    "Reasoning",
+    "Planning",
+    "Editing",
+    "Coding & Debugging",
+    "Math",
+    "Role playing",
+    "Data analysis",
+    "Creative writing",
+    "Advice seeking",
+    "Brainstorming",
+    "Others",
+)
+INPUT_QUALITIES: tuple[str, ...] = ("very poor", "poor", "average", "good", "excellent")
+DIFFICULTIES: tuple[str, ...] = ("very easy", "easy", "medium", "hard", "very hard")
+
+
+# --------------------------------------------------------------------------------------------
+# chat prompts and JSON answers (shared with the safety and reward steps)
+# --------------------------------------------------------------------------------------------
+# derived chat templates per tokenizer object (deriving renders the template several times)
+_TEMPLATES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def render_chat(tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+    """Render ``messages`` with the tokenizer's own chat template, BOS exactly once.
+
+    Engines tokenize prompts without special tokens, so when the tokenizer would add a BOS and the
+    template does not write it, it is prepended here. Generation prompts come from
+    :meth:`magpie_hf.templates.ChatTemplates.response_prompt`.
+    """
+    from magpie_hf.templates import derive_templates, tokenizer_adds_bos
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; "
+            "use a chat/instruct model (or set tokenizer.chat_template) for this step."
+        )
+    if add_generation_prompt:
+        templates = _TEMPLATES.get(tokenizer)
+        if templates is None:
+            templates = _TEMPLATES[tokenizer] = derive_templates(tokenizer)
+        return templates.response_prompt(list(messages))
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, tokenize=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and not text.startswith(bos) and tokenizer_adds_bos(tokenizer):
+        text = bos + text
+    return text
+
+
+def extract_json_object(text: str) -> dict | None:
+    """The first JSON object in ``text`` (models often wrap it in prose or code fences), else None."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start >= 0:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)
+    return None
+
+
+def match_label(value: Any, labels: Sequence[str]) -> str | None:
+    """``value`` as one of ``labels`` (case and surrounding space/punctuation ignored), else None."""
+    if not isinstance(value, str):
+        return None
+    key = value.strip().strip("[]\"'.").strip().lower()
+    for label in labels:
+        if key == label.lower():
+            return label
+    return None
+
+
+class JudgeError(ValueError):
+    """A judge answer that cannot be used; the message is recorded in the error column."""
+
+
+# --------------------------------------------------------------------------------------------
+# the judge step
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(kw_only=True)
+class JudgeStep(Step):
+    """Base for steps where an instruct model answers a rubric about one text column in JSON.
+
+    Subclasses set the class variables and implement :meth:`prompt`, :meth:`schema` and
+    :meth:`parse` (which returns the output values or raises :class:`JudgeError`).
+    """
+
+    #: the column that holds the instruction's judge model name
+    generator_column: ClassVar[str]
+    #: the column that holds the reason a row could not be tagged (null when it could)
+    error_column: ClassVar[str]
+    #: the value columns (without generator/error columns)
+    value_columns: ClassVar[tuple[str, ...]]
+
+    engine: Engine | EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(model=PAPER_JUDGE_MODEL))
+    #: the column to judge
+    input_column: str = "instruction"
+    #: ask the engine to constrain decoding to the answer's JSON schema
+    constrained: bool = True
+    #: longest free-text field (characters) the schema allows; keeps answers inside max_tokens
+    max_field_chars: int = 300
+    max_tokens: int = 192
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._engine: Engine | None = None
+
+    def load(self) -> None:
+        self._engine = resolve_engine(self.engine)
+
+    def unload(self) -> None:
+        self._engine = None
+
+    def check_inputs(self, columns: Any) -> None:
+        if self.input_column not in set(columns):
+            raise ValueError(
+                f"Step {self.name!r} judges column {self.input_column!r}, which the previous stage did not "
+                f"produce (it has {sorted(columns)}). Set input_column= or add a step that writes it."
+            )
+
+    @property
+    def judge_name(self) -> str:
+        engine = self._engine or self.engine
+        config = engine.config if isinstance(engine, Engine) else engine
+        return config.describe()
+
+    # -- to implement --------------------------------------------------------------------------
+    def judged_items(self, batch: Batch) -> list[Any]:
+        """What each row's prompt is about (default: ``input_column``); None or blank = not judged."""
+        return list(batch[self.input_column])
+
+    def prompt(self, item: Any) -> str:
+        """The user message that asks the rubric about one judged item."""
+        raise NotImplementedError
+
+    def schema(self) -> dict:
+        """JSON schema of the answer."""
+        raise NotImplementedError
+
+    def parse(self, answer: dict) -> dict[str, Any]:
+        """Values for :attr:`value_columns` from a decoded answer, or raise :class:`JudgeError`."""
+        raise NotImplementedError
+
+    # -- work ----------------------------------------------------------------------------------
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            temperature=0.0,
+            max_tokens=self.max_tokens,
+            json_schema=self.schema() if self.constrained else None,
+        )
+
+    def process(self, batch: Batch, *, seed: int) -> Batch:
+        if self._engine is None:
+            self.load()
+        assert self._engine is not None
+        items = self.judged_items(batch)
+        n = batch_len(batch)
+        values: list[dict[str, Any]] = [dict.fromkeys(self.value_columns) for _ in range(n)]
+        errors: list[str | None] = [None] * n
+        todo = [i for i, t in enumerate(items) if t is not None and (not isinstance(t, str) or t.strip())]
+        for i in set(range(n)) - set(todo):
+            errors[i] = "empty or missing input"
+            self.stats["empty_input"] += 1
+        tokenizer = self._engine.tokenizer
+        prompts = [render_chat(tokenizer, [{"role": "user", "content": self.prompt(items[i])}]) for i in todo]
+        sampling = self.sampling()
+        with tqdm(total=len(prompts), desc=self.name, unit="row", disable=len(prompts) < 64, leave=False) as bar:
+            outputs = self._engine.generate(prompts, sampling, progress=lambda k, _t: bar.update(k)) if prompts else []
+        for i, completions in zip(todo, outputs):
+            completion = completions[0]
+            try:
+                answer = extract_json_object(completion.text)
+                if answer is None:
+                    suffix = " (hit max_tokens)" if completion.finish_reason == "length" else ""
+                    raise JudgeError(f"no JSON object in the answer{suffix}: {completion.text[:120]!r}")
+                values[i] = self.parse(answer)
+                self.stats["parsed"] += 1
+            except JudgeError as err:
+                errors[i] = str(err)
+                self.stats["unparseable"] += 1
+        out = dict(batch)
+        for column in self.value_columns:
+            out[column] = [v[column] for v in values]
+        out[self.generator_column] = [self.judge_name] * n
+        out[self.error_column] = errors
+        return out
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+    def _text_field(self) -> dict:
+        return {"type": "string", "maxLength": self.max_field_chars}
+
+    def _label(self, answer: dict, key: str, labels: Sequence[str]) -> str:
+        if key not in answer:
+            raise JudgeError(f"answer has no {key!r}: {json.dumps(answer)[:120]}")
+        label = match_label(answer[key], labels)
+        if label is None:
+            self.stats["out_of_set"] += 1
+            shown = list(labels) if len(labels) <= 5 else f"the {len(labels)} {key} labels"
+            raise JudgeError(f"{key} {str(answer[key])[:80]!r} is not one of {shown}")
+        return label
+
+    def _text(self, answer: dict, key: str) -> str | None:
+        value = answer.get(key)
+        return value.strip() if isinstance(value, str) else None
+
+
+def quote_text(text: str) -> str:
+    return text.replace("```", "'''")
+
+
+# --------------------------------------------------------------------------------------------
+# task category
+# --------------------------------------------------------------------------------------------
+_CATEGORY_GUIDE = """\
+- Information seeking: the user wants facts, explanations or details about a topic.
+- Reasoning: the user needs logical thinking, problem solving or the weighing of arguments.
+- Planning: the user wants a plan, schedule, strategy or organised set of steps.
+- Editing: the user wants existing text rewritten, proofread, shortened or reformatted.
+- Coding & Debugging: the user wants code written, reviewed, explained or fixed.
+- Math: the user asks a mathematical question, calculation or proof.
+- Role playing: the user asks the assistant to act as a character or take on a persona.
+- Data analysis: the user wants data, statistics or tables interpreted or processed.
+- Creative writing: the user wants a story, poem, script or other imaginative text.
+- Advice seeking: the user wants guidance or recommendations about a personal or practical matter.
+- Brainstorming: the user wants many ideas or options generated.
+- Others: none of the above fits."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class TaskCategory(JudgeStep):
+    """Tag ``task_category`` (one of :data:`TASK_CATEGORIES`) and ``other_task_category`` (a list).
+
+    Example:
+        >>> step = TaskCategory(engine=EngineConfig.embedded(), max_tokens=64)  # doctest: +SKIP
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("instruction",)
+    outputs: ClassVar[tuple[str, ...]] = (
+        "task_category",
+        "other_task_category",
+        "task_category_generator",
+        "task_category_error",
+    )
+    value_columns: ClassVar[tuple[str, ...]] = ("task_category", "other_task_category")
+    generator_column: ClassVar[str] = "task_category_generator"
+    error_column: ClassVar[str] = "task_category_error"
+
+    max_tokens: int = 64
+    #: at most this many secondary categories
+    max_other: int = 3
+
+    def prompt(self, text: str) -> str:
+        return (
+            "# Task\nClassify the user query below by the kind of task it asks for. Choose the main "
+            "category, then any other categories that also apply, from this list:\n\n"
+            f"{_CATEGORY_GUIDE}\n\n"
+            f"## User query\n```\n{quote_text(text)}\n```\n\n"
+            "## Answer format\nReply with JSON only:\n"
+            '{"task_category": "<main category>", "other_task_category": ["<category>", ...]}'
+        )
+
+    def schema(self) -> dict:
+        return {
+            "type": "object",
+            "properties": {
+                "task_category": {"type": "string", "enum": list(TASK_CATEGORIES)},
+                "other_task_category": {
+                    "type": "array",
+                    "items": {"type": "string", "enum": list(TASK_CATEGORIES)},
+                    "maxItems": self.max_other,
+                },
+            },
+            "required": ["task_category", "other_task_category"],
+        }
+
+    def parse(self, answer: dict) -> dict[str, Any]:
+        primary = self._label(answer, "task_category", TASK_CATEGORIES)
+        raw_other = answer.get("other_task_category") or []
+        if isinstance(raw_other, str):
+            raw_other = [raw_other]
+        other: list[str] = []
+        for item in raw_other if isinstance(raw_other, list) else []:
+            label = match_label(item, TASK_CATEGORIES)
+            if label is None:
+                self.stats["other_out_of_set"] += 1  # dropped, the main label still stands
+            elif label != primary and label not in other:
+                other.append(label)
+        return {"task_category": primary, "other_task_category": other[: self.max_other]}
+
+
+# --------------------------------------------------------------------------------------------
+# input quality
+# --------------------------------------------------------------------------------------------
+_QUALITY_GUIDE = """\
+- very poor: unclear, vague or incoherent; essential information and context are missing.
+- poor: somewhat unclear or missing important details; needs a lot of clarification.
+- average: moderately clear and specific; some extra information may be needed.
+- good: clear, specific and mostly well formed; enough context to understand the intent.
+- excellent: very clear, specific and well articulated; everything needed for a full answer is there."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class InputQuality(JudgeStep):
+    """Tag ``input_quality`` (one of :data:`INPUT_QUALITIES`) with a ``quality_explanation``.
+
+    Example:
+        >>> step = InputQuality(engine=EngineConfig.embedded(), max_tokens=96)  # doctest: +SKIP
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("instruction",)
+    outputs: ClassVar[tuple[str, ...]] = ("input_quality", "quality_explanation", "quality_generator", "input_quality_error")
+    value_columns: ClassVar[tuple[str, ...]] = ("input_quality", "quality_explanation")
+    generator_column: ClassVar[str] = "quality_generator"
+    error_column: ClassVar[str] = "input_quality_error"
+
+    def prompt(self, text: str) -> str:
+        return (
+            "# Task\nJudge how well the user query below is written: its clarity, specificity and "
+            "coherence. Use this scale:\n\n"
+            f"{_QUALITY_GUIDE}\n\n"
+            f"## User query\n```\n{quote_text(text)}\n```\n\n"
+            "## Answer format\nFirst explain briefly the strengths and weaknesses of the query, then "
+            "give the rating. Reply with JSON only:\n"
+            '{"explanation": "<short assessment>", "input_quality": "<very poor/poor/average/good/excellent>"}'
+        )
+
+    def schema(self) -> dict:
+        return {
+            "type": "object",
+            "properties": {
+                "explanation": self._text_field(),
+                "input_quality": {"type": "string", "enum": list(INPUT_QUALITIES)},
+            },
+            "required": ["explanation", "input_quality"],
+        }
+
+    def parse(self, answer: dict) -> dict[str, Any]:
+        return {
+            "input_quality": self._label(answer, "input_quality", INPUT_QUALITIES),
+            "quality_explanation": self._text(answer, "explanation"),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# difficulty
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(kw_only=True)
+class Difficulty(JudgeStep):
+    """Tag ``difficulty`` (one of :data:`DIFFICULTIES`) with the user's ``intent`` and the ``knowledge`` needed.
+
+    Example:
+        >>> step = Difficulty(engine=EngineConfig.embedded(), max_tokens=96)  # doctest: +SKIP
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("instruction",)
+    outputs: ClassVar[tuple[str, ...]] = ("intent", "knowledge", "difficulty", "difficulty_generator", "difficulty_error")
+    value_columns: ClassVar[tuple[str, ...]] = ("intent", "knowledge", "difficulty")
+    generator_column: ClassVar[str] = "difficulty_generator"
+    error_column: ClassVar[str] = "difficulty_error"
+
+    max_field_chars: int = 200
+
+    def prompt(self, text: str) -> str:
+        return (
+            "# Task\nWork out what the user below wants and how hard it is to answer well. State the "
+            "user's intent, the knowledge a model needs to solve the task, and then rate the difficulty "
+            "as very easy, easy, medium, hard or very hard.\n\n"
+            f"## User query\n```\n{quote_text(text)}\n```\n\n"
+            "## Answer format\nReply with JSON only:\n"
+            '{"intent": "The user wants to ...", "knowledge": "To solve this, a model needs to know ...", '
+            '"difficulty": "<very easy/easy/medium/hard/very hard>"}'
+        )
+
+    def schema(self) -> dict:
+        return {
+            "type": "object",
+            "properties": {
+                "intent": self._text_field(),
+                "knowledge": self._text_field(),
+                "difficulty": {"type": "string", "enum": list(DIFFICULTIES)},
+            },
+            "required": ["intent", "knowledge", "difficulty"],
+        }
+
+    def parse(self, answer: dict) -> dict[str, Any]:
+        return {
+            "intent": self._text(answer, "intent"),
+            "knowledge": self._text(answer, "knowledge"),
+            "difficulty": self._label(answer, "difficulty", DIFFICULTIES),
+        }

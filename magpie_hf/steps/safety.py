@@ -1,0 +1,180 @@
+"""Safety tags with Llama Guard (paper §3, App. C.2: Llama-Guard-2 over instruction + response).
+
+The guard's own chat template turns a ``[user: instruction, assistant: response]`` conversation
+into its moderation prompt; the guard answers ``safe`` or ``unsafe`` followed by a line of
+category codes (``S1,S10``). The raw answer is kept in ``llama_guard_2`` (the column name of the
+published Magpie datasets, whatever the guard version); the parsed verdict goes to ``is_safe``
+(bool) and ``unsafe_categories`` (category names, empty when safe). A verdict that cannot be
+parsed gives nulls, the reason in ``llama_guard_error``, and a count in ``step.stats``.
+
+Example:
+    >>> from magpie_hf.engines import EngineConfig
+    >>> from magpie_hf.steps.safety import LlamaGuard, parse_guard_verdict
+    >>> parse_guard_verdict("unsafe\\nS1,S10", "llama-guard-2")
+    (False, ['Violent Crimes', 'Suicide & Self-Harm'])
+    >>> step = LlamaGuard(engine=EngineConfig("meta-llama/Meta-Llama-Guard-2-8B"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, ClassVar, Literal
+
+from tqdm.auto import tqdm
+
+from magpie_hf.engines.base import Engine, SamplingConfig
+from magpie_hf.engines.config import EngineConfig
+from magpie_hf.steps.base import Batch, Step, batch_len, resolve_engine
+from magpie_hf.steps.judges import render_chat
+
+PAPER_GUARD_MODEL = "meta-llama/Meta-Llama-Guard-2-8B"
+
+#: Llama-Guard-2 hazard categories (MLCommons taxonomy; names as in the paper's Table 5)
+LLAMA_GUARD_2_CATEGORIES: dict[str, str] = {
+    "S1": "Violent Crimes",
+    "S2": "Non-Violent Crimes",
+    "S3": "Sex-Related Crimes",
+    "S4": "Child Sexual Exploitation",
+    "S5": "Specialized Advice",
+    "S6": "Privacy",
+    "S7": "Intellectual Property",
+    "S8": "Indiscriminate Weapons",
+    "S9": "Hate",
+    "S10": "Suicide & Self-Harm",
+    "S11": "Sexual Content",
+}
+#: Llama-Guard-3 hazard categories
+LLAMA_GUARD_3_CATEGORIES: dict[str, str] = {
+    "S1": "Violent Crimes",
+    "S2": "Non-Violent Crimes",
+    "S3": "Sex-Related Crimes",
+    "S4": "Child Sexual Exploitation",
+    "S5": "Defamation",
+    "S6": "Specialized Advice",
+    "S7": "Privacy",
+    "S8": "Intellectual Property",
+    "S9": "Indiscriminate Weapons",
+    "S10": "Hate",
+    "S11": "Suicide & Self-Harm",
+    "S12": "Sexual Content",
+    "S13": "Elections",
+    "S14": "Code Interpreter Abuse",
+}
+TAXONOMIES: dict[str, dict[str, str]] = {"llama-guard-2": LLAMA_GUARD_2_CATEGORIES, "llama-guard-3": LLAMA_GUARD_3_CATEGORIES}
+Taxonomy = Literal["auto", "llama-guard-2", "llama-guard-3"]
+
+_CODE = re.compile(r"^S\d{1,2}$")
+
+
+class VerdictError(ValueError):
+    """A guard answer that is not ``safe`` / ``unsafe\\n<codes>``."""
+
+
+def parse_guard_verdict(text: str, taxonomy: str = "llama-guard-2") -> tuple[bool, list[str]]:
+    """``(is_safe, category names)`` from a Llama Guard answer; raises :class:`VerdictError`.
+
+    Accepts the real output formats: ``"safe"``, ``"unsafe\\nS1"``, ``"unsafe\\nS1,S10"`` (surrounding
+    whitespace and an end-of-turn tail are ignored).
+    """
+    categories = TAXONOMIES[taxonomy]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        raise VerdictError("empty verdict")
+    head = lines[0].lower()
+    if head == "safe":
+        return True, []
+    if head != "unsafe":
+        raise VerdictError(f"verdict does not start with safe/unsafe: {text[:80]!r}")
+    if len(lines) < 2:
+        raise VerdictError("unsafe verdict without categories")
+    codes = [c.strip().upper() for c in lines[1].split(",") if c.strip()]
+    bad = [c for c in codes if not _CODE.match(c) or c not in categories]
+    if not codes or bad:
+        raise VerdictError(f"unknown {taxonomy} categories {bad or lines[1]!r}")
+    return False, [categories[c] for c in codes]
+
+
+def guess_taxonomy(model_name: str) -> str:
+    """``llama-guard-3`` for Llama-Guard-3 models, ``llama-guard-2`` otherwise."""
+    return "llama-guard-3" if re.search(r"guard[-_ ]?3", model_name, re.IGNORECASE) else "llama-guard-2"
+
+
+@dataclasses.dataclass(kw_only=True)
+class LlamaGuard(Step):
+    """Moderate instruction + response with Llama Guard 2 or 3.
+
+    Columns: ``llama_guard_2`` (raw verdict text), ``is_safe`` (bool or null), ``unsafe_categories``
+    (list of names or null), ``llama_guard_error`` (reason or null). Rows with an empty instruction
+    are not sent to the guard (null, counted as ``empty_input``).
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("instruction", "response")
+    outputs: ClassVar[tuple[str, ...]] = ("llama_guard_2", "is_safe", "unsafe_categories", "llama_guard_error")
+
+    engine: Engine | EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(model=PAPER_GUARD_MODEL))
+    instruction_column: str = "instruction"
+    response_column: str = "response"
+    #: which category codes the guard uses; ``auto`` guesses from the model name
+    taxonomy: Taxonomy = "auto"
+    max_tokens: int = 20
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._engine: Engine | None = None
+
+    def load(self) -> None:
+        self._engine = resolve_engine(self.engine)
+
+    def unload(self) -> None:
+        self._engine = None
+
+    def resolved_taxonomy(self) -> str:
+        if self.taxonomy != "auto":
+            return self.taxonomy
+        engine = self._engine or self.engine
+        config = engine.config if isinstance(engine, Engine) else engine
+        return guess_taxonomy(f"{config.model} {config.alias or ''}")
+
+    def prompt(self, instruction: str, response: str | None) -> str:
+        """The guard's moderation prompt, built by its own chat template."""
+        assert self._engine is not None
+        messages: list[dict[str, Any]] = [{"role": "user", "content": instruction}]
+        if response:
+            messages.append({"role": "assistant", "content": response})
+        # Llama Guard templates end with the cue for the verdict themselves (as in the model cards)
+        return render_chat(self._engine.tokenizer, messages, add_generation_prompt=False)
+
+    def process(self, batch: Batch, *, seed: int) -> Batch:
+        if self._engine is None:
+            self.load()
+        assert self._engine is not None
+        n = batch_len(batch)
+        instructions = batch[self.instruction_column]
+        responses = batch.get(self.response_column, [None] * n)
+        raw: list[str | None] = [None] * n
+        safe: list[bool | None] = [None] * n
+        cats: list[list[str] | None] = [None] * n
+        errors: list[str | None] = [None] * n
+        todo = [i for i, t in enumerate(instructions) if isinstance(t, str) and t.strip()]
+        for i in set(range(n)) - set(todo):
+            errors[i] = f"empty {self.instruction_column}"
+            self.stats["empty_input"] += 1
+        prompts = [self.prompt(instructions[i], responses[i]) for i in todo]
+        sampling = SamplingConfig(temperature=0.0, max_tokens=self.max_tokens)
+        taxonomy = self.resolved_taxonomy()
+        with tqdm(total=len(prompts), desc=self.name, unit="row", disable=len(prompts) < 64, leave=False) as bar:
+            outputs = self._engine.generate(prompts, sampling, progress=lambda k, _t: bar.update(k)) if prompts else []
+        for i, completions in zip(todo, outputs):
+            raw[i] = completions[0].text.strip()
+            try:
+                safe[i], cats[i] = parse_guard_verdict(raw[i], taxonomy)
+            except VerdictError as err:
+                errors[i] = str(err)
+                self.stats["unparseable"] += 1
+            else:
+                self.stats["safe" if safe[i] else "unsafe"] += 1
+        out = dict(batch)
+        out.update(llama_guard_2=raw, is_safe=safe, unsafe_categories=cats, llama_guard_error=errors)
+        return out

@@ -1,0 +1,127 @@
+"""Reward scoring: a tiny sequence-classification RM built here, and the generative judge reward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magpie_hf.engines.base import Completion, Engine
+from magpie_hf.engines.config import EngineConfig
+from magpie_hf.steps.reward import PAPER_REWARD_MODEL, JudgeReward, RewardModel, RewardModelScorer
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tmp_path_factory, embedded_tokenizer):
+    """A 2-layer LlamaForSequenceClassification (num_labels=1) with the SmolLM2 tokenizer and chat template."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny_rm")
+    tok = embedded_tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _conv(q: str, a: str) -> list[dict]:
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+CONVS = [
+    _conv("What is 2+2?", "4"),
+    _conv("Name a colour.", "Blue is a colour that many people like."),
+    _conv("Say hi", ""),
+    _conv("Write a long answer.", "word " * 40),
+    _conv("Capital of France?", "Paris, the capital of France, sits on the Seine."),
+]
+
+
+def test_batched_scores_equal_unbatched(tiny_rm_dir):
+    batched = RewardModelScorer(tiny_rm_dir, batch_size=4)
+    single = RewardModelScorer(tiny_rm_dir, batch_size=1)
+    a, b = batched.score(CONVS), single.score(CONVS)
+    assert len(a) == len(CONVS) and all(isinstance(x, float) for x in a)
+    assert a == pytest.approx(b, abs=1e-4)
+    assert len(set(round(x, 6) for x in a)) > 1  # different conversations, different rewards
+
+
+def test_truncation_keeps_start_and_end_of_turn(tiny_rm_dir):
+    scorer = RewardModelScorer(tiny_rm_dir, max_length=40)
+    scorer.load()
+    long = _conv("Explain everything.", "and so on " * 200)
+    ids = scorer.encode(long)
+    tok = scorer._tokenizer
+    full = tok(tok.apply_chat_template(long, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert len(ids) == 40 < len(full)
+    assert ids[:20] == full[:20]  # the instruction survives
+    assert tok.decode(ids[-2:]) == tok.decode(full[-2:])  # the template's end of turn survives
+    assert scorer.stats["truncated"] == 1
+    [reward] = scorer.score([long])
+    assert isinstance(reward, float)
+    # the default limit comes from the model (max_position_embeddings=128)
+    default = RewardModelScorer(tiny_rm_dir)
+    default.load()
+    assert len(default.encode(long)) == 128
+
+
+def test_reward_step_column_names_and_missing_rows(tiny_rm_dir):
+    step = RewardModel(model=tiny_rm_dir, response_column="base_output", output_column="base_reward", forward_batch_size=2)
+    step.check_inputs(["instruction", "base_output"])
+    with pytest.raises(ValueError, match="base_output"):
+        step.check_inputs(["instruction", "response"])
+    step.load()
+    batch = {"instruction": ["What is 2+2?", "Say hi", "Name a colour."], "base_output": ["4", None, "Blue"]}
+    out = step.process(batch, seed=0)
+    assert out["base_reward"][1] is None and all(isinstance(out["base_reward"][i], float) for i in (0, 2))
+    assert out["reward_model"] == [tiny_rm_dir] * 3
+    assert step.stats["missing_input"] == 1
+    expected = RewardModelScorer(tiny_rm_dir).score([CONVS[0], _conv("Name a colour.", "Blue")])
+    assert [out["base_reward"][0], out["base_reward"][2]] == pytest.approx(expected, abs=1e-4)
+    assert RewardModel().model == PAPER_REWARD_MODEL
+
+
+class ScriptedEngine(Engine):
+    name = "scripted"
+
+    def __init__(self, answers, tokenizer):
+        super().__init__(EngineConfig(model="scripted-judge"))
+        self.answers, self._tok, self.prompts = list(answers), tokenizer, []
+
+    @property
+    def tokenizer(self):
+        return self._tok
+
+    def generate(self, prompts, sampling, *, progress=None):
+        self.prompts.extend(prompts)
+        return [[Completion(self.answers.pop(0), 5, "stop")] for _ in prompts]
+
+
+def test_judge_reward_parses_ratings(embedded_tokenizer):
+    engine = ScriptedEngine(['{"rating": 8}', '{"rating": 11}', "great answer!", '{"rating": "3"}'], embedded_tokenizer)
+    step = JudgeReward(engine=engine)
+    batch = {
+        "instruction": ["q1", "q2", "q3", "", "q5"],
+        "response": ["a1", "a2", "a3", "a4", "a5"],
+    }
+    out = step.process(batch, seed=0)
+    assert out["instruct_reward"] == [8.0, None, None, None, 3.0]
+    assert out["reward_model"] == ["scripted-judge"] * 5
+    assert out["instruct_reward_error"][0] is None and "1-10" in out["instruct_reward_error"][1]
+    assert step.stats == {"parsed": 2, "unparseable": 2, "out_of_set": 1, "empty_input": 1}
+    assert "q1" in engine.prompts[0] and "a1" in engine.prompts[0]
+    base = JudgeReward(engine=ScriptedEngine(['{"rating": 2}'], embedded_tokenizer), response_column="base_output",
+                       output_column="base_reward")
+    out = base.process({"instruction": ["q"], "base_output": ["b"]}, seed=0)
+    assert out["base_reward"] == [2.0] and out["base_reward_error"] == [None]
+
+
+@pytest.mark.slow
+def test_judge_reward_on_embedded_model(embedded_engine):
+    step = JudgeReward(engine=embedded_engine, max_tokens=12)
+    out = step.process({"instruction": ["What is 2+2?", "Name a fruit."], "response": ["4", "An apple."]}, seed=0)
+    for value, error in zip(out["instruct_reward"], out["instruct_reward_error"]):
+        assert (value is not None and 1.0 <= value <= 10.0 and error is None) or (value is None and error)
