@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from magpie_hf.engines import EngineConfig
-from magpie_hf.steps.base import StepChain
+from magpie_hf.steps.base import Step, StepChain
 from magpie_hf.steps.generate import PRO_MIXTURE, DecodingSetting
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,10 @@ def recipe_command(argv: list[str] | None = None) -> str:
 
 def resolve_settings(args: argparse.Namespace, defaults: RecipeDefaults) -> RecipeSettings:
     """Apply the preset and overrides; fail early, clearly, when the hardware cannot run it."""
+    if hasattr(args, "push_to_hub"):
+        from magpie_hf.hub import validate_publish_args
+
+        validate_publish_args(args)
     cpu = args.preset == "cpu"
     sizes = {**dataclasses.asdict(defaults), **(CPU_PRESET if cpu else {})}
     num_rows = args.num_rows if args.num_rows is not None else sizes["num_rows"]
@@ -262,3 +266,82 @@ def generation_steps(settings: RecipeSettings, **instruction_overrides: Any) -> 
         **instruction_overrides,
     )
     return instructions >> Responses(engine=settings.engine, max_tokens=settings.response_max_tokens)
+
+
+def add_filter_args(parser: argparse.ArgumentParser, default: str = "Filter") -> None:
+    """``--filter``: one of the paper's Table 4 presets for the ``filtered`` config."""
+    from magpie_hf.steps.filters import FILTER_PRESETS
+
+    parser.add_argument("--filter", default=default, choices=sorted(FILTER_PRESETS),
+                        help="Table 4 preset for the 'filtered' config; its 'longest k' cut scales with --num-rows")
+    parser.add_argument("--no-filter", action="store_true", help="write only the 'raw' config")
+
+
+def tagging_steps(settings: RecipeSettings, *, reward_difference: bool = False) -> StepChain:
+    """The paper's dataset analysis: task category, quality, difficulty, safety, language, reward,
+    (optionally base responses and reward difference) and minimum-neighbour distance.
+
+    Under ``--preset cpu`` the embedded chat model stands in for every judge, the guard and the
+    base model, a generative judge gives the reward, and all-MiniLM-L6-v2 embeds.
+    """
+    from magpie_hf.steps import (
+        BaseResponses,
+        Difficulty,
+        InputQuality,
+        JudgeReward,
+        Language,
+        LlamaGuard,
+        Neighbors,
+        RewardDifference,
+        RewardModel,
+        TaskCategory,
+    )
+
+    cpu = settings.is_cpu_preset
+    judge = settings.judge
+    guard = settings.engine if cpu else EngineConfig(model=settings.guard_model, backend=judge.backend)
+    chain = (
+        TaskCategory(engine=judge)
+        >> InputQuality(engine=judge)
+        >> Difficulty(engine=judge)
+        >> LlamaGuard(engine=guard, taxonomy="llama-guard-2")
+        >> Language()
+    )
+
+    def reward(response_column: str, output_column: str, model_column: str, name: str) -> Step:
+        if settings.reward_model is None:
+            return JudgeReward(engine=judge, response_column=response_column, output_column=output_column,
+                               model_column=model_column, name=name)
+        return RewardModel(model=settings.reward_model, response_column=response_column,
+                           output_column=output_column, model_column=model_column, name=name)
+
+    chain = chain >> reward("response", "instruct_reward", "reward_model", "instruct_reward")
+    if reward_difference:
+        base_tokens = min(settings.response_max_tokens, 128) if cpu else settings.response_max_tokens
+        chain = (
+            chain
+            >> BaseResponses(engine=settings.base, max_tokens=base_tokens)
+            >> reward("base_output", "base_reward", "base_reward_model", "base_reward")
+            >> RewardDifference()
+        )
+    neighbors = Neighbors.embedded() if settings.embedding_model == "embedded" else Neighbors(model=settings.embedding_model)
+    return chain >> neighbors
+
+
+def filter_step(settings: RecipeSettings, defaults: RecipeDefaults) -> Step:
+    """The ``--filter`` preset, its length cut scaled by this run's size against the paper's."""
+    from magpie_hf.steps.filters import preset_filter
+
+    return preset_filter(settings.args.filter, scale=settings.num_rows / defaults.num_rows)
+
+
+def filter_needs_reward_difference(name: str) -> bool:
+    from magpie_hf.steps.filters import FILTER_PRESETS
+
+    return any(c.column == "reward_difference" for c in FILTER_PRESETS[name].conditions)
+
+
+def filter_report(stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[{condition, removed}]`` of a finished filter stage, from its manifest counts (in order)."""
+    prefix = "removed: "
+    return [{"condition": k[len(prefix):], "removed": v} for k, v in stage.get("stats", {}).items() if k.startswith(prefix)]

@@ -1,8 +1,10 @@
 """Magpie-Pro: instructions and responses from Llama-3-70B-Instruct with the paper's settings,
-tagged, de-duplicated and filtered (arXiv 2406.08464, Table 6 decoding mixture, Table 4 filters).
+tagged, de-duplicated and filtered (arXiv 2406.08464: Table 6 decoding mixture, Table 4 filters).
 
-    python recipes/magpie_pro.py --preset cpu                    # embedded SmolLM2, a few minutes on a CPU
-    python recipes/magpie_pro.py --num-rows 1000000              # the paper's run (4 GPUs, vLLM)
+Writes OUTPUT_DIR/dataset/ with two configs, `raw` (every tagged row) and `filtered`.
+
+    python recipes/magpie_pro.py --preset cpu                    # embedded SmolLM2, minutes on a CPU
+    python recipes/magpie_pro.py                                 # the paper's run: 1M rows, vLLM, 4 GPUs
     python recipes/magpie_pro.py --preset cpu --push-to-hub me/magpie-pro-demo --version 1.0.0
 """
 
@@ -12,7 +14,18 @@ import logging
 import sys
 
 from magpie_hf.pipeline import Pipeline
-from magpie_hf.recipe import RecipeDefaults, generation_steps, recipe_parser, resolve_settings, run_info
+from magpie_hf.recipe import (
+    RecipeDefaults,
+    add_filter_args,
+    filter_needs_reward_difference,
+    filter_report,
+    filter_step,
+    generation_steps,
+    recipe_parser,
+    resolve_settings,
+    run_info,
+    tagging_steps,
+)
 from magpie_hf.steps import PRO_MIXTURE
 
 PRO = RecipeDefaults(
@@ -26,19 +39,39 @@ PRO = RecipeDefaults(
 
 def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = recipe_parser(defaults, __doc__).parse_args(argv)
+    parser = recipe_parser(defaults, __doc__)
+    add_filter_args(parser)
+    args = parser.parse_args(argv)
     settings = resolve_settings(args, defaults)
 
-    pipeline = Pipeline(generation_steps(settings), settings.output_dir, shard_size=settings.shard_size, seed=settings.seed)
-    raw = pipeline.run()
-    configs = {"raw": raw}
+    steps = generation_steps(settings) >> tagging_steps(
+        settings, reward_difference=not args.no_filter and filter_needs_reward_difference(args.filter)
+    )
+    if not args.no_filter:
+        steps = steps >> filter_step(settings, defaults)
+    pipeline = Pipeline(steps, settings.output_dir, shard_size=settings.shard_size, seed=settings.seed)
+    last = pipeline.run()
+
+    manifest = pipeline.manifest()
+    if args.no_filter:
+        configs = {"raw": last}
+        extra = {}
+    else:
+        configs = {"raw": pipeline.stage_dataset(len(steps) - 2), "filtered": last}
+        extra = {"filter": args.filter, "filter_report": filter_report(manifest["stages"][-1])}
+    raw = configs["raw"]
+    pre_query = raw[0]["gen_input_configs"]["pre_query_template"] if len(raw) else None
+    info = run_info(settings, manifest, pre_query_template=pre_query, **extra)
 
     from magpie_hf.hub import finish_recipe, save_dataset_folder
 
-    info = run_info(settings, pipeline.manifest(), pre_query_template=raw[0]["gen_input_configs"]["pre_query_template"] if len(raw) else None)
-    folder = save_dataset_folder(settings.dataset_dir, configs, info, source_model_license=settings.source_model_license)
-    print(f"Wrote {len(raw)} rows to {folder}")
-    return finish_recipe(args, folder, info)
+    folder = save_dataset_folder(
+        settings.dataset_dir, configs, info,
+        license=args.license, source_model_license=settings.source_model_license,
+    )
+    print(f"Wrote {', '.join(f'{name}: {len(ds)} rows' for name, ds in configs.items())} to {folder}")
+    finish_recipe(args, folder)
+    return 0
 
 
 if __name__ == "__main__":

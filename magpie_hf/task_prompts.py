@@ -1,0 +1,454 @@
+"""Task-control system prompts: steer Magpie instructions towards a domain (paper, Appendix A.2).
+
+A system prompt that names the assistant's domain and the kinds of requests users bring to it makes
+the model's self-written user queries fall in that domain. This module holds:
+
+- :data:`TASK_PROMPTS`, a registry of domain prompts (one per task category of the paper, minus "Others");
+- :class:`TaskMix`, the choice of prompt per row: one key, a validated weighted mixture, or your own
+  prompts; the key of each row is a pure function of (seed, row index) and is recorded as
+  ``system_prompt_key``;
+- :class:`TaskControlledInstructions`, :class:`~magpie_hf.steps.MagpieInstructions` with one derived
+  chat template per key (and optional instruction post-processing);
+- :func:`add_task_args` / :func:`task_from_args` for recipes (``--task math``, ``--task-mix math=0.5,coding=0.5``).
+
+Example:
+    >>> from magpie_hf.task_prompts import TaskMix
+    >>> mix = TaskMix.from_spec("math=0.7,coding=0.3")
+    >>> sorted(mix.weights.items())
+    [('coding', 0.3), ('math', 0.7)]
+    >>> mix.key_for_row(0, seed=0) in {"math", "coding"}
+    True
+    >>> TaskMix.from_spec("math=0.7,coding=0.2")
+    Traceback (most recent call last):
+    ...
+    ValueError: Task weights must sum to 1 (got 0.9 for {'math': 0.7, 'coding': 0.2}); for example --task-mix math=0.5,coding=0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from magpie_hf.postprocess import InstructionFilter, apply_filters
+from magpie_hf.steps.base import Batch
+from magpie_hf.steps.generate import MagpieInstructions, conversation_id
+
+if TYPE_CHECKING:
+    from magpie_hf.templates import ChatTemplates
+
+#: Domain system prompts, keyed by a short name. Each says what the assistant is for and which range of
+#: requests users bring to it; the model then writes a user query of that kind.
+TASK_PROMPTS: dict[str, str] = {
+    "math": (
+        "You are an AI assistant that helps people with mathematics. Users come to you with all kinds of "
+        "math problems, from arithmetic and word problems to algebra, geometry, probability, statistics "
+        "and calculus, and ask you to solve equations, calculate quantities, prove statements or explain "
+        "concepts. You work through each problem step by step and arrive at the correct answer."
+    ),
+    "coding": (
+        "You are an AI assistant for programming. Users ask you to write, explain, review, optimise and "
+        "debug code in languages such as Python, JavaScript, C++, Java, SQL and shell, to fix error "
+        "messages, to design functions, classes and algorithms, and to use libraries and tools correctly. "
+        "You answer with working code and clear explanations."
+    ),
+    "translation": (
+        "You are an AI assistant that translates between languages. Users give you words, sentences, "
+        "emails, documents or idioms and ask for a faithful, natural translation into another language, "
+        "sometimes with a particular tone or register, and ask you to explain nuances of meaning and "
+        "grammar between the two languages."
+    ),
+    "reasoning": (
+        "You are an AI assistant for logical reasoning. Users bring you puzzles, riddles, logic problems, "
+        "arguments to evaluate, cause-and-effect questions and tricky scenarios that need careful "
+        "step-by-step thinking, and ask you to work out the answer and explain how you reached it."
+    ),
+    "creative_writing": (
+        "You are an AI assistant for creative writing. Users ask you to write stories, poems, song lyrics, "
+        "scripts, dialogue and descriptions, to invent characters and worlds, to continue a piece in a "
+        "given style, and to give feedback on their own creative work."
+    ),
+    "data_analysis": (
+        "You are an AI assistant for data analysis. Users share tables, numbers, survey results and "
+        "datasets, or describe them, and ask you to summarise them, compute statistics, find trends and "
+        "outliers, choose a method or chart, interpret results, and explain what the data shows."
+    ),
+    "information_seeking": (
+        "You are an AI assistant that answers questions about the world. Users ask you for facts, "
+        "definitions and explanations on any topic, such as history, science, geography, technology, "
+        "health, culture and current practices, and you give accurate, well-organised information."
+    ),
+    "advice_seeking": (
+        "You are an AI assistant that gives thoughtful advice. Users describe personal, professional, "
+        "financial, health, relationship or study situations and ask what they should do, which option "
+        "to choose, or how to handle a problem, and you give practical, balanced guidance."
+    ),
+    "planning": (
+        "You are an AI assistant that helps people plan. Users ask you to organise trips, events, projects, "
+        "schedules, study plans, budgets, workouts and business launches, to break goals into steps and "
+        "timelines, and to weigh constraints and priorities."
+    ),
+    "editing": (
+        "You are an AI assistant for editing text. Users give you their writing, such as essays, emails, "
+        "reports, cover letters and posts, and ask you to proofread it, fix grammar and spelling, rephrase, "
+        "shorten, change the tone or improve clarity and structure."
+    ),
+    "role_playing": (
+        "You are an AI assistant that takes part in role play. Users ask you to act as a character, a "
+        "historical figure, an interviewer, a customer, a game master or another persona, to set up a "
+        "scenario, and to stay in character while the conversation unfolds."
+    ),
+    "brainstorming": (
+        "You are an AI assistant for brainstorming. Users ask you to come up with ideas: names, themes, "
+        "gift ideas, business concepts, marketing angles, story premises, solutions to problems and new "
+        "ways to look at a topic, and you offer many varied and original options."
+    ),
+}
+
+#: other spellings accepted for the registry keys (the paper's task-category names among them)
+TASK_ALIASES: dict[str, str] = {
+    "coding & debugging": "coding",
+    "coding_and_debugging": "coding",
+    "code": "coding",
+    "debugging": "coding",
+    "mathematics": "math",
+    "creative": "creative_writing",
+    "writing": "creative_writing",
+    "data": "data_analysis",
+    "information": "information_seeking",
+    "advice": "advice_seeking",
+    "role_play": "role_playing",
+    "roleplay": "role_playing",
+}
+
+#: the paper's task-category name of each registry key (the label the task-category tagger uses)
+TASK_CATEGORIES: dict[str, str] = {
+    "math": "Math",
+    "coding": "Coding & Debugging",
+    "translation": "Information seeking",  # the paper has no translation category
+    "reasoning": "Reasoning",
+    "creative_writing": "Creative writing",
+    "data_analysis": "Data analysis",
+    "information_seeking": "Information seeking",
+    "advice_seeking": "Advice seeking",
+    "planning": "Planning",
+    "editing": "Editing",
+    "role_playing": "Role playing",
+    "brainstorming": "Brainstorming",
+}
+
+WEIGHT_TOLERANCE = 1e-3
+
+
+def normalize_key(key: str) -> str:
+    """``"Coding & Debugging"`` -> ``"coding"``, ``"Creative writing"`` -> ``"creative_writing"``."""
+    text = key.strip().lower()
+    if text in TASK_ALIASES:
+        return TASK_ALIASES[text]
+    snake = "_".join(text.replace("-", " ").split())
+    return TASK_ALIASES.get(snake, snake)
+
+
+def _unknown_key_error(key: str, known: Sequence[str]) -> ValueError:
+    close = difflib.get_close_matches(normalize_key(key), list(known), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(
+        f"Unknown task {key!r}.{hint} Known tasks: {', '.join(sorted(known))}. "
+        "Add your own with prompts={'my_task': 'You are an AI assistant that ...'} (CLI: --task-prompts FILE.json)."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMix:
+    """Which task system prompt each row gets: a validated weighted mixture over prompt keys.
+
+    Use :meth:`from_spec` to build one from a key (``"math"``), a ``"k=w,k=w"`` string or a mapping of
+    weights. ``prompts`` holds the system prompt of each key in ``weights``; by default they come from
+    :data:`TASK_PROMPTS`, and ``from_spec(..., prompts={...})`` adds or replaces prompts with your own.
+
+    Weights must be non-negative, finite, name known keys, and sum to 1 (within 1e-3). Keys with
+    weight 0 are dropped. The key of row ``i`` depends only on ``(seed, i)``.
+    """
+
+    weights: Mapping[str, float]
+    prompts: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        weights = dict(self.weights)
+        if not weights:
+            raise ValueError("A task mixture needs at least one task, e.g. TaskMix.from_spec('math').")
+        for key, weight in weights.items():
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+                raise ValueError(f"Task weight for {key!r} must be a finite number, got {weight!r}.")
+            if weight < 0:
+                raise ValueError(f"Task weight for {key!r} must be >= 0, got {weight}.")
+            if key not in self.prompts:
+                raise _unknown_key_error(key, list(self.prompts))
+            if not str(self.prompts[key]).strip():
+                raise ValueError(f"The system prompt for task {key!r} is empty.")
+        total = sum(weights.values())
+        if abs(total - 1.0) > WEIGHT_TOLERANCE:
+            raise ValueError(
+                f"Task weights must sum to 1 (got {round(total, 6)} for {weights}); "
+                "for example --task-mix math=0.5,coding=0.5."
+            )
+        kept = {k: float(w) for k, w in weights.items() if w > 0}
+        object.__setattr__(self, "weights", kept)
+        object.__setattr__(self, "prompts", {k: str(self.prompts[k]) for k in kept})
+
+    @classmethod
+    def from_spec(
+        cls, spec: "str | Mapping[str, float] | TaskMix", prompts: Mapping[str, str] | None = None
+    ) -> "TaskMix":
+        """Build a mixture from ``"math"``, ``"math=0.5,coding=0.5"``, ``{"math": 1.0}`` or a TaskMix.
+
+        ``prompts`` maps extra keys (or registry keys to replace) to system prompt text.
+        """
+        registry = {**TASK_PROMPTS, **{normalize_key(k): v for k, v in (prompts or {}).items()}}
+        if isinstance(spec, TaskMix):
+            return cls(spec.weights, {**registry, **spec.prompts})
+        if isinstance(spec, str):
+            weights = parse_task_mix(spec)
+        elif isinstance(spec, Mapping):
+            weights = {}
+            for key, weight in spec.items():
+                weights[normalize_key(key)] = weights.get(normalize_key(key), 0.0) + weight
+        else:
+            raise TypeError(f"A task spec is a key, a 'key=weight,...' string or a mapping, got {type(spec).__name__}.")
+        return cls(weights, registry)
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted(self.weights)
+
+    def key_for_row(self, row: int, seed: int) -> str:
+        """The task key of row ``row`` in a run seeded with ``seed`` (independent of shards and row count)."""
+        digest = hashlib.sha256(f"magpie_hf-task:{seed}:{row}".encode()).digest()
+        u = int.from_bytes(digest[:8], "little") / 2**64
+        cumulative = 0.0
+        keys = self.keys
+        for key in keys:
+            cumulative += self.weights[key] / sum(self.weights.values())
+            if u < cumulative:
+                return key
+        return keys[-1]
+
+
+def parse_task_mix(text: str) -> dict[str, float]:
+    """``"math=0.5, coding=0.5"`` -> ``{"math": 0.5, "coding": 0.5}``; a bare ``"math"`` -> ``{"math": 1.0}``."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("Empty task spec; use e.g. 'math' or 'math=0.5,coding=0.5'.")
+    if len(items) == 1 and "=" not in items[0]:
+        return {normalize_key(items[0]): 1.0}
+    weights: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"Bad task mixture item {item!r}: write KEY=WEIGHT, e.g. math=0.5.")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"Bad weight {value.strip()!r} for task {key.strip()!r}: it must be a number.") from None
+        k = normalize_key(key)
+        if k in weights:
+            raise ValueError(f"Task {k!r} appears twice in {text!r}.")
+        weights[k] = weight
+    return weights
+
+
+# -------------------------------------------------------------------- a cheap check of steering
+_MATH = re.compile(
+    r"\d\s*[-+*/^=×÷<>]\s*[\d(a-z]"          # 3 + 4, 2x = 6, 5*(...)
+    r"|[a-z]\s*[\^=]\s*\d"                     # x^2, y = 3
+    r"|\$[^$]*\\(?:frac|sqrt|int|sum)"          # LaTeX
+    r"|\b(?:solve|equations?|calculate|calculation|compute|arithmetic|algebra\w*|geometr\w*|calculus|"
+    r"integral|derivative|probabilit\w*|fractions?|percent(?:age)?|square root|polynomial|quadratic|"
+    r"triangle|circle|radius|area of|perimeter|volume of|theorem|prime numbers?|factorial|logarithm|"
+    r"math\w*|sum of|product of|average of|mean of|variance|ratio|multiply|divided by|divide|subtract|"
+    r"how many|how much)\b",
+    re.IGNORECASE,
+)
+
+
+def looks_like_math(text: str) -> bool:
+    """A deliberately simple keyword/regex test for math queries, to measure task steering.
+
+    Math when the text has digits joined by an operator (``3 + 4``, ``2x = 6``), a variable with a power or
+    equation sign, LaTeX math, or a math word (solve, equation, calculate, probability, fraction, how many,
+    ...). It is a coarse proxy, good for comparing two runs, not a task-category tagger.
+    """
+    return bool(_MATH.search(text or ""))
+
+
+# -------------------------------------------------------------------- the step
+@dataclasses.dataclass(kw_only=True)
+class TaskControlledInstructions(MagpieInstructions):
+    """:class:`~magpie_hf.steps.MagpieInstructions` with a task system prompt per row and post-processing.
+
+    ``task`` (a :class:`TaskMix`, a key such as ``"math"``, a ``"math=0.5,coding=0.5"`` string or a weight
+    mapping) picks each row's system prompt; the rows of one key share one derived chat template and
+    one engine call per decoding setting. The chosen key is written to ``system_prompt_key`` and the
+    prompt itself to ``gen_input_configs.system_prompt``. Bad weights or keys fail at construction,
+    before any model loads. Templates that reject a system message (Gemma) fail at ``load()`` with a
+    clear error. ``task=None`` gives plain Magpie instructions.
+
+    ``postprocess`` is a sequence of :mod:`magpie_hf.postprocess` filters applied to every instruction;
+    dropped rows are counted as ``dropped_<filter name>``.
+
+    Example:
+        >>> from magpie_hf.engines import EngineConfig
+        >>> from magpie_hf.postprocess import StripTrailingRoleWord
+        >>> step = TaskControlledInstructions(engine=EngineConfig.embedded(), num_rows=100,
+        ...                                   task="math=0.5,coding=0.5", postprocess=[StripTrailingRoleWord()])
+    """
+
+    outputs = MagpieInstructions.outputs + ("system_prompt_key",)
+
+    task: TaskMix | str | Mapping[str, float] | None = None
+    postprocess: Sequence[InstructionFilter] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task is not None:
+            self.task = TaskMix.from_spec(self.task)
+            if self.system_prompt is not None:
+                raise ValueError("Give either task= (a system prompt per row) or system_prompt=, not both.")
+            if self.pre_query_template is not None:
+                raise ValueError(
+                    "task= needs the chat template to insert each task's system prompt; it cannot be combined "
+                    "with an explicit pre_query_template."
+                )
+        self.postprocess = tuple(self.postprocess)
+        for f in self.postprocess:
+            if not callable(f) or not getattr(f, "name", None):
+                raise TypeError(f"postprocess entries must be InstructionFilter callables with a name, got {f!r}.")
+        self._key_templates: dict[str, "ChatTemplates"] = {}
+
+    def load(self) -> None:
+        from magpie_hf.templates import ChatTemplateError, derive_templates
+
+        super().load()
+        if isinstance(self.task, TaskMix):
+            assert self._engine is not None
+            for key in self.task.keys:
+                try:
+                    self._key_templates[key] = derive_templates(
+                        self._engine.tokenizer,
+                        system_prompt=self.task.prompts[key],
+                        keep_default_system_prompt=self.keep_default_system_prompt,
+                    )
+                except ChatTemplateError as err:
+                    raise ChatTemplateError(
+                        f"Task control puts the {key!r} prompt in a system message, and the chat template of "
+                        f"{self._model_name()} cannot take one: {err}"
+                    ) from err
+
+    def unload(self) -> None:
+        super().unload()
+        self._key_templates = {}
+
+    def generate(self, *, offset: int, num_rows: int, seed: int) -> Batch:
+        if not isinstance(self.task, TaskMix):
+            batch = super().generate(offset=offset, num_rows=num_rows, seed=seed)
+            batch["system_prompt_key"] = [None] * len(batch["conversation_id"])
+            context = self.system_prompt if self.system_prompt is not None else self._default_block()
+            return self._postprocess(batch, [context] * len(batch["conversation_id"]))
+        rows = range(offset, min(offset + num_rows, self.num_rows))
+        groups: dict[str, list[int]] = {}
+        for row in rows:
+            groups.setdefault(self.task.key_for_row(row, self.seed), []).append(row)
+        by_row: dict[int, dict[str, Any]] = {}
+        for number, (key, members) in enumerate(sorted(groups.items())):
+            part = self._generate_group(key, members, seed=seed + 7919 * number)
+            local_rows = {conversation_id(self.seed, i): row for i, row in enumerate(members)}
+            for values in zip(*part.values()):
+                record = dict(zip(part, values))
+                row = local_rows[record["conversation_id"]]
+                record["conversation_id"] = conversation_id(self.seed, row)
+                record["system_prompt_key"] = key
+                by_row[row] = record
+        batch: Batch = {name: [by_row[r][name] for r in sorted(by_row)] for name in self.outputs}
+        return self._postprocess(batch, [self.task.prompts[k] for k in batch["system_prompt_key"]])
+
+    # -- internals -----------------------------------------------------------------------------
+    def _generate_group(self, key: str, members: list[int], *, seed: int) -> Batch:
+        """Run the parent's sampling code over the rows of one task key, with that key's template."""
+        assert self._engine is not None and self._assignment is not None and isinstance(self.task, TaskMix)
+        group = MagpieInstructions(
+            engine=self._engine,
+            num_rows=len(members),
+            mixture=self.mixture,
+            max_tokens=self.max_tokens,
+            system_prompt=self.task.prompts[key],
+            keep_default_system_prompt=self.keep_default_system_prompt,
+            drop_empty=self.drop_empty,
+            drop_truncated=self.drop_truncated,
+            seed=self.seed,
+        )
+        group._engine = self._engine
+        group._templates = self._key_templates[key]
+        group._assignment = self._assignment[members]
+        group.progress_callback = self.progress_callback
+        part = group.generate(offset=0, num_rows=len(members), seed=seed)
+        self.stats.update(group.stats)
+        return part
+
+    def _default_block(self) -> str | None:
+        return self._templates.default_system_block or None if self._templates is not None else None
+
+    def _postprocess(self, batch: Batch, system_prompts: list[str | None]) -> Batch:
+        if not self.postprocess:
+            return batch
+        keep = []
+        for i, (text, system) in enumerate(zip(batch["instruction"], system_prompts)):
+            cleaned, dropped_by = apply_filters(text, self.postprocess, system_prompt=system)
+            if dropped_by is not None:
+                self.stats[f"dropped_{dropped_by}"] += 1
+            else:
+                batch["instruction"][i] = cleaned
+            keep.append(dropped_by is None)
+        return {k: [v for v, m in zip(col, keep) if m] for k, col in batch.items()}
+
+
+# -------------------------------------------------------------------- command line
+def add_task_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--task``, ``--task-mix`` and ``--task-prompts`` to a recipe's parser."""
+    group = parser.add_argument_group("task control (paper, Appendix A.2)")
+    exclusive = group.add_mutually_exclusive_group()
+    exclusive.add_argument("--task", default=None, metavar="KEY",
+                           help=f"steer every instruction with one domain system prompt: {', '.join(TASK_PROMPTS)}")
+    exclusive.add_argument("--task-mix", default=None, metavar="KEY=W,...",
+                           help="a weighted mixture of domain prompts summing to 1, e.g. math=0.5,coding=0.5")
+    group.add_argument("--task-prompts", type=Path, default=None, metavar="FILE.json",
+                       help="a JSON object {key: system prompt} adding (or replacing) task prompts")
+    return parser
+
+
+def task_from_args(args: argparse.Namespace) -> TaskMix | None:
+    """The :class:`TaskMix` the flags ask for, or None; bad input exits with a clear message."""
+    spec = getattr(args, "task", None) or getattr(args, "task_mix", None)
+    prompts_file = getattr(args, "task_prompts", None)
+    if spec is None:
+        if prompts_file is not None:
+            raise SystemExit("error: --task-prompts needs --task KEY or --task-mix KEY=W,... to choose among them")
+        return None
+    prompts: dict[str, str] | None = None
+    if prompts_file is not None:
+        try:
+            prompts = json.loads(Path(prompts_file).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"error: cannot read --task-prompts {prompts_file}: {err}") from None
+        if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+            raise SystemExit(f"error: --task-prompts {prompts_file} must hold a JSON object of strings {{key: prompt}}")
+    try:
+        return TaskMix.from_spec(spec, prompts=prompts)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
