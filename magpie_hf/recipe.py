@@ -22,7 +22,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from magpie_hf.engines import EngineConfig
 from magpie_hf.steps.base import Step, StepChain
@@ -252,19 +252,28 @@ def run_info(settings: RecipeSettings, manifest: dict[str, Any], **extra: Any) -
     return info
 
 
-def generation_steps(settings: RecipeSettings, **instruction_overrides: Any) -> StepChain:
-    """Magpie steps 1 and 2 with the recipe's model, mixture and lengths."""
+def generation_steps(settings: RecipeSettings, *, task: Any = None, postprocess: Sequence[Any] = ()) -> StepChain:
+    """Magpie steps 1 and 2 with the recipe's model, mixture and lengths.
+
+    ``task`` (a :class:`~magpie_hf.task_prompts.TaskMix`) steers instructions with domain system
+    prompts and ``postprocess`` filters them (:mod:`magpie_hf.postprocess`).
+    """
     from magpie_hf.steps import MagpieInstructions, Responses
 
-    instruction_overrides.setdefault("pre_query_template", settings.args.pre_query_template)
-    instructions = MagpieInstructions(
+    kwargs: dict[str, Any] = dict(
         engine=settings.engine,
         num_rows=settings.num_rows,
         mixture=settings.mixture,
         max_tokens=settings.instruction_max_tokens,
         seed=settings.seed,
-        **instruction_overrides,
+        pre_query_template=settings.args.pre_query_template,
     )
+    if task is not None or postprocess:
+        from magpie_hf.task_prompts import TaskControlledInstructions
+
+        instructions: Step = TaskControlledInstructions(task=task, postprocess=tuple(postprocess), **kwargs)
+    else:
+        instructions = MagpieInstructions(**kwargs)
     return instructions >> Responses(engine=settings.engine, max_tokens=settings.response_max_tokens)
 
 

@@ -19,10 +19,10 @@ import sys
 
 from magpie_hf.pipeline import Pipeline
 from magpie_hf.postprocess import FILTERS, filters_from_names
-from magpie_hf.recipe import RecipeDefaults, recipe_parser, resolve_settings, run_info
-from magpie_hf.steps import PRO_MIXTURE, Responses
+from magpie_hf.recipe import RecipeDefaults, generation_steps, recipe_parser, resolve_settings, run_info
+from magpie_hf.steps import PRO_MIXTURE
 from magpie_hf.steps.multi_turn import MULTI_TURN_SYSTEM_PROMPT, MultiTurn
-from magpie_hf.task_prompts import TaskControlledInstructions, add_task_args, task_from_args
+from magpie_hf.task_prompts import add_task_args, task_from_args
 
 PRO_MT = RecipeDefaults(
     name="magpie_mt",
@@ -61,15 +61,6 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO_MT) -> in
         raise SystemExit("error: need --n-turns >= 1 and 1 <= --min-turns <= --n-turns")
     settings = resolve_settings(args, defaults)
 
-    instructions = TaskControlledInstructions(
-        engine=settings.engine,
-        num_rows=settings.num_rows,
-        mixture=settings.mixture,
-        max_tokens=settings.instruction_max_tokens,
-        seed=settings.seed,
-        task=task,
-        postprocess=filters,
-    )
     multi_turn = MultiTurn(
         engine=settings.engine,
         n_turns=args.n_turns,
@@ -80,7 +71,7 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO_MT) -> in
         postprocess=filters,
         min_turns=args.min_turns,
     )
-    steps = instructions >> Responses(engine=settings.engine, max_tokens=settings.response_max_tokens) >> multi_turn
+    steps = generation_steps(settings, task=task, postprocess=filters) >> multi_turn
     pipeline = Pipeline(steps, settings.output_dir, shard_size=settings.shard_size, seed=settings.seed)
     raw = pipeline.run()
 

@@ -27,6 +27,7 @@ from magpie_hf.recipe import (
     tagging_steps,
 )
 from magpie_hf.steps import PRO_MIXTURE
+from magpie_hf.task_prompts import add_task_args, task_from_args
 
 PRO = RecipeDefaults(
     name="magpie_pro",
@@ -41,10 +42,12 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = recipe_parser(defaults, __doc__)
     add_filter_args(parser)
+    add_task_args(parser)
     args = parser.parse_args(argv)
+    task = task_from_args(args)  # bad weights stop here, before any model loads
     settings = resolve_settings(args, defaults)
 
-    steps = generation_steps(settings) >> tagging_steps(
+    steps = generation_steps(settings, task=task) >> tagging_steps(
         settings, reward_difference=not args.no_filter and filter_needs_reward_difference(args.filter)
     )
     if not args.no_filter:
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO) -> int:
         extra = {"filter": args.filter, "filter_report": filter_report(manifest["stages"][-1])}
     raw = configs["raw"]
     pre_query = raw[0]["gen_input_configs"]["pre_query_template"] if len(raw) else None
+    if task is not None:
+        extra["task_control"] = {"weights": dict(task.weights), "prompts": dict(task.prompts)}
     info = run_info(settings, manifest, pre_query_template=pre_query, **extra)
 
     from magpie_hf.hub import finish_recipe, save_dataset_folder
