@@ -22,11 +22,14 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.engines import EngineConfig
 from magpie_hf.steps.base import Step, StepChain
-from magpie_hf.steps.generate import PRO_MIXTURE, DecodingSetting
+from magpie_hf.steps.generate import EMBEDDED_MIXTURE, PRO_MIXTURE, DecodingSetting
+
+if TYPE_CHECKING:
+    from magpie_hf.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,12 @@ class RecipeSettings:
     def is_cpu_preset(self) -> bool:
         return self.preset == "cpu"
 
+    def pipeline(self, steps: "StepChain | Sequence[Step]") -> "Pipeline":
+        """The run's pipeline over ``steps``: local, or on Ray when ``--ray`` was given."""
+        from magpie_hf.ray import pipeline_from_args
+
+        return pipeline_from_args(self.args, steps, self.output_dir, self.shard_size, self.seed)
+
 
 def recipe_parser(defaults: RecipeDefaults, description: str | None = None) -> argparse.ArgumentParser:
     """The flags every recipe takes (the publishing flags included)."""
@@ -124,12 +133,11 @@ def recipe_parser(defaults: RecipeDefaults, description: str | None = None) -> a
     group.add_argument("--pre-query-template", default=None,
                        help="raw pre-query text to use instead of the one derived from the chat template "
                             "(inspect a model first with: magpie-hf template MODEL)")
-    try:
-        from magpie_hf.hub import add_publish_args
-    except ImportError:  # publishing module not installed in this checkout
-        pass
-    else:
-        add_publish_args(parser)
+    from magpie_hf.hub import add_publish_args
+    from magpie_hf.ray import add_ray_args
+
+    add_publish_args(parser)
+    add_ray_args(parser)
     return parser
 
 
@@ -199,7 +207,8 @@ def resolve_settings(args: argparse.Namespace, defaults: RecipeDefaults) -> Reci
         shard_size=shard_size,
         seed=args.seed,
         output_dir=args.output_dir,
-        mixture=defaults.mixture,
+        # the paper's mixture derails the 135M embedded model (see EMBEDDED_MIXTURE)
+        mixture=EMBEDDED_MIXTURE if cpu and args.model is None else defaults.mixture,
         instruction_max_tokens=sizes["instruction_max_tokens"],
         response_max_tokens=sizes["response_max_tokens"],
         judge=judge,
@@ -297,12 +306,10 @@ def tagging_steps(settings: RecipeSettings, *, reward_difference: bool = False) 
         BaseResponses,
         Difficulty,
         InputQuality,
-        JudgeReward,
         Language,
         LlamaGuard,
         Neighbors,
         RewardDifference,
-        RewardModel,
         TaskCategory,
     )
 
@@ -317,24 +324,33 @@ def tagging_steps(settings: RecipeSettings, *, reward_difference: bool = False) 
         >> Language()
     )
 
-    def reward(response_column: str, output_column: str, model_column: str, name: str) -> Step:
-        if settings.reward_model is None:
-            return JudgeReward(engine=judge, response_column=response_column, output_column=output_column,
-                               model_column=model_column, name=name)
-        return RewardModel(model=settings.reward_model, response_column=response_column,
-                           output_column=output_column, model_column=model_column, name=name)
-
-    chain = chain >> reward("response", "instruct_reward", "reward_model", "instruct_reward")
+    chain = chain >> reward_step(settings, name="instruct_reward")
     if reward_difference:
         base_tokens = min(settings.response_max_tokens, 128) if cpu else settings.response_max_tokens
         chain = (
             chain
             >> BaseResponses(engine=settings.base, max_tokens=base_tokens)
-            >> reward("base_output", "base_reward", "base_reward_model", "base_reward")
+            >> reward_step(settings, name="base_reward", response_column="base_output",
+                           output_column="base_reward", model_column="base_reward_model")
             >> RewardDifference()
         )
     neighbors = Neighbors.embedded() if settings.embedding_model == "embedded" else Neighbors(model=settings.embedding_model)
     return chain >> neighbors
+
+
+def reward_step(settings: RecipeSettings, *, name: str, reward_model: str | None = None, **columns: str) -> Step:
+    """The reward step: a sequence-classification reward model (``reward_model`` or the recipe's), or,
+    under ``--preset cpu`` where there is none, the judge model rating responses 1-10 (``JudgeReward``).
+
+    ``columns`` renames the columns it reads and writes (``response_column``, ``output_column``,
+    ``model_column``), e.g. to score ``base_output`` into ``base_reward``.
+    """
+    from magpie_hf.steps import JudgeReward, RewardModel
+
+    model = reward_model or settings.reward_model
+    if model is None:
+        return JudgeReward(engine=settings.judge, name=name, **columns)
+    return RewardModel(model=model, trust_remote_code=settings.engine.trust_remote_code, name=name, **columns)
 
 
 def filter_step(settings: RecipeSettings, defaults: RecipeDefaults) -> Step:

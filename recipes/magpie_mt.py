@@ -17,7 +17,6 @@ import argparse
 import logging
 import sys
 
-from magpie_hf.pipeline import Pipeline
 from magpie_hf.postprocess import FILTERS, filters_from_names
 from magpie_hf.recipe import RecipeDefaults, generation_steps, recipe_parser, resolve_settings, run_info
 from magpie_hf.steps import PRO_MIXTURE
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO_MT) -> in
         min_turns=args.min_turns,
     )
     steps = generation_steps(settings, task=task, postprocess=filters) >> multi_turn
-    pipeline = Pipeline(steps, settings.output_dir, shard_size=settings.shard_size, seed=settings.seed)
+    pipeline = settings.pipeline(steps)
     raw = pipeline.run()
 
     from magpie_hf.hub import finish_recipe, save_dataset_folder

@@ -24,10 +24,17 @@ import logging
 import sys
 
 from magpie_hf.engines import EngineConfig
-from magpie_hf.pipeline import Pipeline
-from magpie_hf.recipe import RecipeDefaults, RecipeSettings, generation_steps, recipe_parser, resolve_settings, run_info
+from magpie_hf.recipe import (
+    RecipeDefaults,
+    RecipeSettings,
+    generation_steps,
+    recipe_parser,
+    resolve_settings,
+    reward_step,
+    run_info,
+)
 from magpie_hf.steps import AIR_MIXTURE
-from magpie_hf.steps.base import Step, StepChain
+from magpie_hf.steps.base import StepChain
 from magpie_hf.steps.base_responses import BaseResponses, RewardDifference
 from magpie_hf.steps.preferences import (
     BestOfNPairs,
@@ -65,26 +72,14 @@ def parser(defaults: RecipeDefaults = PO) -> argparse.ArgumentParser:
     return p
 
 
-def reward_step(settings: RecipeSettings, args: argparse.Namespace, **columns: str) -> Step:
-    """The reward model step, or the embedded model as a 1-10 judge under --preset cpu."""
-    model = args.reward_model or settings.reward_model
-    if model is None:
-        from magpie_hf.steps.reward import JudgeReward
-
-        return JudgeReward(engine=settings.judge, **columns)
-    from magpie_hf.steps.reward import RewardModel
-
-    return RewardModel(model=model, trust_remote_code=settings.engine.trust_remote_code, **columns)
-
-
 def pair_steps(settings: RecipeSettings, args: argparse.Namespace, base: EngineConfig) -> StepChain:
     generation = generation_steps(settings)
     if args.pairs == "instruct-vs-base":
         return (
             generation
             >> BaseResponses(engine=base, max_tokens=settings.response_max_tokens)
-            >> reward_step(settings, args, name="instruct_reward")
-            >> reward_step(settings, args, name="base_reward", response_column="base_output", output_column="base_reward")
+            >> reward_step(settings, reward_model=args.reward_model, name="instruct_reward")
+            >> reward_step(settings, reward_model=args.reward_model, name="base_reward", response_column="base_output", output_column="base_reward")
             >> RewardDifference()
             >> InstructVsBasePairs(tau=args.tau)
         )
@@ -93,7 +88,7 @@ def pair_steps(settings: RecipeSettings, args: argparse.Namespace, base: EngineC
         StepChain([instructions])
         >> MultiResponses(engine=settings.engine, n=args.num_responses, temperature=args.sampling_temperature,
                           max_tokens=settings.response_max_tokens)
-        >> MultiResponseRewards(reward=reward_step(settings, args, name="response_reward"))
+        >> MultiResponseRewards(reward=reward_step(settings, reward_model=args.reward_model, name="response_reward"))
         >> BestOfNPairs(margin=args.margin)
     )
 
@@ -111,7 +106,7 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PO) -> int:
                             trust_remote_code=settings.engine.trust_remote_code)
 
     steps = pair_steps(settings, args, base)
-    pipeline = Pipeline(steps, settings.output_dir, shard_size=settings.shard_size, seed=settings.seed)
+    pipeline = settings.pipeline(steps)
     pairs = pipeline.run()
     raw = pipeline.stage_dataset(len(steps) - 2)  # every row with its scores, before pairing
     if len(pairs) == 0:

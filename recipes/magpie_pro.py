@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import sys
 
-from magpie_hf.pipeline import Pipeline
 from magpie_hf.recipe import (
     RecipeDefaults,
     add_filter_args,
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO) -> int:
     )
     if not args.no_filter:
         steps = steps >> filter_step(settings, defaults)
-    pipeline = Pipeline(steps, settings.output_dir, shard_size=settings.shard_size, seed=settings.seed)
+    pipeline = settings.pipeline(steps)
     last = pipeline.run()
 
     manifest = pipeline.manifest()

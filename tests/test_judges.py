@@ -176,6 +176,28 @@ def test_constrained_decoding_makes_embedded_answers_parse(embedded_engine):
 
 
 @pytest.mark.slow
+def test_engine_constrains_to_the_schema_in_its_own_loop(embedded_engine):
+    """engine.generate with SamplingConfig.json_schema (the continuous-batching path, sampled): every
+    finished answer is JSON whose labels are in their sets."""
+    pytest.importorskip("xgrammar")
+    import json
+
+    step = TaskCategory(engine=embedded_engine)
+    queries = ["Write a Python function that reverses a string.", "Write a haiku about rain.", "What is 17 * 23?"]
+    prompts = [render_chat(embedded_engine.tokenizer, [{"role": "user", "content": step.prompt(q)}]) for q in queries]
+    sampling = SamplingConfig(temperature=1.0, max_tokens=96, n=2, seed=3, json_schema=step.schema())
+    finished = 0
+    for completions in embedded_engine.generate(prompts, sampling):
+        for completion in completions:
+            if completion.finish_reason == "stop":
+                finished += 1
+                parsed = step.parse(json.loads(completion.text))
+                assert parsed["task_category"] in TASK_CATEGORIES
+                assert set(parsed["other_task_category"]) <= set(TASK_CATEGORIES)
+    assert finished >= 4
+
+
+@pytest.mark.slow
 def test_difficulty_step_end_to_end_on_embedded_model(embedded_engine):
     """Whatever the small model writes, labels stay in the set or become null with a reason."""
     step = Difficulty(engine=embedded_engine, max_tokens=32, max_field_chars=80)

@@ -1,13 +1,24 @@
 """Transformers backend: CPU or GPU, batched with left padding, GGUF through ``gguf_file``.
 
+Decoding runs in a small continuous-batching loop over a KV cache instead of ``model.generate``:
+finished rows leave the batch at once and their slots are refilled with waiting prompts, each
+distinct prompt text is prefilled once per admission and its cache copied to all rows that share it
+(every Magpie step-1 prompt is the same pre-query template), and stop strings are checked on the
+decoded tail of each row only. Models whose cache is not a plain full-attention ``DynamicCache``
+(sliding-window or hybrid layers) fall back to batched ``model.generate``. A
+``SamplingConfig.json_schema`` constrains every row to that schema in both paths
+(:mod:`magpie_hf.constrained`, xgrammar).
+
 Example:
     >>> from magpie_hf.engines import EngineConfig, SamplingConfig, load_engine
     >>> engine = load_engine(EngineConfig.embedded())  # doctest: +SKIP
+    >>> engine.generate(["<|im_start|>user\\n"], SamplingConfig(max_tokens=16, n=2, seed=0))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from magpie_hf.engines.base import Completion, Engine, SamplingConfig
@@ -17,11 +28,27 @@ logger = logging.getLogger(__name__)
 
 
 def _truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the first occurrence of any stop string."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+@dataclass
+class _Row:
+    """One completion being decoded (a prompt index and its sample number)."""
+
+    slot: int  # index into the flat list of requested completions
+    prompt: int  # index into the list of distinct prompt token lists
+    tokens: list[int] = field(default_factory=list)
+    json: Any = None  # grammar state (JSONRowState) when decoding is constrained to a JSON schema
+
+
 class TransformersEngine(Engine):
+    """Generate with a Hugging Face ``transformers`` causal LM (CPU or GPU).
+
+    ``config.batch_size`` is the number of sequences decoded at once.
+    """
+
     name = "transformers"
 
     def __init__(self, config: EngineConfig) -> None:
@@ -49,22 +76,260 @@ class TransformersEngine(Engine):
             dtype = getattr(torch, dtype)
         self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, **kwargs).to(device).eval()
+        #: sequences decoded at once (from ``config.batch_size``)
+        self.batch_size = config.batch_size
+        self._eos_ids = self._default_eos_ids()
+        self._supports_loop = self._plain_dynamic_cache()
+        if not self._supports_loop:
+            logger.info("%s has sliding-window or hybrid cache layers; using model.generate", config.describe())
 
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
+    # ------------------------------------------------------------------ setup helpers
+    def _default_eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, self._tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value is not None:
+                ids.update(int(v) for v in value)
+        return ids
+
+    def _plain_dynamic_cache(self) -> bool:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except Exception:  # pragma: no cover - exotic configs
+            return False
+        return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    # ------------------------------------------------------------------ public API
     def generate(
         self, prompts: Sequence[str], sampling: SamplingConfig, *, progress: Any = None
     ) -> list[list[Completion]]:
+        if isinstance(prompts, str):
+            raise TypeError("generate() takes a list of prompts, not a single string")
+        if not prompts:
+            return []
+        if self._supports_loop:
+            flat = self._generate_loop(list(prompts), sampling, progress)
+        else:
+            flat = self._generate_hf(list(prompts), sampling, progress)
+        n = sampling.n
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+    def _json_constraint(self, sampling: SamplingConfig) -> Any:
+        """The compiled JSON-schema constraint of ``sampling`` (xgrammar), or None when unconstrained."""
+        if sampling.json_schema is None:
+            return None
+        from magpie_hf.constrained import JSONSchemaConstraint
+
+        vocab_size = getattr(self.model.config, "vocab_size", None) or len(self._tokenizer)
+        stops = sorted(self._eos_ids | set(sampling.stop_token_ids))
+        return JSONSchemaConstraint(self._tokenizer, sampling.json_schema, vocab_size=vocab_size, stop_token_ids=stops)
+
+    # ------------------------------------------------------------------ continuous batching loop
+    def _generate_loop(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[Completion]:
+        import torch
+        from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
+
+        tok = self._tokenizer
+        distinct = list(dict.fromkeys(prompts))
+        index_of = {p: i for i, p in enumerate(distinct)}
+        prompt_ids: list[list[int]] = tok(distinct, add_special_tokens=False)["input_ids"]
+        for text, ids in zip(distinct, prompt_ids):
+            if not ids:
+                raise ValueError(f"Prompt {text!r} tokenizes to nothing; give at least one token of text.")
+        waiting = [_Row(slot=i * sampling.n + k, prompt=index_of[p]) for i, p in enumerate(prompts) for k in range(sampling.n)]
+        waiting.reverse()  # pop() from the end keeps the requested order
+        results: list[Completion | None] = [None] * len(waiting)
+
+        stop_ids = self._eos_ids | set(sampling.stop_token_ids)
+        stops = [s for s in sampling.stop if s]
+        # enough trailing tokens to contain any stop string (every token decodes to >= 1 char, plus slack
+        # for tokens that decode to partial UTF-8)
+        tail_tokens = max((len(s) for s in stops), default=0) + 4
+        top_p = TopPLogitsWarper(sampling.top_p) if not sampling.greedy and sampling.top_p < 1 else None
+        penalty = (
+            RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty) if sampling.repetition_penalty != 1 else None
+        )
+        constraint = self._json_constraint(sampling)
+        generator = None
+        if sampling.seed is not None and not sampling.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+
+        batch_size = max(1, self.batch_size)
+        # refill when a quarter of the slots are free: prefill and cache merges are not free
+        refill_at = max(1, batch_size // 4)
+        device = self.device
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+        active: list[_Row] = []
+        cache = None
+        mask = ids_seen = positions = logits = None
+
+        def finish(row: _Row, reason: str) -> None:
+            text = tok.decode(row.tokens, skip_special_tokens=False)
+            text, hit = _truncate_at_stop(text, stops)
+            results[row.slot] = Completion(text, len(row.tokens), "stop" if (hit or reason == "stop") else reason)
+            if progress is not None:
+                progress(1, len(row.tokens))
+
+        with torch.inference_mode():
+            while active or waiting:
+                # ---- admit waiting rows into free slots
+                free = batch_size - len(active)
+                if waiting and (free >= refill_at or not active):
+                    new_rows = [waiting.pop() for _ in range(min(free, len(waiting)))]
+                    if constraint is not None:
+                        for row in new_rows:
+                            row.json = constraint.new_row()
+                    new = self._prefill(new_rows, prompt_ids, pad_id)
+                    if cache is None:
+                        cache, mask, positions, logits, ids_seen = new
+                    else:
+                        cache, mask, positions, logits, ids_seen = _merge((cache, mask, positions, logits, ids_seen), new)
+                    active.extend(new_rows)
+                    if penalty is None:
+                        ids_seen = None
+
+                # ---- choose the next token of every active row
+                scores = logits.float()
+                if penalty is not None:
+                    scores = penalty(ids_seen, scores)
+                if constraint is not None:
+                    scores = constraint.mask(scores, [row.json for row in active])
+                if sampling.greedy:
+                    next_tokens = scores.argmax(dim=-1)
+                else:
+                    scores = scores / sampling.temperature
+                    if top_p is not None:
+                        scores = top_p(ids_seen, scores)
+                    probs = torch.softmax(scores, dim=-1)
+                    # exponential race: argmax(p / E) with E ~ Exp(1) samples from p, faster than multinomial
+                    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+                    next_tokens = (probs / race).argmax(dim=-1)
+                chosen = next_tokens.tolist()
+
+                keep: list[int] = []
+                tails: list[list[int]] = []
+                tail_rows: list[int] = []
+                for i, (row, token) in enumerate(zip(active, chosen)):
+                    if row.json is not None:
+                        row.json.accept(token)
+                    if token in stop_ids:
+                        finish(row, "stop")
+                        continue
+                    row.tokens.append(token)
+                    if stops:
+                        tails.append(row.tokens[-tail_tokens:])
+                        tail_rows.append(i)
+                    keep.append(i)
+                if tails:
+                    stopped = {
+                        i
+                        for i, text in zip(tail_rows, tok.batch_decode(tails, skip_special_tokens=False))
+                        if any(s in text for s in stops)
+                    }
+                    if stopped:
+                        for i in stopped:
+                            finish(active[i], "stop")
+                        keep = [i for i in keep if i not in stopped]
+                done_by_length = {i for i in keep if len(active[i].tokens) >= sampling.max_tokens}
+                for i in done_by_length:
+                    finish(active[i], "length")
+                if done_by_length:
+                    keep = [i for i in keep if i not in done_by_length]
+
+                # ---- drop finished rows from the batch
+                if len(keep) < len(active):
+                    if not keep:
+                        active, cache = [], None
+                        continue
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
+                    if ids_seen is not None:
+                        ids_seen = ids_seen[index]
+                    active = [active[i] for i in keep]
+                    mask, trimmed = _trim_left(mask)
+                    if trimmed:
+                        _slice_cache(cache, trimmed)
+                        if ids_seen is not None:
+                            ids_seen = ids_seen[:, trimmed:]
+
+                # ---- one decoding step
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                if ids_seen is not None:
+                    ids_seen = torch.cat([ids_seen, next_tokens[:, None]], dim=1)
+                out = self.model(
+                    input_ids=next_tokens[:, None],
+                    attention_mask=mask,
+                    position_ids=positions[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                positions = positions + 1
+                logits = out.logits[:, -1, :]
+        return results  # type: ignore[return-value]
+
+    def _prefill(self, rows: list[_Row], prompt_ids: list[list[int]], pad_id: int):
+        """Run the distinct prompts of ``rows`` once and expand the cache to one row per completion."""
+        import torch
+        from transformers import DynamicCache
+
+        distinct = list(dict.fromkeys(row.prompt for row in rows))
+        where = {p: i for i, p in enumerate(distinct)}
+        seqs = [prompt_ids[p] for p in distinct]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1, :]
+        positions = mask.sum(-1)
+        expand = [where[row.prompt] for row in rows]
+        if expand != list(range(len(distinct))):
+            index = torch.tensor(expand, device=self.device)
+            cache.batch_select_indices(index)
+            mask, positions, logits, ids = mask[index], positions[index], logits[index], ids[index]
+        # pad positions repeat the row's first real token, so the repetition penalty ignores padding
+        first = ids.gather(1, (mask == 0).sum(-1, keepdim=True).clamp(max=width - 1))
+        ids_seen = torch.where(mask.bool(), ids, first)
+        return cache, mask, positions, logits, ids_seen
+
+    # ------------------------------------------------------------------ fallback: model.generate
+    def _generate_hf(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[Completion]:
         import torch
 
         expanded = [p for p in prompts for _ in range(sampling.n)]
-        eos_ids = list(sampling.stop_token_ids) or [self._tokenizer.eos_token_id]
+        eos_ids = sorted(self._eos_ids | set(sampling.stop_token_ids))
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
+        constraint = self._json_constraint(sampling)
         results: list[Completion] = []
-        bs = self.config.batch_size
+        bs = self.batch_size
         for start in range(0, len(expanded), bs):
             chunk = expanded[start : start + bs]
             enc = self._tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -80,6 +345,10 @@ class TransformersEngine(Engine):
                 gen_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
             if sampling.stop:
                 gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self._tokenizer)
+            if constraint is not None:
+                from magpie_hf.constrained import JSONSchemaLogitsProcessor
+
+                gen_kwargs["logits_processor"] = [JSONSchemaLogitsProcessor(constraint)]
             with torch.inference_mode():
                 out = self.model.generate(**enc, **gen_kwargs)
             new = out[:, enc["input_ids"].shape[1] :]
@@ -97,7 +366,49 @@ class TransformersEngine(Engine):
                 results.append(Completion(text, len(tokens), "stop" if stopped else "length"))
                 if progress is not None:
                     progress(1, len(tokens))
-        return [results[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+        return results
 
-    def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
+
+# ---------------------------------------------------------------------- cache surgery
+def _trim_left(mask):
+    """Drop leading columns that are padding in every row; return the mask and how many were dropped."""
+    used = mask.any(dim=0)
+    first = int(used.int().argmax()) if bool(used.any()) else 0
+    return (mask[:, first:], first) if first else (mask, 0)
+
+
+def _slice_cache(cache, start: int) -> None:
+    """Drop the first ``start`` columns of every layer of a plain ``DynamicCache``."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., start:, :]
+        layer.values = layer.values[..., start:, :]
+
+
+def _repeat_first(ids, extra: int):
+    """Left-pad token ids by repeating each row's first id (neutral for the repetition penalty)."""
+    import torch
+
+    return torch.cat([ids[:, :1].expand(-1, extra), ids], dim=1) if extra else ids
+
+
+def _merge(old, new):
+    """Concatenate two batches of decoding state, left-padding the shorter cache."""
+    import torch
+    import torch.nn.functional as F
+
+    cache_a, mask_a, pos_a, logits_a, seen_a = old
+    cache_b, mask_b, pos_b, logits_b, seen_b = new
+    width = max(mask_a.shape[1], mask_b.shape[1])
+
+    def pad(t, extra):  # left-pad dim -2 (sequence) of a [B, H, T, D] tensor
+        return F.pad(t, (0, 0, extra, 0)) if extra else t
+
+    extra_a, extra_b = width - mask_a.shape[1], width - mask_b.shape[1]
+    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers):
+        layer_a.keys = torch.cat([pad(layer_a.keys, extra_a), pad(layer_b.keys, extra_b)], dim=0)
+        layer_a.values = torch.cat([pad(layer_a.values, extra_a), pad(layer_b.values, extra_b)], dim=0)
+    mask = torch.cat([F.pad(mask_a, (extra_a, 0)), F.pad(mask_b, (extra_b, 0))], dim=0)
+    seen = None
+    if seen_a is not None and seen_b is not None:
+        seen = torch.cat([_repeat_first(seen_a, extra_a), _repeat_first(seen_b, extra_b)], dim=0)
+    return cache_a, mask, torch.cat([pos_a, pos_b]), torch.cat([logits_a, logits_b]), seen

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 from magpie_hf.steps.base import Batch, GeneratorStep, GlobalStep, Step, StepChain
-from magpie_hf.steps.generate import AIR_MIXTURE, PRO_MIXTURE, DecodingSetting, MagpieInstructions, Responses
+from magpie_hf.steps.generate import AIR_MIXTURE, EMBEDDED_MIXTURE, PRO_MIXTURE, DecodingSetting, MagpieInstructions, Responses
 
 _LAZY = {
     "magpie_hf.steps.judges": ("TaskCategory", "InputQuality", "Difficulty"),
@@ -19,14 +19,17 @@ _LAZY = {
     "magpie_hf.steps.reward": ("RewardModelScorer", "RewardModel", "JudgeReward"),
     "magpie_hf.steps.neighbors": ("Neighbors", "find_neighbors"),
     "magpie_hf.steps.filters": ("Filter", "Condition", "ColumnRef", "DEDUPLICATE", "Stratum", "preset_filter", "FILTER_PRESETS"),
-    "magpie_hf.steps.base_responses": ("BaseResponses", "RewardDifference"),
-    "magpie_hf.steps.preferences": ("InstructVsBasePairs", "MultiResponses", "MultiResponseRewards", "BestOfNPairs"),
+    "magpie_hf.steps.base_responses": ("BaseResponses", "BasePromptTemplate", "RewardDifference"),
+    "magpie_hf.steps.preferences": (
+        "InstructVsBasePairs", "MultiResponses", "MultiResponseRewards", "BestOfNPairs", "split_preferences",
+    ),
     "magpie_hf.steps.multi_turn": ("MultiTurn",),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
     "AIR_MIXTURE",
+    "EMBEDDED_MIXTURE",
     "PRO_MIXTURE",
     "Batch",
     "DecodingSetting",

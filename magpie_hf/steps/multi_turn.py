@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
 from magpie_hf.postprocess import InstructionFilter, apply_filters
 from magpie_hf.steps.base import Batch, Step
-from magpie_hf.steps.generate import _UsesChatTemplate
+from magpie_hf.steps.generate import ChatTemplateMixin
 
 if TYPE_CHECKING:
     from magpie_hf.engines import Completion
@@ -60,7 +60,7 @@ def alternates(conversation: Sequence[Message]) -> bool:
 
 
 @dataclasses.dataclass(kw_only=True)
-class MultiTurn(Step, _UsesChatTemplate):
+class MultiTurn(Step, ChatTemplateMixin):
     """Extend single-turn rows into ``n_turns``-turn conversations (see the module docstring).
 
     Args:

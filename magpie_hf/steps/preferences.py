@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
 from magpie_hf.steps.base import Batch, Step
-from magpie_hf.steps.generate import _UsesChatTemplate
+from magpie_hf.steps.generate import ChatTemplateMixin
 
 if TYPE_CHECKING:
     import datasets
@@ -98,7 +98,7 @@ class InstructVsBasePairs(Step):
 
 
 @dataclasses.dataclass(kw_only=True)
-class MultiResponses(Step, _UsesChatTemplate):
+class MultiResponses(Step, ChatTemplateMixin):
     """Sample ``n`` answers per ``instruction`` with the chat template (for best-of-n pairs).
 
     Writes ``responses`` (list of ``n`` strings, cleaned of end-of-turn text),
