@@ -338,9 +338,15 @@ def tagging_steps(settings: RecipeSettings, *, reward_difference: bool = False) 
     return chain >> neighbors
 
 
+#: ratings averaged per response by the generative judge reward (a small judge's greedy rating is
+#: nearly binary; the mean of 5 breaks most ties between instruct and base responses)
+JUDGE_REWARD_SAMPLES = 5
+
+
 def reward_step(settings: RecipeSettings, *, name: str, reward_model: str | None = None, **columns: str) -> Step:
     """The reward step: a sequence-classification reward model (``reward_model`` or the recipe's), or,
-    under ``--preset cpu`` where there is none, the judge model rating responses 1-10 (``JudgeReward``).
+    under ``--preset cpu`` where there is none, the judge model rating responses 1-10 (``JudgeReward``,
+    the mean of :data:`JUDGE_REWARD_SAMPLES` sampled ratings).
 
     ``columns`` renames the columns it reads and writes (``response_column``, ``output_column``,
     ``model_column``), e.g. to score ``base_output`` into ``base_reward``.
@@ -349,7 +355,7 @@ def reward_step(settings: RecipeSettings, *, name: str, reward_model: str | None
 
     model = reward_model or settings.reward_model
     if model is None:
-        return JudgeReward(engine=settings.judge, name=name, **columns)
+        return JudgeReward(engine=settings.judge, num_samples=JUDGE_REWARD_SAMPLES, name=name, **columns)
     return RewardModel(model=model, trust_remote_code=settings.engine.trust_remote_code, name=name, **columns)
 
 

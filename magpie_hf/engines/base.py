@@ -99,7 +99,6 @@ class Engine(abc.ABC):
     def tokenizer(self) -> Any:
         """The model's Hugging Face tokenizer (used for chat-template arithmetic)."""
 
-    @abc.abstractmethod
     def generate(
         self, prompts: Sequence[str], sampling: SamplingConfig, *, progress: Any = None
     ) -> list[list[Completion]]:
@@ -108,6 +107,15 @@ class Engine(abc.ABC):
         ``progress`` is an optional callback ``progress(num_finished_completions, num_new_tokens)``
         the engine calls as completions finish, for progress bars.
         """
+        if isinstance(prompts, str):
+            raise TypeError("generate() takes a list of prompts, not a single string")
+        if not prompts:
+            return []
+        return self._generate(list(prompts), sampling, progress)
+
+    @abc.abstractmethod
+    def _generate(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[list[Completion]]:
+        """:meth:`generate` for a non-empty list of prompts (what each backend implements)."""
 
     def close(self) -> None:
         """Free the model and any accelerator memory it holds."""

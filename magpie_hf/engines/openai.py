@@ -171,13 +171,7 @@ class OpenAICompletionsEngine(Engine):
                 out.append(Completion(text, num_tokens, "stop"))
         return out
 
-    def generate(
-        self, prompts: Sequence[str], sampling: SamplingConfig, *, progress: Any = None
-    ) -> list[list[Completion]]:
-        if isinstance(prompts, str):
-            raise TypeError("generate() takes a list of prompts, not a single string")
-        if not prompts:
-            return []
+    def _generate(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[list[Completion]]:
         # distinct seeds per request: identical prompts (Magpie step 1) must not give identical samples
         bodies = [
             self._body(p, sampling, None if sampling.seed is None else sampling.seed + i * sampling.n)

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -80,6 +81,8 @@ class TransformersEngine(Engine):
         self.batch_size = config.batch_size
         self._eos_ids = self._default_eos_ids()
         self._supports_loop = self._plain_dynamic_cache()
+        # transformers >= 5.24 renames forward's ``past_key_values`` to ``cache``
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         if not self._supports_loop:
             logger.info("%s has sliding-window or hybrid cache layers; using model.generate", config.describe())
 
@@ -108,18 +111,12 @@ class TransformersEngine(Engine):
             return False
         return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
-    # ------------------------------------------------------------------ public API
-    def generate(
-        self, prompts: Sequence[str], sampling: SamplingConfig, *, progress: Any = None
-    ) -> list[list[Completion]]:
-        if isinstance(prompts, str):
-            raise TypeError("generate() takes a list of prompts, not a single string")
-        if not prompts:
-            return []
+    # ------------------------------------------------------------------ generation
+    def _generate(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[list[Completion]]:
         if self._supports_loop:
-            flat = self._generate_loop(list(prompts), sampling, progress)
+            flat = self._generate_loop(prompts, sampling, progress)
         else:
-            flat = self._generate_hf(list(prompts), sampling, progress)
+            flat = self._generate_hf(prompts, sampling, progress)
         n = sampling.n
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -274,7 +271,7 @@ class TransformersEngine(Engine):
                     input_ids=next_tokens[:, None],
                     attention_mask=mask,
                     position_ids=positions[:, None],
-                    past_key_values=cache,
+                    **{self._cache_kwarg: cache},
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -303,7 +300,7 @@ class TransformersEngine(Engine):
             input_ids=ids,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            **{self._cache_kwarg: cache},
             use_cache=True,
             logits_to_keep=1,
         )

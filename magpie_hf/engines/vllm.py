@@ -86,14 +86,8 @@ class VLLMEngine(Engine):
             kwargs.update(_structured_json(vllm, sampling.json_schema))
         return vllm.SamplingParams(**kwargs)
 
-    def generate(
-        self, prompts: Sequence[str], sampling: SamplingConfig, *, progress: Any = None
-    ) -> list[list[Completion]]:
-        if isinstance(prompts, str):
-            raise TypeError("generate() takes a list of prompts, not a single string")
-        if not prompts:
-            return []
-        encoded = self._tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    def _generate(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[list[Completion]]:
+        encoded = self._tokenizer(prompts, add_special_tokens=False)["input_ids"]
         requests = [{"prompt_token_ids": ids} for ids in encoded]
         if sampling.seed is None:
             params: Any = self.sampling_params(sampling)

@@ -206,20 +206,21 @@ class JudgeStep(Step):
             self.stats["empty_input"] += 1
         tokenizer = self._engine.tokenizer
         prompts = [render_chat(tokenizer, [{"role": "user", "content": self.prompt(items[i])}]) for i in todo]
-        sampling = self.sampling()
+        sampling = self.sampling().replace(seed=seed)
         with tqdm(total=len(prompts), desc=self.name, unit="row", disable=len(prompts) < 64, leave=False) as bar:
             outputs = self._engine.generate(prompts, sampling, progress=lambda k, _t: bar.update(k)) if prompts else []
         for i, completions in zip(todo, outputs):
-            completion = completions[0]
-            try:
-                answer = extract_json_object(completion.text)
-                if answer is None:
-                    suffix = " (hit max_tokens)" if completion.finish_reason == "length" else ""
-                    raise JudgeError(f"no JSON object in the answer{suffix}: {completion.text[:120]!r}")
-                values[i] = self.parse(answer)
+            parsed, problems = [], []
+            for completion in completions:
+                try:
+                    parsed.append(self._parse_completion(completion))
+                except JudgeError as err:
+                    problems.append(str(err))
+            if parsed:
+                values[i] = self.combine(parsed)
                 self.stats["parsed"] += 1
-            except JudgeError as err:
-                errors[i] = str(err)
+            else:
+                errors[i] = problems[0]
                 self.stats["unparseable"] += 1
         out = dict(batch)
         for column in self.value_columns:
@@ -227,6 +228,17 @@ class JudgeStep(Step):
         out[self.generator_column] = [self.judge_name] * n
         out[self.error_column] = errors
         return out
+
+    def combine(self, parsed: list[dict[str, Any]]) -> dict[str, Any]:
+        """One row's values from the parsed answers of its samples (default: the first)."""
+        return parsed[0]
+
+    def _parse_completion(self, completion: Any) -> dict[str, Any]:
+        answer = extract_json_object(completion.text)
+        if answer is None:
+            suffix = " (hit max_tokens)" if completion.finish_reason == "length" else ""
+            raise JudgeError(f"no JSON object in the answer{suffix}: {completion.text[:120]!r}")
+        return self.parse(answer)
 
     # -- helpers for subclasses ----------------------------------------------------------------
     def _text_field(self) -> dict:

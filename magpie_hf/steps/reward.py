@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Sequence
 
 from tqdm.auto import tqdm
 
+from magpie_hf.engines import SamplingConfig
 from magpie_hf.steps.base import Batch, Step, batch_len
 from magpie_hf.steps.judges import JudgeError, JudgeStep, quote_text, render_chat
 
@@ -258,9 +259,13 @@ class JudgeReward(JudgeStep):
     scale is 1–10, not the RM's logit scale: use thresholds made for it. Columns:
     ``output_column`` (float or null), ``model_column`` (judge name), ``<output_column>_error``.
 
+    With ``num_samples > 1`` the judge samples that many ratings at ``temperature`` and the reward
+    is their mean (over the ones that parse). A small judge's greedy rating is nearly binary (the
+    embedded 135M model answers 1 or 10); the mean separates responses it would rate the same.
+
     Example:
         >>> from magpie_hf.engines import EngineConfig
-        >>> step = JudgeReward(engine=EngineConfig.embedded(), max_tokens=16)  # doctest: +SKIP
+        >>> step = JudgeReward(engine=EngineConfig.embedded(), max_tokens=16, num_samples=5)  # doctest: +SKIP
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("instruction", "response")
@@ -272,6 +277,24 @@ class JudgeReward(JudgeStep):
     max_tokens: int = 16
     #: truncate very long responses in the judge prompt (characters)
     max_response_chars: int = 6000
+    #: ratings sampled per response and averaged (1: one greedy rating)
+    num_samples: int = 1
+    #: sampling temperature of the ratings when ``num_samples > 1``
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+    def sampling(self) -> SamplingConfig:
+        greedy = super().sampling()
+        if self.num_samples == 1:
+            return greedy
+        return greedy.replace(temperature=self.temperature, n=self.num_samples)
+
+    def combine(self, parsed: list[dict[str, Any]]) -> dict[str, Any]:
+        return {self.output_column: sum(p[self.output_column] for p in parsed) / len(parsed)}
 
     # columns depend on the configurable names
     @property
