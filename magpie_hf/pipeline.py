@@ -56,6 +56,12 @@ def shard_seed(seed: int, stage: int, shard: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def counts_since(before: Counter, now: Counter) -> Counter:
+    """What a step counted since ``before``, keeping keys it touched with zero (a filter condition
+    that removed nothing is still reported); ``Counter`` subtraction would drop them."""
+    return Counter({key: value - before.get(key, 0) for key, value in now.items() if key not in before or value != before[key]})
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
@@ -256,7 +262,7 @@ class Pipeline:
                 continue
             before, started = Counter(step.stats), time.perf_counter()
             batch = step.generate(offset=offset, num_rows=size, seed=shard_seed(self.seed, index, shard))
-            stats = step.stats - before
+            stats = counts_since(before, step.stats)
             bar.batch_done(size, stats.get("generated_tokens", 0))
             report = {"rows_in": size, "rows_out": batch_len(batch), "stats": dict(stats), "seconds": time.perf_counter() - started}
             reports.append(self._finish_shard(path, batch, report))
@@ -300,7 +306,7 @@ class Pipeline:
                 if batch_len(out):
                     parts.append(pa.Table.from_pydict(out))
             merged = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
-            stats = step.stats - before
+            stats = counts_since(before, step.stats)
             report = {"rows_in": table.num_rows, "rows_out": merged.num_rows, "stats": dict(stats), "seconds": time.perf_counter() - started}
             _atomic_write_bytes(path.with_suffix(".json"), json.dumps(report).encode())
             write_parquet_atomic(merged, path)
@@ -323,7 +329,7 @@ class Pipeline:
         for shard in range(num_shards):
             part = result.select(range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(result))))
             write_parquet_atomic(part.with_format("arrow")[:], stage_dir / f"shard-{shard:05d}.parquet")
-        stats = step.stats - before
+        stats = counts_since(before, step.stats)
         return [{"rows_in": len(dataset), "rows_out": len(result), "stats": dict(stats), "seconds": time.perf_counter() - started}]
 
 

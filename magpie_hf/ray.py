@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from magpie_hf.pipeline import Pipeline, shard_seed, write_parquet_atomic
+from magpie_hf.pipeline import Pipeline, counts_since, shard_seed, write_parquet_atomic
 from magpie_hf.steps.base import Batch, GeneratorStep, GlobalStep, Step, batch_len
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def generate_shard(step: GeneratorStep, *, offset: int, num_rows: int, seed: int
     """Rows ``[offset, offset + num_rows)`` of a generator step, as the local pipeline makes them."""
     before, started = collections.Counter(step.stats), time.perf_counter()
     batch = step.generate(offset=offset, num_rows=num_rows, seed=seed)
-    report = {"rows_in": num_rows, "rows_out": batch_len(batch), "stats": dict(step.stats - before),
+    report = {"rows_in": num_rows, "rows_out": batch_len(batch), "stats": dict(counts_since(before, step.stats)),
               "seconds": time.perf_counter() - started}
     return pa.Table.from_pydict(batch), report
 
@@ -116,7 +116,7 @@ def process_shard(step: Step, table: pa.Table, *, seed: int) -> tuple[pa.Table, 
         if batch_len(out):
             parts.append(pa.Table.from_pydict(out))
     merged = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
-    report = {"rows_in": table.num_rows, "rows_out": merged.num_rows, "stats": dict(step.stats - before),
+    report = {"rows_in": table.num_rows, "rows_out": merged.num_rows, "stats": dict(counts_since(before, step.stats)),
               "seconds": time.perf_counter() - started}
     return merged, report
 

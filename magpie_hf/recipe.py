@@ -286,13 +286,29 @@ def generation_steps(settings: RecipeSettings, *, task: Any = None, postprocess:
     return instructions >> Responses(engine=settings.engine, max_tokens=settings.response_max_tokens)
 
 
-def add_filter_args(parser: argparse.ArgumentParser, default: str = "Filter") -> None:
-    """``--filter``: one of the paper's Table 4 presets for the ``filtered`` config."""
+#: the ``--filter`` default: the paper's, and the one for the embedded model under ``--preset cpu``,
+#: whose 135M judge gives (nearly) every row the same quality and difficulty label, so that a preset
+#: with a quality condition would keep nothing; Filter3 keeps to neighbour distance and reward
+DEFAULT_FILTER = "Filter"
+EMBEDDED_FILTER = "Filter3"
+
+
+def add_filter_args(parser: argparse.ArgumentParser) -> None:
+    """``--filter``: one of the paper's Table 4 presets for the ``filtered`` config (see :func:`filter_name`)."""
     from magpie_hf.steps.filters import FILTER_PRESETS
 
-    parser.add_argument("--filter", default=default, choices=sorted(FILTER_PRESETS),
-                        help="Table 4 preset for the 'filtered' config; its 'longest k' cut scales with --num-rows")
+    parser.add_argument("--filter", default=None, choices=sorted(FILTER_PRESETS),
+                        help=f"Table 4 preset for the 'filtered' config; its 'longest k' cut scales with --num-rows "
+                             f"(default: {DEFAULT_FILTER}; {EMBEDDED_FILTER} under --preset cpu, whose small judge "
+                             "labels every row alike)")
     parser.add_argument("--no-filter", action="store_true", help="write only the 'raw' config")
+
+
+def filter_name(args: argparse.Namespace) -> str:
+    """The ``--filter`` preset asked for, or the default for this run's model."""
+    if args.filter:
+        return args.filter
+    return EMBEDDED_FILTER if args.preset == "cpu" and args.model is None else DEFAULT_FILTER
 
 
 def tagging_steps(settings: RecipeSettings, *, reward_difference: bool = False) -> StepChain:

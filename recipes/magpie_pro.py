@@ -18,6 +18,7 @@ from magpie_hf.recipe import (
     add_filter_args,
     filter_needs_reward_difference,
     filter_report,
+    filter_name,
     filter_step,
     generation_steps,
     recipe_parser,
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO) -> int:
     add_filter_args(parser)
     add_task_args(parser)
     args = parser.parse_args(argv)
+    args.filter = filter_name(args)
     task = task_from_args(args)  # bad weights stop here, before any model loads
     settings = resolve_settings(args, defaults)
 
@@ -61,6 +63,11 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO) -> int:
     else:
         configs = {"raw": pipeline.stage_dataset(len(steps) - 2), "filtered": last}
         extra = {"filter": args.filter, "filter_report": filter_report(manifest["stages"][-1])}
+        if len(last) == 0:  # datasets cannot load an empty split: say so instead of writing one
+            del configs["filtered"]
+            logging.getLogger(__name__).warning(
+                "Filter %s removed every row (%s); writing only the 'raw' config. Try another --filter.",
+                args.filter, ", ".join(f"{r['condition']}: {r['removed']}" for r in extra["filter_report"]))
     raw = configs["raw"]
     pre_query = raw[0]["gen_input_configs"]["pre_query_template"] if len(raw) else None
     if task is not None:

@@ -166,3 +166,14 @@ def test_truncated_instructions_are_dropped_and_counted(embedded_engine, tmp_pat
     stats = pipe.manifest()["stages"][0]["stats"]
     assert stats.get("dropped_truncated_instruction", 0) + stats.get("dropped_empty_instruction", 0) == 4 - len(ds)
     assert stats.get("dropped_truncated_instruction", 0) >= 1
+
+
+def test_counts_since_keeps_zero_counts_a_step_touched():
+    from collections import Counter
+
+    from magpie_hf.pipeline import counts_since
+
+    before = Counter({"parsed": 3, "removed: a": 0})
+    now = Counter({"parsed": 5, "removed: a": 0, "removed: b": 0})
+    assert counts_since(before, now) == Counter({"parsed": 2, "removed: b": 0})
+    assert "removed: b" in counts_since(before, now)

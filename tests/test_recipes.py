@@ -75,7 +75,11 @@ def test_pro_cpu_rows_are_real_tagged_text(pro_run):
 def test_pro_cpu_filter_report_adds_up(pro_run):
     raw = datasets.load_dataset(str(pro_run / "dataset"), "raw", split="train")
     filtered = datasets.load_dataset(str(pro_run / "dataset"), "filtered", split="train")
-    info = json.loads((pro_run / "dataset" / "magpie_run.json").read_text())
+    info = json.loads((pro_run / "dataset" / "magpie_run.json").read_text())["run_info"]
+    assert info["filter"] == "Filter3"  # the --preset cpu default
+    # every condition of the preset is reported, those that removed nothing too
+    assert [item["condition"] for item in info["filter_report"]][-1].startswith("keep ")
+    assert len(info["filter_report"]) == 3
     removed = sum(item["removed"] for item in info["filter_report"])
     assert len(raw) - removed == len(filtered)
     assert set(filtered["conversation_id"]) <= set(raw["conversation_id"])
