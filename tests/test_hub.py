@@ -413,3 +413,12 @@ def test_branch_revision_and_cli(hub, tmp_path, monkeypatch, capsys):
     assert pushed.pushed and hub.repo(f"{USER}/recipe").private
     with pytest.raises(SystemExit, match="already has the tag"):
         finish_recipe(parser.parse_args(["--push-to-hub", f"{USER}/recipe", "--version", "1.0.0"]), folder)
+
+
+def test_safety_statistics_read_verdicts_not_free_text():
+    from magpie_hf.hub.stats import MISSING, _safety_label
+
+    assert [_safety_label(v) for v in (True, False, None)] == ["safe", "unsafe", MISSING]
+    assert _safety_label("unsafe\nS2") == "unsafe (S2)" and _safety_label("safe") == "safe"
+    # a guard that wrote anything but a verdict is counted as missing, not as a category of its own
+    assert _safety_label("<|im_start|>user\nCan you help me?") == MISSING

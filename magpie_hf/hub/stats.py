@@ -105,7 +105,7 @@ class DatasetStats:
 def _available(schema_names: set[str]) -> list[str]:
     """Stat names computable from the columns present."""
     out = [c for c in ("task_category", "input_quality", "difficulty") if c in schema_names]
-    if "llama_guard_2" in schema_names or "safe" in schema_names:
+    if schema_names & set(SAFETY_COLUMNS):
         out.append("safety")
     if "language" in schema_names:
         out.append("language")
@@ -129,7 +129,13 @@ def pick_stats_config(layout: FolderLayout) -> str:
     return max(layout.configs, key=lambda c: (*score(c), -layout.configs.index(c)))
 
 
+#: where the safety verdict is read from, first found first: the parsed flag the LlamaGuard step
+#: writes, the raw verdict text (as in the published Magpie datasets), a plain boolean
+SAFETY_COLUMNS = ("is_safe", "llama_guard_2", "safe")
+
+
 def _safety_label(value) -> str:
+    """"safe", "unsafe (S2 ...)" or missing; raw text that is no verdict counts as missing."""
     if value is None:
         return MISSING
     if isinstance(value, bool):
@@ -138,7 +144,7 @@ def _safety_label(value) -> str:
     if text.lower().startswith("unsafe"):
         codes = " ".join(text.split()[1:])
         return f"unsafe ({codes})" if codes else "unsafe"
-    return text.lower() or MISSING
+    return "safe" if text.lower().startswith("safe") else MISSING
 
 
 _ROLES = {"user": ("user", "human"), "assistant": ("assistant", "gpt")}
@@ -169,7 +175,7 @@ def compute_stats(layout: FolderLayout, config: str | None = None, *, seed: int 
     names = set(pq.read_schema(files[0]).names)
     wanted = _available(names)
     columns = sorted(
-        {c for c in ("task_category", "input_quality", "difficulty", "llama_guard_2", "safe", "language") if c in names}
+        {c for c in ("task_category", "input_quality", "difficulty", *SAFETY_COLUMNS, "language") if c in names}
         | {c for c in ("instruction", "response", "instruct_reward", "reward_difference", "min_neighbor_distance") if c in names}
         | ({"conversations"} if "conversations" in names and not {"instruction", "response"} <= names else set())
     )
@@ -189,7 +195,7 @@ def compute_stats(layout: FolderLayout, config: str | None = None, *, seed: int 
             responses = cols.get("response") or [_turn(c, "assistant") for c in cols.get("conversations", [None] * n)]
             for name in counters:
                 if name == "safety":
-                    source = cols.get("llama_guard_2") or cols.get("safe")
+                    source = next(cols[c] for c in SAFETY_COLUMNS if c in cols)
                     counters[name].update(_safety_label(v) for v in source)
                 else:
                     counters[name].update(MISSING if v is None else str(v) for v in cols[name])
