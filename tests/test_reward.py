@@ -97,7 +97,8 @@ class ScriptedEngine(Engine):
 
     def _generate(self, prompts, sampling, progress=None):
         self.prompts.extend(prompts)
-        return [[Completion(self.answers.pop(0), 5, "stop")] for _ in prompts]
+        self.sampling = sampling
+        return [[Completion(self.answers.pop(0), 5, "stop") for _ in range(sampling.n)] for _ in prompts]
 
 
 def test_judge_reward_parses_ratings(embedded_tokenizer):
@@ -117,6 +118,20 @@ def test_judge_reward_parses_ratings(embedded_tokenizer):
                        output_column="base_reward")
     out = base.process({"instruction": ["q"], "base_output": ["b"]}, seed=0)
     assert out["base_reward"] == [2.0] and out["base_reward_error"] == [None]
+
+
+def test_judge_reward_averages_sampled_ratings(embedded_tokenizer):
+    answers = ['{"rating": 8}', '{"rating": 10}', "no json", '{"rating": 12}', "nope", "still no"]
+    engine = ScriptedEngine(answers, embedded_tokenizer)
+    step = JudgeReward(engine=engine, num_samples=3, temperature=0.7)
+    out = step.process({"instruction": ["q1", "q2"], "response": ["a1", "a2"]}, seed=4)
+    assert engine.sampling.n == 3 and engine.sampling.temperature == 0.7 and engine.sampling.seed == 4
+    # row 1: the mean of the ratings that parse; row 2: none parses -> null with the first reason
+    assert out["instruct_reward"] == [9.0, None]
+    assert "1-10" in out["instruct_reward_error"][1]
+    assert step.stats["parsed"] == 1 and step.stats["unparseable"] == 1
+    with pytest.raises(ValueError, match="num_samples"):
+        JudgeReward(engine=engine, num_samples=0)
 
 
 @pytest.mark.slow
