@@ -43,6 +43,8 @@ class RecipeDefaults:
     name: str
     model: str
     num_rows: int
+    #: rows under ``--preset cpu``
+    cpu_num_rows: int = 120
     engine: str = "vllm"
     tensor_parallel_size: int = 4
     mixture: tuple[DecodingSetting, ...] = PRO_MIXTURE
@@ -58,9 +60,8 @@ class RecipeDefaults:
     source_model_license: str = "llama3"
 
 
-#: what ``--preset cpu`` changes, whatever the recipe
+#: what ``--preset cpu`` changes, whatever the recipe (besides the recipe's own ``cpu_num_rows``)
 CPU_PRESET = {
-    "num_rows": 120,
     "shard_size": 40,
     "instruction_max_tokens": 192,
     "response_max_tokens": 256,
@@ -115,7 +116,7 @@ def recipe_parser(defaults: RecipeDefaults, description: str | None = None) -> a
     group = parser.add_argument_group("run")
     group.add_argument("--preset", choices=PRESETS, default="paper",
                        help="'paper': the paper's models and sizes (needs GPUs); 'cpu': the embedded SmolLM2-135M-Instruct, small sizes")
-    group.add_argument("--num-rows", type=int, default=None, help=f"rows to generate (paper: {defaults.num_rows:,})")
+    group.add_argument("--num-rows", type=int, default=None, help=f"rows to generate (paper: {defaults.num_rows:,}; --preset cpu: {defaults.cpu_num_rows})")
     group.add_argument("--shard-size", type=int, default=None, help="rows per Parquet shard, the unit of resumption")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--output-dir", type=Path, default=Path(f"runs/{defaults.name}"),
@@ -171,7 +172,7 @@ def resolve_settings(args: argparse.Namespace, defaults: RecipeDefaults) -> Reci
         validate_publish_args(args)
     cpu = args.preset == "cpu"
     sizes = {**dataclasses.asdict(defaults), **(CPU_PRESET if cpu else {})}
-    num_rows = args.num_rows if args.num_rows is not None else sizes["num_rows"]
+    num_rows = args.num_rows if args.num_rows is not None else (defaults.cpu_num_rows if cpu else defaults.num_rows)
     shard_size = args.shard_size if args.shard_size is not None else min(sizes["shard_size"], max(num_rows, 1))
     if num_rows < 1 or shard_size < 1:
         raise SystemExit("--num-rows and --shard-size must be >= 1")

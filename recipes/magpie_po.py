@@ -48,12 +48,10 @@ PO = RecipeDefaults(
     name="magpie_po",
     model="meta-llama/Meta-Llama-3-8B-Instruct",
     num_rows=100_000,
+    cpu_num_rows=160,  # enough rows that the pairs surviving the threshold number 50 or more
     mixture=AIR_MIXTURE,
     tensor_parallel_size=1,
 )
-
-#: under --preset cpu, enough rows that the pairs that survive the threshold number 50 or more
-CPU_NUM_ROWS = 160
 
 
 def parser(defaults: RecipeDefaults = PO) -> argparse.ArgumentParser:
@@ -96,8 +94,6 @@ def pair_steps(settings: RecipeSettings, args: argparse.Namespace, base: EngineC
 def main(argv: list[str] | None = None, defaults: RecipeDefaults = PO) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parser(defaults).parse_args(argv)
-    if args.preset == "cpu" and args.num_rows is None:
-        args.num_rows = CPU_NUM_ROWS
     settings = resolve_settings(args, defaults)
     base = settings.base
     if args.base_model:
