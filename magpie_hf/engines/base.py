@@ -14,7 +14,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-FinishReason = Literal["stop", "length"]
+#: why a completion ended: an end-of-turn/stop string ("stop"), ``max_tokens`` ("length"), the backend
+#: gave up on it ("abort"), or it was never generated because its request failed ("error": a prompt
+#: longer than the model's context, a server's 400 for that prompt); the last two carry ``error``
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,28 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Completion:
-    """One generated continuation."""
+    """One generated continuation.
+
+    ``num_tokens`` counts the generated tokens that make up ``text`` (not an end-of-turn token, not
+    the tokens of a stop string that was cut off). A completion whose ``finish_reason`` is
+    ``"abort"`` or ``"error"`` says why in ``error``; steps turn it into a null value plus that
+    reason for its row, and the rest of the batch goes on.
+    """
 
     text: str
     num_tokens: int
     finish_reason: FinishReason
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the model actually produced this text (finished by a stop or by the length limit)."""
+        return self.finish_reason in ("stop", "length")
+
+    @classmethod
+    def failed(cls, reason: str, *, finish_reason: FinishReason = "error") -> "Completion":
+        """A completion that was not generated, and why."""
+        return cls("", 0, finish_reason, reason)
 
 
 class Engine(abc.ABC):
@@ -100,9 +120,20 @@ class Engine(abc.ABC):
         """The model's Hugging Face tokenizer (used for chat-template arithmetic)."""
 
     def generate(
-        self, prompts: Sequence[str], sampling: SamplingConfig, *, progress: Any = None
+        self,
+        prompts: Sequence[str],
+        sampling: SamplingConfig,
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: Any = None,
     ) -> list[list[Completion]]:
         """Return, for every prompt, ``sampling.n`` completions in order.
+
+        ``seeds`` gives every prompt its own seed: the ``j``-th sample of prompt ``i`` draws from
+        ``seeds[i] + j`` (the rule vLLM applies to the children of a request), so prompts whose seeds
+        are :data:`magpie_hf.seeds.SEEDS_PER_ROW` apart never share a sample's seed. Without
+        ``seeds``, prompt ``i`` gets ``sampling.seed + i * n`` (or no seed when ``sampling.seed`` is
+        None).
 
         ``progress`` is an optional callback ``progress(num_finished_completions, num_new_tokens)``
         the engine calls as completions finish, for progress bars.
@@ -111,11 +142,18 @@ class Engine(abc.ABC):
             raise TypeError("generate() takes a list of prompts, not a single string")
         if not prompts:
             return []
-        return self._generate(list(prompts), sampling, progress)
+        if seeds is None:
+            seeds = None if sampling.seed is None else [sampling.seed + i * sampling.n for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"generate() got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
+        return self._generate(list(prompts), sampling, None if seeds is None else [int(s) for s in seeds], progress)
 
     @abc.abstractmethod
-    def _generate(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[list[Completion]]:
-        """:meth:`generate` for a non-empty list of prompts (what each backend implements)."""
+    def _generate(
+        self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None, progress: Any
+    ) -> list[list[Completion]]:
+        """:meth:`generate` for a non-empty list of prompts with one seed per prompt (or none):
+        what each backend implements."""
 
     def close(self) -> None:
         """Free the model and any accelerator memory it holds."""

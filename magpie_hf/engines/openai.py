@@ -171,12 +171,11 @@ class OpenAICompletionsEngine(Engine):
                 out.append(Completion(text, num_tokens, "stop"))
         return out
 
-    def _generate(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[list[Completion]]:
-        # distinct seeds per request: identical prompts (Magpie step 1) must not give identical samples
-        bodies = [
-            self._body(p, sampling, None if sampling.seed is None else sampling.seed + i * sampling.n)
-            for i, p in enumerate(prompts)
-        ]
+    def _generate(
+        self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None, progress: Any
+    ) -> list[list[Completion]]:
+        # one seed per request: identical prompts (Magpie step 1) must not give identical samples
+        bodies = [self._body(p, sampling, None if seeds is None else seeds[i]) for i, p in enumerate(prompts)]
         results: list[list[Completion] | None] = [None] * len(bodies)
         workers = max(1, min(self.config.max_concurrency, len(bodies)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="magpie-openai") as pool:

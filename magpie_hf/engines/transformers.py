@@ -112,7 +112,10 @@ class TransformersEngine(Engine):
         return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
     # ------------------------------------------------------------------ generation
-    def _generate(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[list[Completion]]:
+    def _generate(
+        self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None, progress: Any
+    ) -> list[list[Completion]]:
+        sampling = sampling.replace(seed=None if seeds is None else seeds[0])
         if self._supports_loop:
             flat = self._generate_loop(prompts, sampling, progress)
         else:

@@ -86,15 +86,16 @@ class VLLMEngine(Engine):
             kwargs.update(_structured_json(vllm, sampling.json_schema))
         return vllm.SamplingParams(**kwargs)
 
-    def _generate(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[list[Completion]]:
+    def _generate(
+        self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None, progress: Any
+    ) -> list[list[Completion]]:
         encoded = self._tokenizer(prompts, add_special_tokens=False)["input_ids"]
         requests = [{"prompt_token_ids": ids} for ids in encoded]
-        if sampling.seed is None:
+        if seeds is None:
             params: Any = self.sampling_params(sampling)
         else:
-            # Identical prompts (every Magpie step-1 prompt) with one seed would give identical samples;
-            # vLLM seeds the n children of a request with seed + k, so give prompt i seed + i * n.
-            params = [self.sampling_params(sampling, sampling.seed + i * sampling.n) for i in range(len(prompts))]
+            # one request per prompt with its own seed; vLLM seeds child j of a request with seed + j
+            params = [self.sampling_params(sampling, seed) for seed in seeds]
         outputs = self.llm.generate(requests, params, use_tqdm=progress is None)
         results: list[list[Completion]] = []
         for request in outputs:
