@@ -5,7 +5,7 @@
 
 The stage is :class:`magpie_hf.steps.Responses` with the embedded SmolLM2-135M-Instruct (greedy) over
 fixed instructions. ``local`` is :class:`magpie_hf.pipeline.Pipeline` in this process (torch uses every
-core); ``ray`` is :class:`magpie_hf.ray.RayPipeline` on ``ray.init(num_cpus=ACTORS)`` with ``ACTORS``
+core); ``ray`` is the same pipeline on :class:`magpie_hf.executors.ray.RayExecutor` over ``ray.init(num_cpus=ACTORS)`` with ``ACTORS``
 single-CPU actors, each loading its own replica. Rows/s are end to end (``run()``, model loading
 included; ``ray.init`` excluded) and, in brackets, over the shards' own processing seconds.
 The last line reads ``local_rows_per_s=X ray_rows_per_s=Y same_ids=True same_text=True``.
@@ -37,9 +37,9 @@ def instructions(rows: int):
     return datasets.Dataset.from_dict({"conversation_id": [f"bench-{i:04d}" for i in range(rows)], "instruction": texts})
 
 
-def run(pipeline) -> tuple[list[dict], float, float]:
+def run(pipeline, executor=None) -> tuple[list[dict], float, float]:
     started = time.perf_counter()
-    rows = pipeline.run().to_list()
+    rows = pipeline.run(executor=executor).to_list()
     wall = time.perf_counter() - started
     return rows, wall, pipeline.manifest()["stages"][-1]["seconds"]
 
@@ -58,7 +58,7 @@ def main() -> None:
 
     from magpie_hf.engines import EngineConfig
     from magpie_hf.pipeline import Pipeline
-    from magpie_hf.ray import RayPipeline, RayResources
+    from magpie_hf.executors.ray import RayExecutor, RayStageResources
     from magpie_hf.steps import Responses
 
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="magpie-hf-scale-"))
@@ -75,8 +75,8 @@ def main() -> None:
     ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
     try:
         ray_rows, ray_wall, ray_busy = run(
-            RayPipeline(steps(), out / "ray", shard_size=args.shard_size, input_dataset=data, progress=False,
-                        resources=RayResources(replicas=args.actors, num_cpus=1)))
+            Pipeline(steps(), out / "ray", shard_size=args.shard_size, input_dataset=data, progress=False),
+            RayExecutor(default=RayStageResources(replicas=args.actors, num_cpus=1)))
     finally:
         ray.shutdown()
     print(f"ray:   {len(ray_rows)} rows in {ray_wall:.1f} s on {args.actors} actors "

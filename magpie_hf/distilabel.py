@@ -6,10 +6,10 @@
 ``GlobalStep``. The wrapper declares the step's ``inputs``/``outputs`` columns, loads and unloads it
 with the distilabel step, and converts distilabel's lists of row dicts to and from batches.
 
-Seeds: a generator batch at ``offset`` gets ``shard_seed(seed, stage_index, offset // batch_size)``,
-which is what :class:`~magpie_hf.pipeline.Pipeline` gives shard ``offset // shard_size``, so with
-``batch_size`` equal to the pipeline's ``shard_size`` the rows match the local pipeline's. Other
-steps get a seed derived from the content of each batch (the same on every rerun and replica).
+Seeds: row ``r`` of a generator step gets the seed :class:`~magpie_hf.pipeline.Pipeline` gives it
+(:mod:`magpie_hf.seeds`: from the run seed, the stage index and the row), so its rows match the
+local pipeline's whatever the batch size. Other steps get a seed derived from the content of each
+batch (the same on every rerun and replica).
 
 Caching: distilabel keys its cache on a signature of the serialized step. The wrapped step is
 serialized as ``step_config`` (its :meth:`~magpie_hf.steps.base.Step.config_record` as JSON), so a
@@ -51,7 +51,7 @@ with warnings.catch_warnings():
     from distilabel.steps import StepInput
 from pydantic import BaseModel, Field, model_validator
 
-from magpie_hf.pipeline import shard_seed
+from magpie_hf.seeds import SEED_MODULUS, row_seed, stage_seed
 from magpie_hf.steps import base
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def batch_to_rows(batch: base.Batch) -> List[Dict[str, Any]]:
 def content_seed(seed: int, stage_index: int, rows: List[Dict[str, Any]]) -> int:
     """A 31-bit seed for a batch, derived from its content, the run seed and the stage."""
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).digest()
-    return shard_seed(seed, stage_index, int.from_bytes(digest[:4], "little"))
+    return (stage_seed(seed, stage_index) + int.from_bytes(digest[:4], "little")) % SEED_MODULUS
 
 
 class _WrapsMagpieStep(BaseModel):
@@ -148,8 +148,7 @@ class MagpieDistilabelGeneratorStep(_WrapsMagpieStep, _DistilabelGeneratorStep):
             return
         for start in range(offset, step.num_rows, self.batch_size):
             size = min(self.batch_size, step.num_rows - start)
-            batch = step.generate(offset=start, num_rows=size,
-                                  seed=shard_seed(self.seed, self.stage_index, start // self.batch_size))
+            batch = step.generate(offset=start, num_rows=size, seed=row_seed(stage_seed(self.seed, self.stage_index), start))
             yield batch_to_rows(batch), start + size >= step.num_rows
 
 
@@ -192,7 +191,7 @@ class MagpieDistilabelGlobalStep(_WrapsMagpieStep, _DistilabelGlobalStep):
         dataset = datasets.Dataset.from_list(rows)
         if len(dataset):
             step.check_inputs(dataset.column_names)
-        result = step.process_dataset(dataset, seed=shard_seed(self.seed, self.stage_index, 0))
+        result = step.process_dataset(dataset, seed=stage_seed(self.seed, self.stage_index))
         yield result.to_list()
 
 

@@ -1,16 +1,15 @@
-"""Run steps stage-major over Parquet shards, resumably.
+"""Run steps stage-major over Parquet shards, resumably, on an executor of your choice.
 
 Each stage runs over every shard before the next stage starts, so one model at a time sits in
-memory. A shard is written atomically (temporary file, then rename) with a small JSON of its
-counts beside it; a rerun skips finished shards and stages, and per-shard seeds make a resumed
-run produce exactly the rows of an uninterrupted one. Rows live in Parquet and memory-mapped
-Arrow, never all at once as Python objects.
-
-Layout of ``output_dir``::
-
-    pipeline.json                      settings of the run (a rerun with other settings is refused)
-    stages/00-magpie_instructions/     shard-00000.parquet, shard-00000.json, ..., _stage.json
-    stages/01-responses/               ...
+memory. The pipeline plans a stage as :class:`~magpie_hf.runner.ShardTask` s (rows, seeds, paths),
+skips the shards an earlier run finished (their completion record verifies; a damaged one is made
+again), and hands the rest to an executor: :class:`~magpie_hf.executors.LocalExecutor` (this
+process, the default) or :class:`~magpie_hf.executors.ray.RayExecutor` (a Ray cluster). Global steps
+(neighbours, filters, pairing) run here, on the whole stage, through
+:func:`~magpie_hf.runner.run_global`. Seeds derive from (run seed, stage, row) (:mod:`magpie_hf.seeds`),
+so a resumed, re-sharded or distributed run makes exactly the rows of an uninterrupted one. Rows
+live in Parquet and memory-mapped Arrow, never all at once as Python objects. The folder's layout
+is :class:`magpie_hf.layout.RunLayout`'s.
 
 Example:
     >>> from magpie_hf.engines import EngineConfig
@@ -23,60 +22,35 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
+import collections
 import logging
 import math
 import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from magpie_hf import engines
-from magpie_hf.steps.base import Batch, GeneratorStep, GlobalStep, Step, batch_len
+from magpie_hf.executors import Executor, LocalExecutor
+from magpie_hf.layout import PipelineMismatchError, RunLayout
+from magpie_hf.progress import StageProgress
+from magpie_hf.runner import ShardReport, ShardTask, run_global
+from magpie_hf.seeds import row_seed, stage_seed
+from magpie_hf.steps.base import GeneratorStep, GlobalStep, Step
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
 
-
-class PipelineMismatchError(RuntimeError):
-    """The output directory holds a run made with other settings."""
-
-
-def shard_seed(seed: int, stage: int, shard: int) -> int:
-    """A 31-bit seed for one shard of one stage, stable across runs and machines."""
-    digest = hashlib.sha256(f"magpie_hf:{seed}:{stage}:{shard}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def counts_since(before: Counter, now: Counter) -> Counter:
-    """What a step counted since ``before``, keeping keys it touched with zero (a filter condition
-    that removed nothing is still reported); ``Counter`` subtraction would drop them."""
-    return Counter({key: value - before.get(key, 0) for key, value in now.items() if key not in before or value != before[key]})
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` so that a reader never sees a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+__all__ = ["Pipeline", "PipelineMismatchError", "dataset_from_parquet"]
 
 
 def dataset_from_parquet(files: Sequence[Path], cache_dir: Path | None = None) -> "datasets.Dataset":
-    """A memory-mapped ``datasets.Dataset`` over Parquet shards whose schemas may differ in null-ness."""
+    """A memory-mapped ``datasets.Dataset`` over Parquet shards (typed: every shard has the stage's schema)."""
     import datasets
 
     files = [Path(f) for f in files]
@@ -84,11 +58,11 @@ def dataset_from_parquet(files: Sequence[Path], cache_dir: Path | None = None) -
         return datasets.Dataset.from_dict({})
     schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
     features = datasets.Features.from_arrow_schema(schema)
-    tables = [f for f in files if pq.read_metadata(f).num_rows > 0]
-    if not tables:
+    nonempty = [f for f in files if pq.read_metadata(f).num_rows > 0]
+    if not nonempty:
         return datasets.Dataset.from_dict({name: [] for name in schema.names}, features=features)
     return datasets.Dataset.from_parquet(
-        [str(f) for f in tables], features=features, cache_dir=str(cache_dir) if cache_dir else None
+        [str(f) for f in nonempty], features=features, cache_dir=str(cache_dir) if cache_dir else None
     )
 
 
@@ -96,17 +70,17 @@ class Pipeline:
     """Runs a chain of steps over Parquet shards in ``output_dir`` and returns the last stage.
 
     Args:
-        steps: the steps, first a :class:`GeneratorStep` (or give ``input_dataset``).
-        output_dir: where shards, manifests and caches go; rerunning resumes.
-        shard_size: rows per shard (the unit of resumption).
-        seed: the run seed; every shard's sampling seed derives from it.
+        steps: the steps (or one step), first a :class:`GeneratorStep` (or give ``input_dataset``).
+        output_dir: where shards, manifests and caches go (made absolute); rerunning resumes.
+        shard_size: rows per shard (the unit of resumption and of distribution).
+        seed: the run seed; every row's sampling seed derives from it.
         input_dataset: a ``datasets.Dataset`` to start from instead of a generator step.
-        progress: show tqdm progress bars.
+        progress: show a progress bar per stage (rows, rows/s, tokens/s).
     """
 
     def __init__(
         self,
-        steps: Iterable[Step],
+        steps: Step | Iterable[Step],
         output_dir: str | os.PathLike,
         *,
         shard_size: int = 1000,
@@ -114,7 +88,7 @@ class Pipeline:
         input_dataset: "datasets.Dataset | None" = None,
         progress: bool = True,
     ) -> None:
-        self.steps: list[Step] = list(steps)
+        self.steps: list[Step] = [steps] if isinstance(steps, Step) else list(steps)
         if not self.steps:
             raise ValueError("A pipeline needs at least one step.")
         if shard_size < 1:
@@ -127,7 +101,7 @@ class Pipeline:
         names = [s.name for s in self.steps]
         if len(set(names)) != len(names):
             raise ValueError(f"Step names must be unique within a pipeline, got {names}; pass name=... to tell them apart.")
-        self.output_dir = Path(output_dir)
+        self.layout = RunLayout(output_dir)
         self.shard_size = shard_size
         self.seed = seed
         self.input_dataset = input_dataset
@@ -136,18 +110,18 @@ class Pipeline:
 
     # -- layout --------------------------------------------------------------------------------
     @property
-    def stages_dir(self) -> Path:
-        return self.output_dir / "stages"
+    def output_dir(self) -> Path:
+        return self.layout.root
 
     def stage_dir(self, index: int) -> Path:
-        return self.stages_dir / f"{index:02d}-{self.steps[index].name}"
+        return self.layout.stage_dir(index, self.steps[index].name or "")
 
     def stage_files(self, index: int) -> list[Path]:
-        return sorted(self.stage_dir(index).glob("shard-*.parquet"))
+        return self.layout.shard_files(self.stage_dir(index))
 
     def stage_dataset(self, index: int) -> "datasets.Dataset":
         """The rows of a finished stage as a memory-mapped dataset."""
-        return dataset_from_parquet(self.stage_files(index), self.output_dir / "cache")
+        return dataset_from_parquet(self.stage_files(index), self.layout.cache_dir)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -160,208 +134,155 @@ class Pipeline:
         """Settings plus what each stage did (rows in/out, counts such as dropped rows, seconds, tokens)."""
         return {**self.settings(), "stages": self.stage_reports}
 
+    def plan(self, executor: Executor | None = None) -> list[dict[str, Any]]:
+        """What each stage is (kind, columns read and written, what a worker reserves), without
+        loading anything: for ``--dry-run``."""
+        hardware = (executor or LocalExecutor()).hardware()
+        kinds = {GeneratorStep: "generate", GlobalStep: "global"}
+        return [
+            {
+                "stage": self.stage_dir(index).name,
+                "step": type(step).__name__,
+                "kind": next((kind for cls, kind in kinds.items() if isinstance(step, cls)), "batch"),
+                "inputs": list(step.inputs),
+                "outputs": {name: str(kind) for name, kind in step.output_features().items()},
+                "gpus": step.resources(hardware).gpus,
+            }
+            for index, step in enumerate(self.steps)
+        ]
+
     # -- running -------------------------------------------------------------------------------
-    def run(self) -> "datasets.Dataset":
-        """Run every unfinished stage and return the last stage as a ``datasets.Dataset``."""
-        self._check_or_write_settings()
-        self.stage_reports = []
-        loaded_before = engines.loaded_engine_configs()
-        for index, step in enumerate(self.steps):
-            report = self._run_stage(index, step)
-            self.stage_reports.append(report)
-            # keep an engine loaded when the next stage uses the same one; free the rest we loaded
-            needed_next = self.steps[index + 1].engine_configs() if index + 1 < len(self.steps) else set()
-            ours = engines.loaded_engine_configs() - loaded_before
-            engines.release_engines(ours - needed_next)
-        _atomic_write_bytes(self.output_dir / "manifest.json", json.dumps(self.manifest(), indent=2).encode())
+    def run(self, executor: Executor | None = None) -> "datasets.Dataset":
+        """Run every unfinished stage on ``executor`` (default: :class:`LocalExecutor`) and return
+        the last stage as a ``datasets.Dataset``."""
+        executor = executor or LocalExecutor()
+        check = getattr(executor, "check_stage_names", None)
+        if check is not None:
+            check([s.name for s in self.steps])
+        with self.layout.lock():
+            self.layout.check_or_write_settings(self.settings())
+            if any(not isinstance(s, GlobalStep) for s in self.steps):
+                executor.start()
+            self.stage_reports = []
+            loaded_before = engines.loaded_engine_configs()
+            for index, step in enumerate(self.steps):
+                self.stage_reports.append(self._run_stage(index, step, executor))
+                # keep an engine loaded when the next stage uses the same one; free the rest we loaded
+                needed_next = self.steps[index + 1].engine_configs() if index + 1 < len(self.steps) else set()
+                engines.release_engines(engines.loaded_engine_configs() - loaded_before - needed_next)
+            self.layout.write_manifest(self.manifest())
         return self.stage_dataset(len(self.steps) - 1)
 
-    def _check_or_write_settings(self) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / "pipeline.json"
-        settings = json.loads(json.dumps(self.settings()))
-        if path.exists():
-            previous = json.loads(path.read_text())
-            if previous != settings:
-                raise PipelineMismatchError(
-                    f"{self.output_dir} holds a run made with other settings (see {path}). "
-                    "Resume it with the same settings, or choose a new output directory."
-                )
-        else:
-            _atomic_write_bytes(path, json.dumps(settings, indent=2).encode())
-
-    def _run_stage(self, index: int, step: Step) -> dict[str, Any]:
+    def _run_stage(self, index: int, step: Step, executor: Executor) -> dict[str, Any]:
         stage_dir = self.stage_dir(index)
-        done_marker = stage_dir / "_stage.json"
-        if done_marker.exists():
-            logger.info("stage %s already finished; skipping", stage_dir.name)
-            return json.loads(done_marker.read_text())
-        stage_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        bar = self._progress_bar(index, step)
-        step.progress_callback = bar.on_engine_progress
-        step.load()
-        try:
-            if isinstance(step, GeneratorStep):
-                shard_reports = self._run_generator(index, step, bar)
-            elif isinstance(step, GlobalStep):
-                shard_reports = self._run_global(index, step, bar)
-            else:
-                shard_reports = self._run_batches(index, step, bar)
-        finally:
-            step.unload()
-            step.progress_callback = None
-            bar.close()
-        counts: Counter[str] = Counter()
-        for r in shard_reports:
-            counts.update(r["stats"])
+        if isinstance(step, GlobalStep):
+            reports = self._run_global(index, step)
+        else:
+            reports = self._run_shards(index, step, executor)
+        counts: collections.Counter[str] = collections.Counter()
+        for r in reports:
+            counts.update(r.stats)
         report = {
             "stage": stage_dir.name,
             "step": type(step).__name__,
-            "rows_in": sum(r["rows_in"] for r in shard_reports),
-            "rows_out": sum(r["rows_out"] for r in shard_reports),
+            "shards": len(self.stage_files(index)),
+            "rows_in": sum(r.rows_in for r in reports),
+            "rows_out": sum(r.rows_out for r in reports),
             "stats": dict(counts),
-            "seconds": round(sum(r["seconds"] for r in shard_reports), 3),
+            "seconds": round(sum(r.seconds for r in reports), 3),
             "wall_seconds_this_run": round(time.perf_counter() - started, 3),
         }
-        _atomic_write_bytes(done_marker, json.dumps(report, indent=2).encode())
+        self.layout.write_stage_record(stage_dir, report)
         dropped = {k: v for k, v in counts.items() if k.startswith("dropped")}
         logger.info("stage %s: %d rows in, %d rows out%s", stage_dir.name, report["rows_in"], report["rows_out"],
                     f", dropped {dropped}" if dropped else "")
         return report
 
-    def _progress_bar(self, index: int, step: Step) -> "_StageProgress":
+    def _bar(self, index: int, step: Step, total: int | None) -> StageProgress:
+        return StageProgress(total=total, desc=f"{index:02d} {step.name}", disable=not self.progress)
+
+    # -- sharded stages --------------------------------------------------------------------------
+    def tasks(self, index: int) -> list[ShardTask]:
+        """Every shard task of stage ``index`` (a batch stage's input must be finished)."""
+        step = self.steps[index]
+        stage_dir, base = self.stage_dir(index), stage_seed(self.seed, index)
+        tasks = []
         if isinstance(step, GeneratorStep):
-            total = step.num_rows
-        elif index > 0:
-            total = sum(pq.read_metadata(f).num_rows for f in self.stage_files(index - 1))
-        else:
-            total = len(self.input_dataset) if self.input_dataset is not None else None
-        return _StageProgress(total=total, desc=f"{index:02d} {step.name}", disable=not self.progress)
+            for shard, offset in enumerate(range(0, step.num_rows, self.shard_size)):
+                tasks.append(ShardTask(
+                    stage=index, shard=shard, output=str(self.layout.shard_path(stage_dir, shard)),
+                    seed=row_seed(base, offset), row_offset=offset, num_rows=min(self.shard_size, step.num_rows - offset),
+                ))
+            return tasks
+        offset = 0
+        for shard, source in enumerate(self._input_files(index)):
+            rows = pq.read_metadata(source).num_rows
+            tasks.append(ShardTask(
+                stage=index, shard=shard, output=str(self.layout.shard_path(stage_dir, shard)),
+                seed=row_seed(base, offset), row_offset=offset, num_rows=rows, source=str(source),
+            ))
+            offset += rows
+        return tasks
 
-    def _finish_shard(self, path: Path, batch: Batch, report: dict[str, Any]) -> dict[str, Any]:
-        _atomic_write_bytes(path.with_suffix(".json"), json.dumps(report).encode())
-        write_parquet_atomic(pa.Table.from_pydict(batch), path)
-        return report
-
-    def _shard_done(self, path: Path) -> dict[str, Any] | None:
-        if path.exists() and path.with_suffix(".json").exists():
-            return json.loads(path.with_suffix(".json").read_text())
-        return None
-
-    def _run_generator(self, index: int, step: GeneratorStep, bar: "_StageProgress") -> list[dict[str, Any]]:
-        reports = []
-        for shard in range(math.ceil(step.num_rows / self.shard_size)):
-            path = self.stage_dir(index) / f"shard-{shard:05d}.parquet"
-            offset = shard * self.shard_size
-            size = min(self.shard_size, step.num_rows - offset)
-            previous = self._shard_done(path)
-            if previous is not None:
-                bar.skip(size)
-                reports.append(previous)
-                continue
-            before, started = Counter(step.stats), time.perf_counter()
-            batch = step.generate(offset=offset, num_rows=size, seed=shard_seed(self.seed, index, shard))
-            stats = counts_since(before, step.stats)
-            bar.batch_done(size, stats.get("generated_tokens", 0))
-            report = {"rows_in": size, "rows_out": batch_len(batch), "stats": dict(stats), "seconds": time.perf_counter() - started}
-            reports.append(self._finish_shard(path, batch, report))
-        return reports
+    def _run_shards(self, index: int, step: Step, executor: Executor) -> list[ShardReport]:
+        tasks = self.tasks(index)
+        bar = self._bar(index, step, sum(t.num_rows for t in tasks))
+        done: dict[int, ShardReport] = {}
+        pending = []
+        for task in tasks:
+            record = self.layout.verified_record(Path(task.output))
+            if record is None:
+                pending.append(task)
+            else:
+                done[task.shard] = ShardReport.from_dict(record["report"])
+                bar.skip(task.num_rows)
+        if pending and done:
+            logger.info("stage %s: %d shard(s) finished earlier, %d to do", self.stage_dir(index).name, len(done), len(pending))
+        try:
+            if pending:
+                done.update(zip((t.shard for t in pending), executor.run_stage(step, pending, self.layout, bar)))
+        finally:
+            bar.close()
+        return [done[t.shard] for t in tasks]
 
     def _input_files(self, index: int) -> list[Path]:
         if index > 0:
             return self.stage_files(index - 1)
         # a user-given dataset becomes the input shards of stage 0, written once
-        input_dir = self.output_dir / "stages" / "input"
-        marker = input_dir / "_stage.json"
-        if not marker.exists():
-            input_dir.mkdir(parents=True, exist_ok=True)
-            assert self.input_dataset is not None
-            for shard, start in enumerate(range(0, max(len(self.input_dataset), 1), self.shard_size)):
-                part = self.input_dataset.select(range(start, min(start + self.shard_size, len(self.input_dataset))))
-                write_parquet_atomic(part.with_format("arrow")[:], input_dir / f"shard-{shard:05d}.parquet")
-            _atomic_write_bytes(marker, b"{}")
-        return sorted(input_dir.glob("shard-*.parquet"))
+        assert self.input_dataset is not None
+        input_dir = self.layout.input_dir
+        dataset = self.input_dataset
+        starts = range(0, max(len(dataset), 1), self.shard_size)
+        for shard, start in enumerate(starts):
+            path = self.layout.shard_path(input_dir, shard)
+            if self.layout.verified_record(path) is None:
+                part = dataset.select(range(start, min(start + self.shard_size, len(dataset))))
+                self.layout.write_shard(path, part.with_format("arrow")[:], {"rows_in": len(part)})
+        return [self.layout.shard_path(input_dir, shard) for shard in range(len(starts))]
 
-    def _run_batches(self, index: int, step: Step, bar: "_StageProgress") -> list[dict[str, Any]]:
-        reports = []
-        for shard, source in enumerate(self._input_files(index)):
-            path = self.stage_dir(index) / f"shard-{shard:05d}.parquet"
-            previous = self._shard_done(path)
-            table = pq.read_table(source)
-            if previous is not None:
-                bar.skip(table.num_rows)
-                reports.append(previous)
-                continue
-            if shard == 0 or table.num_rows:
-                step.check_inputs(table.column_names)
-            before, started = Counter(step.stats), time.perf_counter()
-            seed = shard_seed(self.seed, index, shard)
-            parts: list[pa.Table] = []
-            for number, start in enumerate(range(0, table.num_rows, step.batch_size)):
-                rows = table.slice(start, step.batch_size)
-                tokens_before = step.stats.get("generated_tokens", 0)
-                out = step.process(rows.to_pydict(), seed=seed + number)
-                bar.batch_done(rows.num_rows, step.stats.get("generated_tokens", 0) - tokens_before)
-                if batch_len(out):
-                    parts.append(pa.Table.from_pydict(out))
-            merged = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
-            stats = counts_since(before, step.stats)
-            report = {"rows_in": table.num_rows, "rows_out": merged.num_rows, "stats": dict(stats), "seconds": time.perf_counter() - started}
-            _atomic_write_bytes(path.with_suffix(".json"), json.dumps(report).encode())
-            write_parquet_atomic(merged, path)
-            reports.append(report)
-        return reports
-
-    def _run_global(self, index: int, step: GlobalStep, bar: "_StageProgress") -> list[dict[str, Any]]:
-        # a global stage is one unit of work: its shards appear only once it has finished
-        started = time.perf_counter()
-        before = Counter(step.stats)
-        dataset = dataset_from_parquet(self._input_files(index), self.output_dir / "cache")
-        if len(dataset):
-            step.check_inputs(dataset.column_names)
-        result = step.process_dataset(dataset, seed=shard_seed(self.seed, index, 0))
-        bar.batch_done(len(dataset), step.stats.get("generated_tokens", 0) - before.get("generated_tokens", 0))
+    # -- global stages -------------------------------------------------------------------------
+    def _run_global(self, index: int, step: GlobalStep) -> list[ShardReport]:
         stage_dir = self.stage_dir(index)
-        for stale in stage_dir.glob("shard-*"):
-            stale.unlink()
-        num_shards = max(1, math.ceil(len(result) / self.shard_size))
-        for shard in range(num_shards):
-            part = result.select(range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(result))))
-            write_parquet_atomic(part.with_format("arrow")[:], stage_dir / f"shard-{shard:05d}.parquet")
-        stats = counts_since(before, step.stats)
-        return [{"rows_in": len(dataset), "rows_out": len(result), "stats": dict(stats), "seconds": time.perf_counter() - started}]
+        previous = self.layout.stage_record(stage_dir)
+        if previous is not None and self._global_shards_intact(stage_dir, previous.get("shards")):
+            logger.info("stage %s already finished; skipping", stage_dir.name)
+            return [ShardReport(previous["rows_in"], previous["rows_out"], previous["stats"], previous["seconds"])]
+        self.layout.clear_stage(stage_dir)
+        dataset = dataset_from_parquet(self._input_files(index), self.layout.cache_dir)
+        bar = self._bar(index, step, len(dataset))
+        step.load()
+        try:
+            table, report = run_global(step, dataset, stage_seed(self.seed, index), bar)
+        finally:
+            step.unload()
+            bar.close()
+        # written in shards of shard_size, so the next stage distributes as usual
+        for shard in range(max(1, math.ceil(table.num_rows / self.shard_size))):
+            part = table.slice(shard * self.shard_size, self.shard_size)
+            self.layout.write_shard(self.layout.shard_path(stage_dir, shard), part, {"rows_in": part.num_rows})
+        return [report]
 
-
-class _StageProgress:
-    """A tqdm bar over rows that also shows generated tokens/s."""
-
-    def __init__(self, total: int | None, desc: str, disable: bool) -> None:
-        self._bar = tqdm(total=total, desc=desc, unit="row", disable=disable, dynamic_ncols=True)
-        self._tokens = 0
-        self._started = time.perf_counter()
-        self._engine_rows = 0  # rows the engine reported inside the current batch
-
-    def _postfix(self) -> None:
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
-        self._bar.set_postfix_str(f"{self._tokens / elapsed:.1f} tok/s", refresh=False)
-
-    def on_engine_progress(self, finished: int, new_tokens: int) -> None:
-        self._tokens += new_tokens
-        self._engine_rows += finished
-        self._bar.update(finished)
-        self._postfix()
-
-    def batch_done(self, rows: int, tokens: int) -> None:
-        """A batch finished: top the bar up to its row count when the engine did not report per row."""
-        if not self._engine_rows:
-            self._tokens += tokens
-        self._bar.update(max(rows - self._engine_rows, 0))
-        self._engine_rows = 0
-        self._postfix()
-
-    def skip(self, rows: int) -> None:
-        self._bar.update(rows)
-
-    def close(self) -> None:
-        self._bar.close()
+    def _global_shards_intact(self, stage_dir: Path, count: int | None) -> bool:
+        paths = [self.layout.shard_path(stage_dir, shard) for shard in range(count or 0)]
+        return bool(paths) and all(self.layout.verified_record(p) is not None for p in paths)

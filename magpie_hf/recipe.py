@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import logging
 import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from magpie_hf.engines import EngineConfig
+from magpie_hf.engines import EngineConfig, resolve_backend
+from magpie_hf.hardware import Hardware
 from magpie_hf.steps.base import Step, StepChain
 from magpie_hf.steps.generate import EMBEDDED_MIXTURE, PRO_MIXTURE, DecodingSetting
 
 if TYPE_CHECKING:
+    from magpie_hf.executors import Executor
     from magpie_hf.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -100,10 +101,14 @@ class RecipeSettings:
         return self.preset == "cpu"
 
     def pipeline(self, steps: "StepChain | Sequence[Step]") -> "Pipeline":
-        """The run's pipeline over ``steps``: local, or on Ray when ``--ray`` was given."""
-        from magpie_hf.ray import pipeline_from_args
+        """The run's pipeline over ``steps``."""
+        from magpie_hf.pipeline import Pipeline
 
-        return pipeline_from_args(self.args, steps, self.output_dir, self.shard_size, self.seed)
+        return Pipeline(steps, self.output_dir, shard_size=self.shard_size, seed=self.seed)
+
+    def executor(self) -> "Executor":
+        """Where the stages run: this process, or a Ray cluster when ``--ray`` was given."""
+        return executor_from_args(self.args)
 
 
 def recipe_parser(defaults: RecipeDefaults, description: str | None = None) -> argparse.ArgumentParser:
@@ -135,17 +140,56 @@ def recipe_parser(defaults: RecipeDefaults, description: str | None = None) -> a
                        help="raw pre-query text to use instead of the one derived from the chat template "
                             "(inspect a model first with: magpie-hf template MODEL)")
     from magpie_hf.hub import add_publish_args
-    from magpie_hf.ray import add_ray_args
 
     add_publish_args(parser)
     add_ray_args(parser)
     return parser
 
 
-def _has_cuda() -> bool:
-    import torch
+def _stage_resources_arg(text: str) -> tuple[str, dict[str, float]]:
+    name, _, spec = text.partition(":")
+    if not name or not spec:
+        raise argparse.ArgumentTypeError(f"expected STEP:KEY=VALUE[,KEY=VALUE], got {text!r}")
+    values: dict[str, float] = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("replicas", "num_cpus", "num_gpus"):
+            raise argparse.ArgumentTypeError(f"unknown key {key!r} in {text!r}; use replicas, num_cpus or num_gpus")
+        try:
+            values[key] = int(value) if key == "replicas" else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key} needs a number, got {value!r} in {text!r}") from None
+    return name, values
 
-    return torch.cuda.is_available()
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--ray [ADDRESS]`` and the per-actor resource flags to a recipe's parser."""
+    group = parser.add_argument_group("ray (run the stages on a Ray cluster)")
+    group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on Ray: alone, RAY_ADDRESS or a new local cluster; 'auto' for the cluster "
+                            "'ray start' runs here; 'ray://HEAD:10001' for a remote head")
+    group.add_argument("--ray-replicas", type=int, default=None,
+                       help="actors (model replicas) per stage (default: as many as the cluster fits)")
+    group.add_argument("--ray-num-cpus", type=float, default=None, help="CPUs per actor (default: what the step declares, 1)")
+    group.add_argument("--ray-num-gpus", type=float, default=None,
+                       help="GPUs per actor (default: what the step declares: tensor_parallel_size for vLLM, 1 for a model on CUDA, else 0)")
+    group.add_argument("--ray-stage", action="append", type=_stage_resources_arg, default=[], metavar="STEP:KEY=VALUE",
+                       help="per-stage override, e.g. responses:replicas=4,num_gpus=2 (repeatable)")
+
+
+def executor_from_args(args: argparse.Namespace) -> "Executor":
+    """The local executor, or a Ray executor when ``--ray`` was given."""
+    from magpie_hf.executors import LocalExecutor
+
+    if getattr(args, "ray", None) is None:
+        return LocalExecutor()
+    from magpie_hf.executors.ray import RayExecutor, RayStageResources
+
+    default = RayStageResources(replicas=args.ray_replicas, num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus)
+    stages: dict[str, RayStageResources] = {}
+    for name, values in args.ray_stage:
+        stages[name] = dataclasses.replace(stages.get(name, default), **values)
+    return RayExecutor(None if args.ray == "local" else args.ray, default=default, stages=stages)
 
 
 def recipe_command(argv: list[str] | None = None) -> str:
@@ -195,7 +239,7 @@ def resolve_settings(args: argparse.Namespace, defaults: RecipeDefaults) -> Reci
             trust_remote_code=args.trust_remote_code,
             **extra,
         )
-    _check_hardware(engine, defaults)
+    _check_hardware(engine, defaults, args)
 
     # the helper models: the paper's, or the embedded chat model standing in under --preset cpu
     judge = engine if cpu else EngineConfig(model=defaults.judge_model, backend=engine.backend if engine.backend != "openai" else "auto")
@@ -223,17 +267,22 @@ def resolve_settings(args: argparse.Namespace, defaults: RecipeDefaults) -> Reci
     )
 
 
-def _check_hardware(engine: EngineConfig, defaults: RecipeDefaults) -> None:
-    if engine.backend == "vllm" or (engine.backend == "auto" and engine.gguf_file is None and not engine.base_url and _has_cuda()):
-        if not _has_cuda():
-            raise SystemExit(
-                f"This recipe's paper settings run {engine.model} with vLLM on "
-                f"{engine.tensor_parallel_size} GPU(s), and no CUDA GPU was found.\n"
-                f"  Try it on this CPU:    python recipes/{defaults.name}.py --preset cpu\n"
-                f"  Or pick a model/engine: --model MODEL --engine transformers   (or --engine openai --base-url URL)"
-            )
-        if importlib.util.find_spec("vllm") is None:
-            raise SystemExit("The vLLM engine needs vllm: pip install 'magpie-hf[vllm]'  (or pass --engine transformers)")
+def _check_hardware(engine: EngineConfig, defaults: RecipeDefaults, args: argparse.Namespace) -> None:
+    """Stop early, with the way out, when this machine cannot run ``engine`` (a Ray cluster is judged when it starts)."""
+    if getattr(args, "ray", None) is not None:
+        return
+    hardware = Hardware.local()
+    if resolve_backend(engine, hardware, log=False) != "vllm":
+        return
+    if not hardware.cuda:
+        raise SystemExit(
+            f"This recipe's paper settings run {engine.model} with vLLM on "
+            f"{engine.tensor_parallel_size} GPU(s), and no CUDA GPU was found.\n"
+            f"  Try it on this CPU:    python recipes/{defaults.name}.py --preset cpu\n"
+            f"  Or pick a model/engine: --model MODEL --engine transformers   (or --engine openai --base-url URL)"
+        )
+    if not hardware.vllm:
+        raise SystemExit("The vLLM engine needs vllm: pip install 'magpie-hf[vllm]'  (or pass --engine transformers)")
 
 
 def run_info(settings: RecipeSettings, manifest: dict[str, Any], **extra: Any) -> dict[str, Any]:

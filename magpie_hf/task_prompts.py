@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.postprocess import InstructionFilter, apply_filters
-from magpie_hf.steps.base import Batch
+from magpie_hf.steps.base import STRING, Batch, Features, select_rows
 from magpie_hf.steps.generate import MagpieInstructions, conversation_id
 
 if TYPE_CHECKING:
@@ -310,8 +310,6 @@ class TaskControlledInstructions(MagpieInstructions):
         ...                                   task="math=0.5,coding=0.5", postprocess=[StripTrailingRoleWord()])
     """
 
-    outputs = MagpieInstructions.outputs + ("system_prompt_key",)
-
     task: TaskMix | str | Mapping[str, float] | None = None
     postprocess: Sequence[InstructionFilter] = ()
 
@@ -331,6 +329,9 @@ class TaskControlledInstructions(MagpieInstructions):
             if not callable(f) or not getattr(f, "name", None):
                 raise TypeError(f"postprocess entries must be InstructionFilter callables with a name, got {f!r}.")
         self._key_templates: dict[str, "ChatTemplates"] = {}
+
+    def output_features(self) -> Features:
+        return {**super().output_features(), "system_prompt_key": STRING}
 
     def load(self) -> None:
         from magpie_hf.templates import ChatTemplateError, derive_templates
@@ -415,7 +416,7 @@ class TaskControlledInstructions(MagpieInstructions):
             else:
                 batch["instruction"][i] = cleaned
             keep.append(dropped_by is None)
-        return {k: [v for v, m in zip(col, keep) if m] for k, col in batch.items()}
+        return select_rows(batch, keep)
 
 
 # -------------------------------------------------------------------- command line

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO_MT) -> in
     )
     steps = generation_steps(settings, task=task, postprocess=filters) >> multi_turn
     pipeline = settings.pipeline(steps)
-    raw = pipeline.run()
+    raw = pipeline.run(executor=settings.executor())
 
     from magpie_hf.hub import finish_recipe, save_dataset_folder
 

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PO) -> int:
 
     steps = pair_steps(settings, args, base)
     pipeline = settings.pipeline(steps)
-    pairs = pipeline.run()
+    pairs = pipeline.run(executor=settings.executor())
     raw = pipeline.stage_dataset(len(steps) - 2)  # every row with its scores, before pairing
     if len(pairs) == 0:
         raise SystemExit(

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None, defaults: RecipeDefaults = PRO) -> int:
     if not args.no_filter:
         steps = steps >> filter_step(settings, defaults)
     pipeline = settings.pipeline(steps)
-    last = pipeline.run()
+    last = pipeline.run(executor=settings.executor())
 
     manifest = pipeline.manifest()
     if args.no_filter:

@@ -27,6 +27,7 @@ from magpie_hf.distilabel import (  # noqa: E402
 from magpie_hf.engines import EngineConfig  # noqa: E402
 from magpie_hf.pipeline import Pipeline  # noqa: E402
 from magpie_hf.steps import GeneratorStep, MagpieInstructions  # noqa: E402
+from magpie_hf.steps.base import STRING  # noqa: E402
 from magpie_hf.steps.filters import Condition, Filter  # noqa: E402
 from magpie_hf.steps.language import Language  # noqa: E402
 
@@ -37,7 +38,8 @@ TEXTS = ["How do I bake bread?", "Wie backe ich Brot?", "Comment faire du pain ?
 class Questions(GeneratorStep):
     """A cheap generator: row i is TEXTS[i % len(TEXTS)]; rows at odd indices past 4 are dropped."""
 
-    outputs = ("conversation_id", "instruction")
+    def output_features(self):
+        return {"conversation_id": STRING, "instruction": STRING}
 
     def generate(self, *, offset, num_rows, seed):
         rows = [i for i in range(offset, offset + num_rows) if not (i > 4 and i % 2)]
@@ -67,6 +69,8 @@ def test_wrappers_declare_columns_and_serialize(tmp_path):
     _, (questions, language, english) = _build(tmp_path)
     assert isinstance(questions, MagpieDistilabelGeneratorStep) and questions.outputs == ["conversation_id", "instruction"]
     assert isinstance(language, MagpieDistilabelStep) and language.inputs == ["instruction"] and language.outputs == ["language"]
+    # columns computed from the wrapped step's configuration
+    assert to_distilabel(Language(output_column="lang", input_column="response"), name="l3").outputs == ["lang"]
     assert isinstance(english, MagpieDistilabelGlobalStep)
     assert (questions.name, language.name, english.name) == ("questions", "language", "filter")
     dump = language.dump()

@@ -179,9 +179,9 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="needs a list"):
         Condition("difficulty", "in", "easy")
     ds = table().remove_columns(["reward_difference"])
-    with pytest.raises(ValueError, match="'reward_difference'.*Add the tagging step"):
-        preset_filter("Filter").process_dataset(ds, seed=0)
+    with pytest.raises(ValueError, match="'reward_difference'.*Add the step that writes them"):
+        preset_filter("Filter").check_inputs(ds.column_names)
     with pytest.raises(ValueError, match="did you mean 'instruct_reward'"):
-        Filter(conditions=[Condition("instruct_rewards", ">", 0)]).process_dataset(table(), seed=0)
+        Filter(conditions=[Condition("instruct_rewards", ">", 0)]).check_inputs(table().column_names)
     with pytest.raises(ValueError, match="Cannot evaluate"):
         Filter(conditions=[Condition("response", ">", 3)]).process_dataset(table(), seed=0)

@@ -103,7 +103,7 @@ def minilm():
     import torch
 
     torch.set_num_threads(1)
-    step = Neighbors.embedded(progress=False, keep_embeddings=True)
+    step = Neighbors.embedded(keep_embeddings=True)
     step.load()
     return step
 
@@ -123,7 +123,7 @@ def test_minilm_paraphrases_are_nearest_neighbours_and_duplicates_dedupe(minilm)
     ]
     ds = datasets.Dataset.from_dict({"conversation_id": [f"c{i}" for i in range(len(texts))], "instruction": texts})
     out = minilm.process_dataset(ds.select(range(len(texts))), seed=0)
-    assert set(Neighbors.outputs) <= set(out.column_names) and len(out) == len(ds)
+    assert set(minilm.outputs) <= set(out.column_names) and len(out) == len(ds)
     emb = np.asarray(out["embedding"][:7], dtype=np.float32)
     d2 = ((emb[:, None] - emb[None]) ** 2).sum(-1)
     np.fill_diagonal(d2, np.inf)
@@ -144,4 +144,4 @@ def test_missing_column_is_a_clear_error(minilm):
     import datasets
 
     with pytest.raises(ValueError, match="needs columns \\['conversation_id'\\]"):
-        minilm.process_dataset(datasets.Dataset.from_dict({"instruction": ["hi"]}), seed=0)
+        minilm.check_inputs(datasets.Dataset.from_dict({"instruction": ["hi"]}).column_names)

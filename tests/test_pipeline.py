@@ -1,5 +1,5 @@
-"""Pipeline mechanics (shards, resume, global stages, errors) on small pure-Python steps,
-and Magpie generation on the real embedded model."""
+"""Pipeline mechanics (shards, resume, integrity, locking, typed columns, global stages, errors) on
+small pure-Python steps, and Magpie generation on the real embedded model."""
 
 from __future__ import annotations
 
@@ -10,40 +10,62 @@ from typing import ClassVar
 
 import pytest
 
-from magpie_hf.pipeline import Pipeline, PipelineMismatchError, shard_seed
+from magpie_hf.layout import RunLockedError
+from magpie_hf.pipeline import Pipeline, PipelineMismatchError
+from magpie_hf.runner import ColumnTypeError
+from magpie_hf.seeds import SEEDS_PER_ROW, row_seed, stage_seed
 from magpie_hf.steps import DecodingSetting, GeneratorStep, GlobalStep, MagpieInstructions, Responses, Step, StepChain
+from magpie_hf.steps.base import FLOAT, STRING, MissingColumnsError, struct
 from magpie_hf.steps.generate import AIR_MIXTURE, PRO_MIXTURE, assign_settings
 
 
 @dataclasses.dataclass(kw_only=True)
 class Numbers(GeneratorStep):
-    """Seeded random numbers; drops multiples of 7 to exercise dropped-row counts."""
+    """Seeded random numbers (one generator per row, from the row's own seed); drops multiples of 7
+    to exercise dropped-row counts."""
 
-    outputs = ("conversation_id", "value")
     #: not a field (so not part of the run's settings): simulates a crash inside that shard
     fail_at_shard: ClassVar[int | None] = None
+
+    def output_features(self):
+        return {"conversation_id": STRING, "value": FLOAT}
 
     def generate(self, *, offset, num_rows, seed):
         if self.fail_at_shard is not None and offset // num_rows == self.fail_at_shard:
             raise KeyboardInterrupt("simulated kill")
-        rng = random.Random(seed)
         batch = {"conversation_id": [], "value": []}
-        for i in range(offset, offset + num_rows):
-            if i % 7 == 0:
+        for i in range(num_rows):
+            if (offset + i) % 7 == 0:
                 self.stats["dropped_multiple_of_7"] += 1
                 continue
-            batch["conversation_id"].append(f"row-{i}")
-            batch["value"].append(rng.random())
+            batch["conversation_id"].append(f"row-{offset + i}")
+            batch["value"].append(random.Random(row_seed(seed, i)).random())
         return batch
 
 
 @dataclasses.dataclass(kw_only=True)
 class Double(Step):
     inputs = ("value",)
-    outputs = ("double",)
+
+    def output_features(self):
+        return {"double": FLOAT}
 
     def process(self, batch, *, seed):
         return {**batch, "double": [2 * v for v in batch["value"]]}
+
+
+@dataclasses.dataclass(kw_only=True)
+class Noted(Step):
+    """Writes a column that is null in every row, and a struct with a field that is always null."""
+
+    inputs = ("value",)
+
+    def output_features(self):
+        return {"note": STRING, "meta": struct(why=STRING, score=FLOAT)}
+
+    def process(self, batch, *, seed):
+        n = len(batch["value"])
+        return {**batch, "note": [None] * n, "meta": [{"why": None, "score": v} for v in batch["value"]]}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -112,13 +134,79 @@ def test_input_dataset_and_errors(tmp_path):
         Pipeline([Double()], tmp_path / "b")
     with pytest.raises(ValueError, match="unique"):
         Pipeline(Numbers(num_rows=3) >> Double() >> Double(), tmp_path / "c")
-    with pytest.raises(ValueError, match="needs columns"):
-        Pipeline([Double()], tmp_path / "d", input_dataset=datasets.Dataset.from_dict({"x": [1]}), progress=False).run()
+    with pytest.raises(MissingColumnsError, match="needs columns \\['value' \\(did you mean 'values'\\?\\)\\]"):
+        Pipeline([Double()], tmp_path / "d", input_dataset=datasets.Dataset.from_dict({"values": [1]}), progress=False).run()
 
 
-def test_shard_seeds_are_stable_and_distinct():
-    assert shard_seed(0, 0, 0) == shard_seed(0, 0, 0)
-    assert len({shard_seed(s, st, sh) for s in range(3) for st in range(3) for sh in range(20)}) == 180
+def test_row_seeds_are_stable_and_never_share_a_sample_seed():
+    assert stage_seed(0, 1) == stage_seed(0, 1) and stage_seed(0, 1) != stage_seed(0, 2)
+    first = row_seed(stage_seed(3, 0), 0)
+    # every row owns SEEDS_PER_ROW consecutive seeds; no two rows' blocks meet
+    seeds = [row_seed(first, i) + j for i in range(500) for j in range(SEEDS_PER_ROW)]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_rows_do_not_depend_on_shard_size(tmp_path):
+    small = Pipeline(Numbers(num_rows=30) >> Double(), tmp_path / "a", shard_size=4, seed=2, progress=False).run()
+    large = Pipeline(Numbers(num_rows=30) >> Double(), tmp_path / "b", shard_size=30, seed=2, progress=False).run()
+    assert small["value"] == large["value"] and small["double"] == large["double"]
+
+
+def test_truncated_finished_shard_is_redone_with_the_same_rows(tmp_path, caplog):
+    steps = lambda: Numbers(num_rows=30) >> Double()  # noqa: E731
+    first = Pipeline(steps(), tmp_path, shard_size=8, seed=4, progress=False)
+    reference = first.run().to_list()
+    damaged = first.stage_files(0)[1]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a full disk cut it short
+    with caplog.at_level("WARNING"):
+        again = Pipeline(steps(), tmp_path, shard_size=8, seed=4, progress=False).run().to_list()
+    assert again == reference
+    assert any(str(damaged) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+
+
+def test_a_second_live_run_on_the_same_folder_is_refused(tmp_path):
+    import json
+    import os
+    import socket
+
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(RunLockedError, match=f"pid {os.getppid()}.*delete .*\\.lock"):
+        Pipeline(Numbers(num_rows=4), tmp_path, progress=False).run()
+    # a lock left by a process that is gone is taken over
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "then"}))
+    assert len(Pipeline(Numbers(num_rows=4), tmp_path, progress=False).run()) == 3
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_columns_are_typed_even_when_every_value_is_null(tmp_path):
+    import pyarrow.parquet as pq
+
+    pipe = Pipeline(Numbers(num_rows=12) >> Noted() >> KeepTop(k=0), tmp_path, shard_size=5, progress=False)
+    assert len(pipe.run()) == 0
+    for index in range(3):
+        for path in pipe.stage_files(index):
+            schema = pq.read_schema(path)
+            assert not [f.name for f in schema if str(f.type) == "null" or "null" in str(f.type)], schema
+    assert str(pq.read_schema(pipe.stage_files(2)[0]).field("meta").type) == "struct<why: string, score: double>"
+
+
+def test_a_step_must_declare_what_it_writes(tmp_path):
+    @dataclasses.dataclass(kw_only=True)
+    class Sloppy(Step):
+        inputs = ("value",)
+
+        def output_features(self):
+            return {"double": FLOAT}
+
+        def process(self, batch, *, seed):
+            return {**batch, "double": batch["value"], "extra": batch["value"]}
+
+    with pytest.raises(ColumnTypeError, match="'extra'.*neither declares"):
+        Pipeline(Numbers(num_rows=4) >> Sloppy(), tmp_path, progress=False).run()
+    with pytest.raises(TypeError, match="output_features"):
+        @dataclasses.dataclass(kw_only=True)
+        class OldStyle(Step):
+            outputs = ("x",)
 
 
 def test_mixture_assignment_follows_table_6():
@@ -168,12 +256,15 @@ def test_truncated_instructions_are_dropped_and_counted(embedded_engine, tmp_pat
     assert stats.get("dropped_truncated_instruction", 0) >= 1
 
 
-def test_counts_since_keeps_zero_counts_a_step_touched():
-    from collections import Counter
+def test_reports_keep_zero_counts_a_step_touched(tmp_path):
+    @dataclasses.dataclass(kw_only=True)
+    class Counting(Step):
+        inputs = ("value",)
 
-    from magpie_hf.pipeline import counts_since
+        def process(self, batch, *, seed):
+            self.stats["removed: nothing"] += 0
+            return batch
 
-    before = Counter({"parsed": 3, "removed: a": 0})
-    now = Counter({"parsed": 5, "removed: a": 0, "removed: b": 0})
-    assert counts_since(before, now) == Counter({"parsed": 2, "removed: b": 0})
-    assert "removed: b" in counts_since(before, now)
+    pipe = Pipeline(Numbers(num_rows=4) >> Counting(), tmp_path, progress=False)
+    pipe.run()
+    assert pipe.manifest()["stages"][1]["stats"] == {"removed: nothing": 0}

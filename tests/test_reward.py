@@ -71,6 +71,7 @@ def test_truncation_keeps_start_and_end_of_turn(tiny_rm_dir):
 def test_reward_step_column_names_and_missing_rows(tiny_rm_dir):
     step = RewardModel(model=tiny_rm_dir, response_column="base_output", output_column="base_reward", forward_batch_size=2)
     step.check_inputs(["instruction", "base_output"])
+    assert step.outputs == ("base_reward", "reward_model")  # computed from the configuration
     with pytest.raises(ValueError, match="base_output"):
         step.check_inputs(["instruction", "response"])
     step.load()
@@ -95,7 +96,7 @@ class ScriptedEngine(Engine):
     def tokenizer(self):
         return self._tok
 
-    def _generate(self, prompts, sampling, progress=None):
+    def _generate(self, prompts, sampling, seeds, progress):
         self.prompts.extend(prompts)
         self.sampling = sampling
         return [[Completion(self.answers.pop(0), 5, "stop") for _ in range(sampling.n)] for _ in prompts]

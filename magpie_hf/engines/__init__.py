@@ -9,49 +9,83 @@ Example:
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 from typing import Iterable
 
 from magpie_hf.engines.base import Completion, Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.hardware import Hardware, Resources
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Completion", "Engine", "EngineConfig", "SamplingConfig", "load_engine", "loaded_engine_configs", "resolve_backend", "release_engines"]
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "SamplingConfig",
+    "engine_resources",
+    "load_engine",
+    "loaded_engine_configs",
+    "release_engines",
+    "resolve_backend",
+]
 
 # Engines stay loaded while consecutive pipeline stages use the same config.
 _LOADED: dict[EngineConfig, Engine] = {}
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
+def resolve_backend(config: EngineConfig, hardware: Hardware | None = None, *, log: bool = True) -> str:
+    """The concrete backend ``config`` asks for on ``hardware`` (default: this machine).
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-def resolve_backend(config: EngineConfig) -> str:
-    """The concrete backend ``config`` asks for; ``auto`` picks vLLM when CUDA and vllm exist."""
+    This is the one place of the ``auto`` rule: an OpenAI-compatible server when a ``base_url`` is
+    given, else vLLM when CUDA and vllm are both there and the weights are not GGUF, else
+    transformers.
+    """
     if config.backend != "auto":
         return config.backend
+    hardware = hardware or Hardware.local()
     if config.base_url:
         choice, why = "openai", "a base_url was given"
-    elif config.gguf_file is None and _cuda_available() and importlib.util.find_spec("vllm") is not None:
+    elif config.gguf_file is None and hardware.gpu_backend_available:
         choice, why = "vllm", "CUDA and vllm are available"
     else:
         reasons = []
-        if not _cuda_available():
+        if not hardware.cuda:
             reasons.append("no CUDA device")
-        if importlib.util.find_spec("vllm") is None:
+        if not hardware.vllm:
             reasons.append("vllm not installed")
         if config.gguf_file is not None:
             reasons.append("GGUF weights")
         choice, why = "transformers", ", ".join(reasons) or "default"
-    logger.info("engine 'auto' chose %s for %s (%s)", choice, config.describe(), why)
+    if log:
+        logger.info("engine 'auto' chose %s for %s (%s)", choice, config.describe(), why)
     return choice
+
+
+def engine_resources(config: EngineConfig, hardware: Hardware | None = None) -> Resources:
+    """What a worker that loads ``config`` on ``hardware`` must reserve.
+
+    vLLM takes ``tensor_parallel_size`` GPUs; transformers takes one GPU when it will run on CUDA
+    (its ``device``, or CUDA when the workers have it); a server-backed engine takes none.
+
+    Example:
+        >>> engine_resources(EngineConfig("m", backend="vllm", tensor_parallel_size=4)).gpus
+        4
+        >>> engine_resources(EngineConfig("m", backend="transformers", device="cpu"), Hardware(cuda=True)).gpus
+        0
+    """
+    hardware = hardware or Hardware.local()
+    backend = resolve_backend(config, hardware, log=False)
+    if backend == "vllm":
+        return Resources(gpus=config.tensor_parallel_size)
+    if backend == "transformers" and on_cuda(config.device, hardware):
+        return Resources(gpus=1)
+    return Resources()
+
+
+def on_cuda(device: str | None, hardware: Hardware) -> bool:
+    """Whether a model placed on ``device`` (None: CUDA when there is one) runs on a GPU."""
+    return device.startswith("cuda") if device else hardware.cuda
 
 
 def load_engine(config: EngineConfig) -> Engine:
@@ -85,7 +119,7 @@ def release_engines(configs: Iterable[EngineConfig]) -> None:
             logger.info("releasing engine %s", config.describe())
             engine.close()
     gc.collect()
-    if _cuda_available():
+    if Hardware.local().cuda:
         import torch
 
         torch.cuda.empty_cache()

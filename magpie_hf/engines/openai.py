@@ -27,7 +27,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Sequence
+from typing import Any
 
 from magpie_hf.engines.base import Completion, Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig

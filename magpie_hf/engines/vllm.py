@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any
 
 from magpie_hf.engines.base import Completion, Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig

@@ -1,4 +1,4 @@
-"""distilabel-style steps: typed config, declared columns, ``load``/``unload``, batch in, batch out.
+"""distilabel-style steps: typed config, declared columns and hardware, ``load``/``unload``, batch in, batch out.
 
 A *batch* is a dict of equal-length column lists, the shape ``datasets.map(batched=True)`` and
 ``ray.data.map_batches`` use. Three kinds of step:
@@ -7,18 +7,45 @@ A *batch* is a dict of equal-length column lists, the shape ``datasets.map(batch
 - :class:`Step` turns a batch into a batch (it may drop rows, and counts them in ``stats``);
 - :class:`GlobalStep` sees a whole stage at once as a memory-mapped ``datasets.Dataset``.
 
-Steps compose with ``>>`` into a :class:`StepChain` that :class:`magpie_hf.pipeline.Pipeline` runs.
+Every step declares, from its configuration:
+
+- ``inputs``: the columns it reads (the runner checks them once, with one message);
+- :meth:`Step.output_features`: the columns it writes and their Arrow types, so a published
+  dataset never has an untyped (``null``) column, even when every value of a shard is null;
+  ``outputs`` is their names;
+- :meth:`Step.resources`: the GPUs and CPUs one worker running it needs (a vLLM engine with tensor
+  parallelism ``N`` needs ``N`` GPUs, a model on CUDA one), which executors reserve.
+
+Steps never run themselves: :func:`magpie_hf.runner.run_shard` calls :meth:`GeneratorStep.generate`
+or :meth:`Step.process` and writes the shard; executors decide where. Steps compose with ``>>``
+into a :class:`StepChain` that :class:`magpie_hf.pipeline.Pipeline` runs.
 
 Example:
-    >>> from magpie_hf.steps import MagpieInstructions, Responses
-    >>> chain = MagpieInstructions(num_rows=10) >> Responses()   # doctest: +SKIP
+    >>> import dataclasses
+    >>> @dataclasses.dataclass(kw_only=True)
+    ... class Shout(Step):
+    ...     inputs = ("instruction",)
+    ...     def output_features(self):
+    ...         return {"shout": STRING}
+    ...     def process(self, batch, *, seed):
+    ...         return {**batch, "shout": [t.upper() for t in batch["instruction"]]}
+    >>> step = Shout()
+    >>> step.name, step.outputs, step.resources()
+    ('shout', ('shout',), Resources(gpus=0, cpus=1.0))
+    >>> step.process({"instruction": ["hi"]}, seed=0)["shout"]
+    ['HI']
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+
+import pyarrow as pa
+
+from magpie_hf.hardware import Hardware, Resources
 
 if TYPE_CHECKING:
     import datasets
@@ -26,6 +53,29 @@ if TYPE_CHECKING:
     from magpie_hf.engines import Engine, EngineConfig
 
 Batch = dict[str, list[Any]]
+#: the columns a step writes and their Arrow types
+Features = dict[str, pa.DataType]
+#: ``progress(num_finished, num_new_tokens)``: how engines and steps report work as it happens
+ProgressCallback = Callable[[int, int], None]
+
+# column types the steps share
+STRING = pa.string()
+INT = pa.int64()
+FLOAT = pa.float64()
+BOOL = pa.bool_()
+STRINGS = pa.list_(pa.string())
+FLOATS = pa.list_(pa.float64())
+#: a conversation: ``[{role, content}, ...]``
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+class MissingColumnsError(ValueError):
+    """A step needs columns the previous stage did not produce."""
+
+
+def struct(**fields: pa.DataType) -> pa.StructType:
+    """An Arrow struct type from keyword fields, e.g. ``struct(temperature=FLOAT, seed=INT)``."""
+    return pa.struct(list(fields.items()))
 
 
 def batch_len(batch: Batch) -> int:
@@ -34,35 +84,67 @@ def batch_len(batch: Batch) -> int:
 
 
 def select_rows(batch: Batch, keep: Iterable[bool]) -> Batch:
-    """Keep the rows of ``batch`` where ``keep`` is true."""
+    """Keep the rows of ``batch`` where ``keep`` is true.
+
+    Example:
+        >>> select_rows({"a": [1, 2, 3], "b": ["x", "y", "z"]}, [True, False, True])
+        {'a': [1, 3], 'b': ['x', 'z']}
+    """
     mask = list(keep)
     return {k: [v for v, m in zip(col, mask) if m] for k, col in batch.items()}
 
 
 @dataclasses.dataclass(kw_only=True)
 class Step:
-    """A batch-to-batch step. Subclasses set ``inputs``/``outputs`` and implement :meth:`process`.
+    """A batch-to-batch step. Subclasses set ``inputs``, implement :meth:`output_features` and
+    :meth:`process`, and load models in :meth:`load`.
 
     Steps that run a model take ``engine``: an :class:`~magpie_hf.engines.EngineConfig`
     (loaded in :meth:`load`, shared with neighbouring stages that use the same config) or an
     already loaded :class:`~magpie_hf.engines.Engine` (used as is, never closed by the step).
     """
 
-    #: columns the step reads
+    #: columns the step reads (a property in steps whose column names are configurable)
     inputs: ClassVar[tuple[str, ...]] = ()
-    #: columns the step adds or overwrites
-    outputs: ClassVar[tuple[str, ...]] = ()
 
     name: str | None = None
     #: rows per call of :meth:`process`
     batch_size: int = 64
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not isinstance(cls.__dict__.get("outputs", property()), property):
+            raise TypeError(
+                f"{cls.__name__} sets `outputs`; declare the columns it writes with their types in "
+                "output_features() instead (outputs is derived from it)."
+            )
+
     def __post_init__(self) -> None:
         self.stats: collections.Counter[str] = collections.Counter()
-        #: set by the pipeline; engines call it as ``progress(num_finished, num_new_tokens)``
-        self.progress_callback: Callable[[int, int], None] | None = None
+        #: set by the runner while it runs the step; pass it to engines as ``progress=``
+        self.progress_callback: ProgressCallback | None = None
         if self.name is None:
             self.name = _snake(type(self).__name__)
+
+    # -- declarations --------------------------------------------------------------------------
+    def output_features(self) -> Features:
+        """The columns the step adds or overwrites, with their Arrow types (from its configuration)."""
+        return {}
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Names of the columns the step writes."""
+        return tuple(self.output_features())
+
+    def resources(self, hardware: Hardware | None = None) -> Resources:
+        """What one worker running this step needs on ``hardware`` (default: this machine): the
+        largest need of the engines it loads; steps with other models override this."""
+        from magpie_hf.engines import engine_resources
+
+        needs = Resources()
+        for config in self.engine_configs():
+            needs = needs.merge(engine_resources(config, hardware))
+        return needs
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -73,9 +155,15 @@ class Step:
 
     def engine_configs(self) -> set["EngineConfig"]:
         """Engine configs this step loads, so the pipeline can keep them loaded across stages."""
-        from magpie_hf.engines import EngineConfig
+        from magpie_hf.engines import Engine, EngineConfig
 
-        return {v for v in vars(self).values() if isinstance(v, EngineConfig)}
+        configs = set()
+        for value in vars(self).values():
+            if isinstance(value, Engine):
+                value = value.config
+            if isinstance(value, EngineConfig):
+                configs.add(value)
+        return configs
 
     def config_record(self) -> dict[str, Any]:
         """The step's settings as JSON-friendly data, for manifests and dataset cards."""
@@ -91,18 +179,28 @@ class Step:
             record[f.name] = _jsonable(value)
         return record
 
+    def check_inputs(self, columns: Iterable[str]) -> None:
+        """Refuse to run on ``columns`` when they lack one of :attr:`inputs` (the runner's one check).
+
+        Example:
+            >>> Step(name="judge").check_inputs(["instruction"])   # a Step reads nothing
+        """
+        available = list(columns)
+        missing = [c for c in self.inputs if c not in available]
+        if missing:
+            hints = {c: difflib.get_close_matches(c, available, n=1) for c in missing}
+            named = ", ".join(f"{c!r} (did you mean {h[0]!r}?)" if h else repr(c) for c, h in hints.items())
+            raise MissingColumnsError(
+                f"Step {self.name!r} needs columns [{named}] that the previous stage did not produce "
+                f"(it has {sorted(available)}). Add the step that writes them earlier in the chain, or set "
+                "the step's column names."
+            )
+
     # -- work --------------------------------------------------------------------------------
     def process(self, batch: Batch, *, seed: int) -> Batch:
-        """Turn ``batch`` into a new batch (same or fewer rows). ``seed`` is per shard."""
+        """Turn ``batch`` into a new batch (same or fewer rows). ``seed`` is the seed of the
+        batch's first row; row ``i`` owns :func:`magpie_hf.seeds.row_seed` ``(seed, i)``."""
         raise NotImplementedError(f"{type(self).__name__} must implement process()")
-
-    def check_inputs(self, columns: Iterable[str]) -> None:
-        missing = [c for c in self.inputs if c not in set(columns)]
-        if missing:
-            raise ValueError(
-                f"Step {self.name!r} needs columns {missing} that the previous stage did not produce "
-                f"(it has {sorted(columns)}). Add a step that writes them earlier in the chain."
-            )
 
     def __rshift__(self, other: "Step | StepChain") -> "StepChain":
         return StepChain([self]) >> other
@@ -115,7 +213,9 @@ class GeneratorStep(Step):
     num_rows: int = 1000
 
     def generate(self, *, offset: int, num_rows: int, seed: int) -> Batch:
-        """Return up to ``num_rows`` rows for row indices starting at ``offset`` (rows may be dropped)."""
+        """Return up to ``num_rows`` rows for row indices starting at ``offset`` (rows may be dropped).
+        ``seed`` is the seed of row ``offset``; row ``offset + i`` owns
+        :func:`magpie_hf.seeds.row_seed` ``(seed, i)``."""
         raise NotImplementedError(f"{type(self).__name__} must implement generate()")
 
 

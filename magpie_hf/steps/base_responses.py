@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
-from magpie_hf.steps.base import Batch, Step, batch_len, resolve_engine
+from magpie_hf.steps.base import FLOAT, INT, STRING, Batch, Features, Step, batch_len, resolve_engine
 
 #: the paper's base model for ``base_output`` (URIAL-prompted)
 PAPER_BASE_MODEL = "meta-llama/Meta-Llama-3-8B"
@@ -158,12 +158,6 @@ class BaseResponses(Step):
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("instruction",)
-    outputs: ClassVar[tuple[str, ...]] = (
-        "base_output",
-        "base_output_generator",
-        "base_output_finish_reason",
-        "base_output_num_tokens",
-    )
 
     engine: Engine | EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(model=PAPER_BASE_MODEL))
     template: BasePromptTemplate = dataclasses.field(default_factory=BasePromptTemplate)
@@ -171,6 +165,14 @@ class BaseResponses(Step):
     repetition_penalty: float = 1.0
     #: prepend the tokenizer's BOS when the tokenizer would add one (``None``: detect)
     add_bos: bool | None = None
+
+    def output_features(self) -> Features:
+        return {
+            "base_output": STRING,
+            "base_output_generator": STRING,
+            "base_output_finish_reason": STRING,
+            "base_output_num_tokens": INT,
+        }
 
     def load(self) -> None:
         self._engine = resolve_engine(self.engine)
@@ -238,7 +240,9 @@ class RewardDifference(Step):
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("instruct_reward", "base_reward")
-    outputs: ClassVar[tuple[str, ...]] = ("reward_difference",)
+
+    def output_features(self) -> Features:
+        return {"reward_difference": FLOAT}
 
     def process(self, batch: Batch, *, seed: int) -> Batch:
         diffs = []

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -196,9 +196,6 @@ class Filter(GlobalStep):
         >>> f.report                              # [{"condition": "difficulty >= 'medium'", "removed": 12}, ...]
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ()
-    outputs: ClassVar[tuple[str, ...]] = ()
-
     conditions: list[Condition] = dataclasses.field(default_factory=list)
     keep_longest: int | None = None
     length_column: str = "response"
@@ -224,18 +221,11 @@ class Filter(GlobalStep):
             columns.append(self.length_column)
         return list(dict.fromkeys(columns))
 
-    def check_columns(self, column_names: Sequence[str]) -> None:
-        missing = [c for c in self.required_columns() if c not in column_names]
-        if missing:
-            hints = {c: difflib.get_close_matches(c, column_names, n=1) for c in missing}
-            hint = "; ".join(f"{c!r} (did you mean {h[0]!r}?)" if h else repr(c) for c, h in hints.items())
-            raise ValueError(
-                f"Filter {self.name!r} needs columns the dataset does not have: {hint}. "
-                f"Available columns: {list(column_names)}. Add the tagging step that writes them first."
-            )
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self.required_columns())
 
     def process_dataset(self, dataset: "datasets.Dataset", *, seed: int = 0) -> "datasets.Dataset":
-        self.check_columns(dataset.column_names)
         self.report = []
         alive = np.ones(len(dataset), dtype=bool)
         for condition in self.conditions:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
-from magpie_hf.steps.base import Batch, GeneratorStep, Step, resolve_engine
+from magpie_hf.steps.base import FLOAT, INT, MESSAGES, STRING, Batch, Features, GeneratorStep, Step, resolve_engine, select_rows, struct
 
 if TYPE_CHECKING:
     from magpie_hf.templates import ChatTemplates
@@ -59,6 +59,30 @@ AIR_MIXTURE = tuple(
 #: temperatures (1.0-1.25) the 135M model derails: 21% of its queries at T=1.0 and about 40% over the
 #: Pro mixture run to a 192-token limit and are dropped; at T=0.9, top_p=0.95 about 2% do.
 EMBEDDED_MIXTURE = (DecodingSetting(0.9, 0.95, 1),)
+
+
+#: provenance of a step-1 row (``gen_input_configs``), as the published Magpie datasets have it
+GEN_INPUT_CONFIGS = struct(
+    input_generator=STRING,
+    engine=STRING,
+    pre_query_template=STRING,
+    system_prompt=STRING,
+    temperature=FLOAT,
+    top_p=FLOAT,
+    max_tokens=INT,
+    seed=INT,
+)
+#: provenance of a response (``gen_response_configs``)
+GEN_RESPONSE_CONFIGS = struct(
+    output_generator=STRING,
+    engine=STRING,
+    system_prompt=STRING,
+    temperature=FLOAT,
+    top_p=FLOAT,
+    max_tokens=INT,
+    repetition_penalty=FLOAT,
+    seed=INT,
+)
 
 
 def assign_settings(mixture: tuple[DecodingSetting, ...], num_rows: int, seed: int) -> np.ndarray:
@@ -112,14 +136,6 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
     (``drop_empty`` / ``drop_truncated``) and counted in ``stats``.
     """
 
-    outputs = (
-        "conversation_id",
-        "instruction",
-        "gen_input_configs",
-        "instruction_num_tokens",
-        "instruction_finish_reason",
-    )
-
     engine: Engine | EngineConfig
     mixture: tuple[DecodingSetting, ...] = (DecodingSetting(),)
     max_tokens: int = 512
@@ -141,6 +157,15 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
         self._engine = None
         self._templates = None
         self._assignment: np.ndarray | None = None
+
+    def output_features(self) -> Features:
+        return {
+            "conversation_id": STRING,
+            "instruction": STRING,
+            "gen_input_configs": GEN_INPUT_CONFIGS,
+            "instruction_num_tokens": INT,
+            "instruction_finish_reason": STRING,
+        }
 
     def load(self) -> None:
         self._load_engine_and_templates(pre_query_template=self.pre_query_template)
@@ -210,13 +235,6 @@ class Responses(Step, ChatTemplateMixin):
     """Magpie step 2: answer each instruction with the model's normal chat template (greedy by default)."""
 
     inputs = ("instruction",)
-    outputs = (
-        "response",
-        "conversations",
-        "gen_response_configs",
-        "response_num_tokens",
-        "response_finish_reason",
-    )
 
     engine: Engine | EngineConfig
     temperature: float = 0.0
@@ -236,6 +254,15 @@ class Responses(Step, ChatTemplateMixin):
             temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
             repetition_penalty=self.repetition_penalty,
         )
+
+    def output_features(self) -> Features:
+        return {
+            "response": STRING,
+            "conversations": MESSAGES,
+            "gen_response_configs": GEN_RESPONSE_CONFIGS,
+            "response_num_tokens": INT,
+            "response_finish_reason": STRING,
+        }
 
     def load(self) -> None:
         self._load_engine_and_templates()
@@ -274,5 +301,4 @@ class Responses(Step, ChatTemplateMixin):
             )
             new["response_num_tokens"].append(completion.num_tokens)
             new["response_finish_reason"].append(completion.finish_reason)
-        merged = {**batch, **new}
-        return {k: [v for v, m in zip(col, keep) if m] for k, col in merged.items()}
+        return select_rows({**batch, **new}, keep)

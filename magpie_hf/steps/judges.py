@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
-from magpie_hf.steps.base import Batch, Step, batch_len, resolve_engine
+from magpie_hf.steps.base import STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +154,17 @@ class JudgeStep(Step):
     def unload(self) -> None:
         self._engine = None
 
-    def check_inputs(self, columns: Any) -> None:
-        if self.input_column not in set(columns):
-            raise ValueError(
-                f"Step {self.name!r} judges column {self.input_column!r}, which the previous stage did not "
-                f"produce (it has {sorted(columns)}). Set input_column= or add a step that writes it."
-            )
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.input_column,)
+
+    def output_features(self) -> Features:
+        """The value columns (text unless a subclass says otherwise), the judge's name and the error."""
+        return {
+            **{column: STRING for column in self.value_columns},
+            self.generator_column: STRING,
+            self.error_column: STRING,
+        }
 
     @property
     def judge_name(self) -> str:
@@ -289,13 +294,6 @@ class TaskCategory(JudgeStep):
         >>> step = TaskCategory(engine=EngineConfig.embedded(), max_tokens=64)  # doctest: +SKIP
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("instruction",)
-    outputs: ClassVar[tuple[str, ...]] = (
-        "task_category",
-        "other_task_category",
-        "task_category_generator",
-        "task_category_error",
-    )
     value_columns: ClassVar[tuple[str, ...]] = ("task_category", "other_task_category")
     generator_column: ClassVar[str] = "task_category_generator"
     error_column: ClassVar[str] = "task_category_error"
@@ -303,6 +301,9 @@ class TaskCategory(JudgeStep):
     max_tokens: int = 64
     #: at most this many secondary categories
     max_other: int = 3
+
+    def output_features(self) -> Features:
+        return {**super().output_features(), "other_task_category": STRINGS}
 
     def prompt(self, text: str) -> str:
         return (
@@ -362,8 +363,6 @@ class InputQuality(JudgeStep):
         >>> step = InputQuality(engine=EngineConfig.embedded(), max_tokens=96)  # doctest: +SKIP
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("instruction",)
-    outputs: ClassVar[tuple[str, ...]] = ("input_quality", "quality_explanation", "quality_generator", "input_quality_error")
     value_columns: ClassVar[tuple[str, ...]] = ("input_quality", "quality_explanation")
     generator_column: ClassVar[str] = "quality_generator"
     error_column: ClassVar[str] = "input_quality_error"
@@ -407,8 +406,6 @@ class Difficulty(JudgeStep):
         >>> step = Difficulty(engine=EngineConfig.embedded(), max_tokens=96)  # doctest: +SKIP
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("instruction",)
-    outputs: ClassVar[tuple[str, ...]] = ("intent", "knowledge", "difficulty", "difficulty_generator", "difficulty_error")
     value_columns: ClassVar[tuple[str, ...]] = ("intent", "knowledge", "difficulty")
     generator_column: ClassVar[str] = "difficulty_generator"
     error_column: ClassVar[str] = "difficulty_error"

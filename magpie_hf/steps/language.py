@@ -15,9 +15,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
-from magpie_hf.steps.base import Batch, Step
+from magpie_hf.steps.base import STRING, Batch, Features, Step
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -29,9 +29,6 @@ class Language(Step):
     for instructions of a sentence or more; turn it off for very short texts.
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("instruction",)
-    outputs: ClassVar[tuple[str, ...]] = ("language",)
-
     input_column: str = "instruction"
     output_column: str = "language"
     languages: Sequence[str] | None = None
@@ -42,6 +39,13 @@ class Language(Step):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._detector: Any = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.input_column,)
+
+    def output_features(self) -> Features:
+        return {self.output_column: STRING}
 
     def load(self) -> None:
         from lingua import IsoCode639_1, LanguageDetectorBuilder

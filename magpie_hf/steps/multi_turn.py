@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
 from magpie_hf.postprocess import InstructionFilter, apply_filters
-from magpie_hf.steps.base import Batch, Step
+from magpie_hf.steps.base import INT, MESSAGES, STRING, Batch, Features, Step, select_rows
 from magpie_hf.steps.generate import ChatTemplateMixin
 
 if TYPE_CHECKING:
@@ -82,7 +82,6 @@ class MultiTurn(Step, ChatTemplateMixin):
     """
 
     inputs = ("instruction", "response")
-    outputs = ("conversations", "num_turns", "multi_turn_end_reason")
 
     engine: Engine | EngineConfig
     n_turns: int = 2
@@ -117,6 +116,14 @@ class MultiTurn(Step, ChatTemplateMixin):
             temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
             repetition_penalty=self.repetition_penalty,
         )
+
+    def output_features(self) -> Features:
+        return {
+            "conversations": MESSAGES,
+            "num_turns": INT,
+            "multi_turn_end_reason": STRING,
+            **{column: STRING for column in turn_columns(self.n_turns)},
+        }
 
     def load(self) -> None:
         from magpie_hf.templates import ChatTemplateError
@@ -205,7 +212,7 @@ class MultiTurn(Step, ChatTemplateMixin):
                 else:
                     conversations[i].append({"role": "assistant", "content": reply})
 
-        new: Batch = {name: [] for name in (*self.outputs, *turn_columns(self.n_turns))}
+        new: Batch = {name: [] for name in self.outputs}
         for i, conversation in enumerate(conversations):
             if self.end_with_user and conversation[-1]["role"] == "assistant":
                 conversation = conversation[:-1]
@@ -222,8 +229,7 @@ class MultiTurn(Step, ChatTemplateMixin):
                 new[f"response_{turn}"].append(pair[1]["content"] if len(pair) > 1 else None)
             if keep_row[i]:
                 self.stats[f"conversations_with_{user_turns}_turns"] += 1
-        merged = {**batch, **new}
-        return {k: [v for v, m in zip(col, keep_row) if m] for k, col in merged.items()}
+        return select_rows({**batch, **new}, keep_row)
 
     def _accept_query(self, completion: "Completion") -> tuple[str, str | None]:
         query, why = self._accept(completion, kind="query")

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 from tqdm.auto import tqdm
 
-from magpie_hf.steps.base import GlobalStep
+from magpie_hf.steps.base import FLOAT, INT, STRING, Features, GlobalStep
 
 if TYPE_CHECKING:
     import datasets
@@ -285,8 +286,6 @@ class Neighbors(GlobalStep):
         >>> cpu = Neighbors.embedded(threshold=0.05)                         # embedded MiniLM
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("instruction", "conversation_id")
-    outputs: ClassVar[tuple[str, ...]] = NEIGHBOR_COLUMNS
 
     #: sentence-transformers model id or local directory
     model: str = PAPER_EMBEDDING_MODEL
@@ -305,7 +304,6 @@ class Neighbors(GlobalStep):
     nprobe: int | None = None
     target_recall: float = 0.99
     use_gpu: bool | None = None
-    progress: bool = True
 
     @classmethod
     def embedded(cls, **kwargs: Any) -> "Neighbors":
@@ -319,6 +317,16 @@ class Neighbors(GlobalStep):
         self._model = None
         #: how the last search ran (index type, nprobe, range-searched rows)
         self.info: dict[str, Any] = {}
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.text_column, self.id_column)
+
+    def output_features(self) -> Features:
+        features: Features = {"min_neighbor_distance": FLOAT, "repeat_count": INT, "min_similar_conversation_id": STRING}
+        if self.keep_embeddings:
+            features["embedding"] = pa.list_(pa.float32())
+        return features
 
     def load(self) -> None:
         if self._model is None:
@@ -340,15 +348,14 @@ class Neighbors(GlobalStep):
         """Embeddings of the non-null texts and the row indices they belong to."""
         chunks, rows = [], []
         column = dataset.select_columns([self.text_column])
-        bar = tqdm(total=len(dataset), desc="embedding", unit="rows", disable=not self.progress)
         for offset, batch in zip(range(0, len(dataset), self.read_batch_size), column.iter(self.read_batch_size)):
             texts = batch[self.text_column]
             keep = [i for i, t in enumerate(texts) if t is not None]
             if keep:
                 chunks.append(self.embed([texts[i] for i in keep]))
                 rows.append(offset + np.asarray(keep, dtype=np.int64))
-            bar.update(len(texts))
-        bar.close()
+            if self.progress_callback is not None:
+                self.progress_callback(len(texts), 0)
         if not chunks:
             return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
         return np.concatenate(chunks), np.concatenate(rows)
@@ -358,12 +365,6 @@ class Neighbors(GlobalStep):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        missing = [c for c in (self.text_column, self.id_column) if c not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"Step {self.name!r} needs columns {missing}; the dataset has {dataset.column_names}. "
-                f"Set text_column=/id_column= or add a step that writes them."
-            )
         n = len(dataset)
         embeddings, rows = self._embed_column(dataset)
         self.stats["rows"] += n
@@ -383,7 +384,7 @@ class Neighbors(GlobalStep):
                 target_recall=self.target_recall,
                 use_gpu=self.use_gpu,
                 seed=seed,
-                progress=self.progress,
+                progress=False,  # the stage's bar counts the embedded rows
             )
             self.info = result.info
             distance[rows] = result.min_distance
@@ -405,7 +406,8 @@ class Neighbors(GlobalStep):
         if self.keep_embeddings and len(rows):
             full = np.zeros((n, embeddings.shape[1]), dtype=np.float32)
             full[rows] = embeddings
-            columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), embeddings.shape[1])
+            fixed = pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), embeddings.shape[1])
+            columns["embedding"] = fixed.cast(pa.list_(pa.float32()))
         new = datasets.Dataset(datasets.table.InMemoryTable(pa.table(columns)))
         base = dataset.remove_columns([c for c in columns if c in dataset.column_names])
         if base._indices is not None:

@@ -29,15 +29,27 @@ import hashlib
 import math
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+import pyarrow as pa
+
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
-from magpie_hf.steps.base import Batch, Step
+from magpie_hf.hardware import Hardware, Resources
+from magpie_hf.steps.base import FLOAT, FLOATS, INT, MESSAGES, STRING, STRINGS, Batch, Features, Step, struct
 from magpie_hf.steps.generate import ChatTemplateMixin
 
 if TYPE_CHECKING:
     import datasets
 
-#: the columns every pair builder writes (plus its own score columns)
-PAIR_COLUMNS = ("conversation_id", "instruction", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward")
+#: the columns every pair builder writes (plus its own score columns), TRL's conversational preference format
+PAIR_FEATURES: Features = {
+    "conversation_id": STRING,
+    "instruction": STRING,
+    "prompt": MESSAGES,
+    "chosen": MESSAGES,
+    "rejected": MESSAGES,
+    "chosen_reward": FLOAT,
+    "rejected_reward": FLOAT,
+}
+PAIR_COLUMNS = tuple(PAIR_FEATURES)
 
 
 def _is_number(value: Any) -> bool:
@@ -71,10 +83,12 @@ class InstructVsBasePairs(Step):
     inputs: ClassVar[tuple[str, ...]] = (
         "conversation_id", "instruction", "response", "base_output", "instruct_reward", "base_reward", "reward_difference",
     )
-    outputs: ClassVar[tuple[str, ...]] = (*PAIR_COLUMNS, "instruct_reward", "base_reward", "reward_difference")
 
     #: the paper's threshold: keep pairs with ``instruct_reward - base_reward > tau``
     tau: float = 0.0
+
+    def output_features(self) -> Features:
+        return {**PAIR_FEATURES, "instruct_reward": FLOAT, "base_reward": FLOAT, "reward_difference": FLOAT}
 
     def process(self, batch: Batch, *, seed: int) -> Batch:
         rows = []
@@ -110,9 +124,6 @@ class MultiResponses(Step, ChatTemplateMixin):
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("instruction",)
-    outputs: ClassVar[tuple[str, ...]] = (
-        "responses", "responses_finish_reasons", "responses_num_tokens", "gen_multi_response_configs",
-    )
 
     engine: Engine | EngineConfig
     n: int = 5
@@ -135,6 +146,17 @@ class MultiResponses(Step, ChatTemplateMixin):
             temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, n=self.n,
             repetition_penalty=self.repetition_penalty,
         )
+
+    def output_features(self) -> Features:
+        return {
+            "responses": STRINGS,
+            "responses_finish_reasons": STRINGS,
+            "responses_num_tokens": pa.list_(INT),
+            "gen_multi_response_configs": struct(
+                output_generator=STRING, engine=STRING, n=INT, system_prompt=STRING, temperature=FLOAT,
+                top_p=FLOAT, max_tokens=INT, repetition_penalty=FLOAT, seed=INT,
+            ),
+        }
 
     def load(self) -> None:
         self._load_engine_and_templates()
@@ -176,7 +198,6 @@ class MultiResponseRewards(Step):
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("instruction", "responses")
-    outputs: ClassVar[tuple[str, ...]] = ("rewards", "rewards_model")
 
     reward: Step
 
@@ -191,8 +212,14 @@ class MultiResponseRewards(Step):
         if getattr(self.reward, "response_column", "response") != "response":
             raise ValueError("Give MultiResponseRewards a reward step with the default response_column='response'.")
 
+    def output_features(self) -> Features:
+        return {"rewards": FLOATS, "rewards_model": STRING}
+
     def engine_configs(self) -> set[EngineConfig]:
         return self.reward.engine_configs()
+
+    def resources(self, hardware: Hardware | None = None) -> Resources:
+        return self.reward.resources(hardware)
 
     def config_record(self) -> dict[str, Any]:
         return {"step": type(self).__name__, "name": self.name, "batch_size": self.batch_size,
@@ -232,10 +259,12 @@ class BestOfNPairs(Step):
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("conversation_id", "instruction", "responses", "rewards")
-    outputs: ClassVar[tuple[str, ...]] = (*PAIR_COLUMNS, "responses", "rewards")
 
     #: the smallest reward gap between chosen and rejected that makes a pair (ties never do)
     margin: float = 0.0
+
+    def output_features(self) -> Features:
+        return {**PAIR_FEATURES, "responses": STRINGS, "rewards": FLOATS}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -25,12 +25,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
 from magpie_hf.engines import SamplingConfig
-from magpie_hf.steps.base import Batch, Step, batch_len
+from magpie_hf.hardware import Hardware, Resources
+from magpie_hf.steps.base import FLOAT, STRING, Batch, Features, Step, batch_len
 from magpie_hf.steps.judges import JudgeError, JudgeStep, quote_text, render_chat
 
 logger = logging.getLogger(__name__)
@@ -187,9 +188,6 @@ class RewardModel(Step):
         >>> base = RewardModel(response_column="base_output", output_column="base_reward")
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("instruction", "response")
-    outputs: ClassVar[tuple[str, ...]] = ("instruct_reward", "reward_model")
-
     model: str = PAPER_REWARD_MODEL
     tokenizer: str | None = None
     revision: str | None = None
@@ -208,10 +206,18 @@ class RewardModel(Step):
         super().__post_init__()
         self._scorer: RewardModelScorer | None = None
 
-    def check_inputs(self, columns: Any) -> None:
-        missing = [c for c in (self.instruction_column, self.response_column) if c not in set(columns)]
-        if missing:
-            raise ValueError(f"Step {self.name!r} needs columns {missing}; it has {sorted(columns)}.")
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.instruction_column, self.response_column)
+
+    def output_features(self) -> Features:
+        return {self.output_column: FLOAT, self.model_column: STRING}
+
+    def resources(self, hardware: Hardware | None = None) -> Resources:
+        """One GPU when the reward model will sit on CUDA (its ``device``, or CUDA where there is one)."""
+        from magpie_hf.engines import on_cuda
+
+        return Resources(gpus=1 if on_cuda(self.device, hardware or Hardware.local()) else 0)
 
     def load(self) -> None:
         self._scorer = RewardModelScorer(
@@ -268,9 +274,6 @@ class JudgeReward(JudgeStep):
         >>> step = JudgeReward(engine=EngineConfig.embedded(), max_tokens=16, num_samples=5)  # doctest: +SKIP
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("instruction", "response")
-    outputs: ClassVar[tuple[str, ...]] = ("instruct_reward", "reward_model", "instruct_reward_error")
-
     response_column: str = "response"
     output_column: str = "instruct_reward"
     model_column: str = "reward_model"
@@ -309,10 +312,12 @@ class JudgeReward(JudgeStep):
     def error_column(self) -> str:  # type: ignore[override]
         return f"{self.output_column}_error"
 
-    def check_inputs(self, columns: Any) -> None:
-        missing = [c for c in (self.input_column, self.response_column) if c not in set(columns)]
-        if missing:
-            raise ValueError(f"Step {self.name!r} needs columns {missing}; it has {sorted(columns)}.")
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.input_column, self.response_column)
+
+    def output_features(self) -> Features:
+        return {**super().output_features(), self.output_column: FLOAT}
 
     def judged_items(self, batch: Batch) -> list[Any]:
         pairs = zip(batch[self.input_column], batch[self.response_column])

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
-from magpie_hf.steps.base import Batch, Step, batch_len, resolve_engine
+from magpie_hf.steps.base import BOOL, STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
 from magpie_hf.steps.judges import render_chat
 
 PAPER_GUARD_MODEL = "meta-llama/Meta-Llama-Guard-2-8B"
@@ -109,8 +109,6 @@ class LlamaGuard(Step):
     are not sent to the guard (null, counted as ``empty_input``).
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("instruction", "response")
-    outputs: ClassVar[tuple[str, ...]] = ("llama_guard_2", "is_safe", "unsafe_categories", "llama_guard_error")
 
     engine: Engine | EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(model=PAPER_GUARD_MODEL))
     instruction_column: str = "instruction"
@@ -123,6 +121,13 @@ class LlamaGuard(Step):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._engine: Engine | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.instruction_column, self.response_column)
+
+    def output_features(self) -> Features:
+        return {"llama_guard_2": STRING, "is_safe": BOOL, "unsafe_categories": STRINGS, "llama_guard_error": STRING}
 
     def load(self) -> None:
         self._engine = resolve_engine(self.engine)

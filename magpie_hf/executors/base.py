@@ -1,0 +1,42 @@
+"""What an executor is: it maps a stage's pending shard tasks to workers.
+
+An executor decides *where* shard tasks run and where a step's ``load()`` happens; the work of a
+task is always :func:`magpie_hf.runner.run_shard`. The pipeline asks it for the workers'
+:class:`~magpie_hf.hardware.Hardware` (so ``auto`` engines and the GPUs a step declares are judged
+where the step will run), then hands it one stage at a time.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Sequence
+
+from magpie_hf.hardware import Hardware
+
+if TYPE_CHECKING:
+    from magpie_hf.layout import RunLayout
+    from magpie_hf.progress import StageProgress
+    from magpie_hf.runner import ShardReport, ShardTask
+    from magpie_hf.steps.base import Step
+
+
+class StageFailedError(RuntimeError):
+    """A stage stopped because a worker failed; the message holds the worker's own error."""
+
+
+class Executor(abc.ABC):
+    """Runs the shard tasks of one stage at a time."""
+
+    def start(self) -> None:
+        """Get ready to run (connect to a cluster); called once before the first stage."""
+
+    def hardware(self) -> Hardware:
+        """What the workers have (default: this machine)."""
+        return Hardware.local()
+
+    @abc.abstractmethod
+    def run_stage(
+        self, step: "Step", tasks: Sequence["ShardTask"], layout: "RunLayout", progress: "StageProgress"
+    ) -> list["ShardReport"]:
+        """Run every task of ``tasks`` (all of one stage, ``step`` not loaded yet); return their
+        reports in task order."""

@@ -1,0 +1,283 @@
+"""The output folder of a run: where every stage and shard lives, and how it is written.
+
+Everything a run writes goes through :class:`RunLayout`, so the rules are in one place:
+
+- paths are absolute (a Ray worker whose working directory differs writes to the same place);
+- files appear atomically (a temporary file, then ``os.replace``), so a reader never sees half a file;
+- a shard is done when its *completion record* (``shard-XXXXX.json``) exists beside it and the
+  Parquet file matches the row count, size and SHA-256 the record holds; a shard that fails that
+  check (truncated by a full disk, half-copied over NFS) is removed with a warning that names the
+  file and is made again;
+- ``pipeline.json`` holds the run's settings (a rerun with other settings is refused) and
+  ``manifest.json`` what every stage did;
+- ``.lock`` names the live run (pid, host) that holds the folder; a second run is refused.
+
+Layout of ``output_dir``::
+
+    pipeline.json                      settings of the run
+    manifest.json                      settings + per-stage reports, written at the end
+    .lock                              held while a run is live
+    stages/input/                      a user-given input dataset, as shards (written once)
+    stages/00-magpie_instructions/     shard-00000.parquet, shard-00000.json, ..., _stage.json
+    stages/01-responses/               ...
+
+Example:
+    >>> import tempfile, pyarrow as pa
+    >>> layout = RunLayout(tempfile.mkdtemp())
+    >>> path = layout.shard_path(layout.stage_dir(0, "numbers"), 0)
+    >>> record = layout.write_shard(path, pa.table({"x": [1, 2, 3]}), {"rows_in": 3})
+    >>> record["rows"], layout.verified_record(path)["report"]
+    (3, {'rows_in': 3})
+    >>> _ = path.write_bytes(path.read_bytes()[:-10])   # a truncated copy
+    >>> layout.verified_record(path) is None
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+SHARD_PATTERN = "shard-*.parquet"
+STAGE_RECORD = "_stage.json"
+
+
+class PipelineMismatchError(RuntimeError):
+    """The output directory holds a run made with other settings."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the output directory."""
+
+
+class RunLayout:
+    """Paths, atomic writes and completion records of one run's output folder.
+
+    Args:
+        output_dir: the run's folder; made absolute at once.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.root = Path(output_dir).expanduser().resolve()
+
+    # -- paths ---------------------------------------------------------------------------------
+    @property
+    def stages_dir(self) -> Path:
+        return self.root / "stages"
+
+    @property
+    def input_dir(self) -> Path:
+        """Where a user-given input dataset is written as shards."""
+        return self.stages_dir / "input"
+
+    @property
+    def cache_dir(self) -> Path:
+        """The ``datasets`` cache of this run (memory-mapped Arrow)."""
+        return self.root / "cache"
+
+    def stage_dir(self, index: int, name: str) -> Path:
+        return self.stages_dir / f"{index:02d}-{name}"
+
+    @staticmethod
+    def shard_path(stage_dir: Path, shard: int) -> Path:
+        return stage_dir / f"shard-{shard:05d}.parquet"
+
+    @staticmethod
+    def record_path(shard_path: Path) -> Path:
+        return shard_path.with_suffix(".json")
+
+    @staticmethod
+    def shard_files(stage_dir: Path) -> list[Path]:
+        """The stage's Parquet shards in order (done or not)."""
+        return sorted(stage_dir.glob(SHARD_PATTERN))
+
+    # -- atomic writes -------------------------------------------------------------------------
+    @staticmethod
+    def write_json(path: Path, data: Any) -> None:
+        """Write ``data`` as JSON to ``path`` atomically."""
+        _atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False).encode())
+
+    @staticmethod
+    def read_json(path: Path) -> Any:
+        return json.loads(path.read_text())
+
+    def write_shard(self, path: Path, table: pa.Table, report: dict[str, Any]) -> dict[str, Any]:
+        """Write ``table`` to ``path`` and then its completion record; return the record.
+
+        The record is written last: a shard without one is not done, whatever else is there.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(path)
+        try:
+            pq.write_table(table, tmp)
+            size, digest = _file_digest(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        record = {"rows": table.num_rows, "bytes": size, "sha256": digest, "report": report}
+        self.write_json(self.record_path(path), record)
+        return record
+
+    # -- completion ----------------------------------------------------------------------------
+    def verified_record(self, path: Path) -> dict[str, Any] | None:
+        """The completion record of a finished, intact shard; None when the shard must be made.
+
+        A shard whose file is missing, or does not match its record (size, SHA-256, row count), is
+        removed with a warning that names the file, so that it is made again.
+        """
+        record_path = self.record_path(path)
+        if not record_path.exists():
+            return None
+        try:
+            record = self.read_json(record_path)
+            problem = _mismatch(path, record)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            problem = f"unreadable completion record ({err})"
+        if problem is None:
+            return record
+        logger.warning("shard %s is damaged (%s); making it again", path, problem)
+        for stale in (path, record_path):
+            stale.unlink(missing_ok=True)
+        return None
+
+    def clear_stage(self, stage_dir: Path) -> None:
+        """Remove every shard, record and the stage record of ``stage_dir`` (a global stage redone)."""
+        for stale in [*stage_dir.glob("shard-*"), stage_dir / STAGE_RECORD]:
+            stale.unlink(missing_ok=True)
+
+    def stage_record(self, stage_dir: Path) -> dict[str, Any] | None:
+        path = stage_dir / STAGE_RECORD
+        return self.read_json(path) if path.exists() else None
+
+    def write_stage_record(self, stage_dir: Path, report: dict[str, Any]) -> None:
+        self.write_json(stage_dir / STAGE_RECORD, report)
+
+    # -- run settings ----------------------------------------------------------------------------
+    def check_or_write_settings(self, settings: dict[str, Any]) -> None:
+        """Write ``pipeline.json``, or refuse when it holds a run made with other settings."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "pipeline.json"
+        settings = json.loads(json.dumps(settings))
+        if not path.exists():
+            self.write_json(path, settings)
+            return
+        if self.read_json(path) != settings:
+            raise PipelineMismatchError(
+                f"{self.root} holds a run made with other settings (see {path}). "
+                "Resume it with the same settings, or choose a new output directory."
+            )
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.write_json(self.root / "manifest.json", manifest)
+
+    # -- lock ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold ``.lock`` for the duration of a run; refuse when a live run holds it.
+
+        A lock left by a run that died on this host (its pid is gone) is taken over. A lock from
+        another host cannot be checked from here: the error says how to clear it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder is not None and _is_live(holder):
+                    raise RunLockedError(
+                        f"{self.root} is in use by another run (pid {holder.get('pid')} on host "
+                        f"{holder.get('host')!r}, started {holder.get('started')}). Wait for it to finish, or "
+                        f"choose another output directory. If no run is live there, delete {path}."
+                    ) from None
+                logger.warning("taking over %s left by a run that is no longer live (%s)", path, holder)
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            break
+        try:
+            yield
+        finally:
+            if _read_lock(path) == me:
+                path.unlink(missing_ok=True)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _mismatch(path: Path, record: dict[str, Any]) -> str | None:
+    """Why ``path`` does not match its completion record (None when it does)."""
+    if not path.exists():
+        return "its Parquet file is missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{size} bytes on disk, {record['bytes']} when written"
+    _, digest = _file_digest(path)
+    if digest != record["sha256"]:
+        return "its checksum differs from the one recorded when it was written"
+    rows = pq.read_metadata(path).num_rows
+    if rows != record["rows"]:
+        return f"{rows} rows, {record['rows']} when written"
+    return None
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_live(holder: dict[str, Any]) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
