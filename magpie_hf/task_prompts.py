@@ -129,7 +129,7 @@ TASK_ALIASES: dict[str, str] = {
 }
 
 #: the paper's task-category name of each registry key (the label the task-category tagger uses)
-TASK_CATEGORIES: dict[str, str] = {
+TASK_PROMPT_CATEGORIES: dict[str, str] = {
     "math": "Math",
     "coding": "Coding & Debugging",
     "translation": "Information seeking",  # the paper has no translation category

@@ -6,11 +6,10 @@ import datasets
 import numpy as np
 import pytest
 
+from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES
 from magpie_hf.steps.filters import (
     DEDUPLICATE,
-    DIFFICULTY_SCALE,
     FILTER_PRESETS,
-    QUALITY_SCALE,
     Condition,
     Filter,
     preset_filter,
@@ -90,8 +89,8 @@ def test_presets_match_a_row_by_row_reference_on_random_tables():
     rows = [
         (
             f"id{i:04d}",
-            rng.choice([*QUALITY_SCALE, None]),
-            rng.choice([*DIFFICULTY_SCALE, None]),
+            rng.choice([*INPUT_QUALITIES, None]),
+            rng.choice([*DIFFICULTIES, None]),
             float(rng.choice([0.0, rng.uniform(0, 1)])),
             float(rng.normal(-8, 6)),
             None if rng.random() < 0.1 else float(rng.normal(0, 2)),
@@ -99,7 +98,7 @@ def test_presets_match_a_row_by_row_reference_on_random_tables():
         )
         for i in range(n)
     ]
-    q, d = {v: i for i, v in enumerate(QUALITY_SCALE)}, {v: i for i, v in enumerate(DIFFICULTY_SCALE)}
+    q, d = {v: i for i, v in enumerate(INPUT_QUALITIES)}, {v: i for i, v in enumerate(DIFFICULTIES)}
 
     def ok(r, quality=None, difficulty=None, reward=False, diff=False):
         return (

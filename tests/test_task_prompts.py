@@ -12,8 +12,9 @@ import pytest
 
 from magpie_hf import engines
 from magpie_hf.engines import Engine, EngineConfig
+from magpie_hf.labels import TASK_CATEGORIES
 from magpie_hf.task_prompts import (
-    TASK_CATEGORIES,
+    TASK_PROMPT_CATEGORIES,
     TASK_PROMPTS,
     TaskControlledInstructions,
     TaskMix,
@@ -25,10 +26,7 @@ from magpie_hf.task_prompts import (
 from magpie_hf.templates import ChatTemplateError
 from tests.conftest import chat_template_fixtures
 
-PAPER_CATEGORIES = {
-    "Math", "Coding & Debugging", "Reasoning", "Creative writing", "Data analysis", "Information seeking",
-    "Advice seeking", "Planning", "Editing", "Role playing", "Brainstorming",
-}
+PAPER_CATEGORIES = set(TASK_CATEGORIES) - {"Others"}
 
 
 def test_registry_covers_the_paper_categories():
@@ -36,7 +34,7 @@ def test_registry_covers_the_paper_categories():
         "math", "coding", "translation", "reasoning", "creative_writing", "data_analysis",
         "information_seeking", "advice_seeking", "planning", "editing", "role_playing", "brainstorming",
     }
-    assert set(TASK_CATEGORIES.values()) >= PAPER_CATEGORIES
+    assert set(TASK_PROMPT_CATEGORIES.values()) >= PAPER_CATEGORIES
     for key, prompt in TASK_PROMPTS.items():
         assert prompt.startswith("You are an AI assistant") and "Users" in prompt and len(prompt) > 150, key
     assert len(set(TASK_PROMPTS.values())) == len(TASK_PROMPTS)

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -93,10 +92,6 @@ class PublishResult:
     attempts: int = 0
     message: str = ""
 
-    @property
-    def load_snippet(self) -> str:
-        return f'load_dataset("{self.repo_id}", revision="{self.tag}")'
-
 
 def parse_version(version: str) -> str:
     """``"1.2.3"`` or ``"v1.2.3"`` -> the tag ``"v1.2.3"``; anything that is not semantic versioning is refused."""
@@ -111,14 +106,10 @@ def push_later_hint(folder: str | os.PathLike, repo_id: str, tag: str) -> str:
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors of whichever HTTP client this huggingface_hub uses, plus offline mode."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)), ("requests", ("ConnectionError", "Timeout"))):
-        try:
-            found = importlib.import_module(module)
-        except ImportError:
-            continue
-        errors += [getattr(found, n) for n in names if hasattr(found, n)]
+    """Connection-level errors of huggingface_hub's HTTP client (httpx since huggingface_hub 1.0), plus offline mode."""
+    import httpx
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, httpx.TransportError]
     try:
         from huggingface_hub.errors import OfflineModeIsEnabled
 

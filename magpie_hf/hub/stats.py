@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES
+
 from .layout import FolderLayout
 
 #: categorical columns described in the card: column -> (label, natural order of values or None = by count)
 CATEGORICAL = {
     "task_category": ("Task category", None),
-    "input_quality": ("Input quality", ["very poor", "poor", "average", "good", "excellent"]),
-    "difficulty": ("Difficulty", ["very easy", "easy", "medium", "hard", "very hard"]),
+    "input_quality": ("Input quality", list(INPUT_QUALITIES)),
+    "difficulty": ("Difficulty", list(DIFFICULTIES)),
     "safety": ("Safety (Llama-Guard-2)", ["safe"]),
     "language": ("Language", None),
 }

@@ -38,14 +38,12 @@ import numpy as np
 
 from magpie_hf.steps.base import GlobalStep
 
+from magpie_hf.labels import ORDINAL_SCALES
+
 if TYPE_CHECKING:
     import datasets
     import pyarrow as pa
 
-QUALITY_SCALE = ("very poor", "poor", "average", "good", "excellent")
-DIFFICULTY_SCALE = ("very easy", "easy", "medium", "hard", "very hard")
-#: label columns compared by rank on their scale
-ORDINAL_SCALES: dict[str, tuple[str, ...]] = {"input_quality": QUALITY_SCALE, "difficulty": DIFFICULTY_SCALE}
 
 #: the paper's thresholds (Table 4): instruct reward > tau1, reward difference > tau2
 TAU1 = -12.0

@@ -28,28 +28,13 @@ from tqdm.auto import tqdm
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES, TASK_CATEGORIES
 from magpie_hf.steps.base import STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
 
 logger = logging.getLogger(__name__)
 
 PAPER_JUDGE_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 
-TASK_CATEGORIES: tuple[str, ...] = (
-    "Information seeking",
-    "Reasoning",
-    "Planning",
-    "Editing",
-    "Coding & Debugging",
-    "Math",
-    "Role playing",
-    "Data analysis",
-    "Creative writing",
-    "Advice seeking",
-    "Brainstorming",
-    "Others",
-)
-INPUT_QUALITIES: tuple[str, ...] = ("very poor", "poor", "average", "good", "excellent")
-DIFFICULTIES: tuple[str, ...] = ("very easy", "easy", "medium", "hard", "very hard")
 
 
 # --------------------------------------------------------------------------------------------
