@@ -362,7 +362,7 @@ def derive_templates(
 
     Example:
         >>> t = derive_templates(tok)  # doctest: +SKIP
-        >>> t.pre_query
+        >>> t.pre_query  # doctest: +SKIP
         '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n'
     """
     extra_stops = list(stop_strings or [])

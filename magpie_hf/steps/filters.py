@@ -189,9 +189,14 @@ class Filter(GlobalStep):
     stratum runs short; rows in no stratum are removed and reported).
 
     Example:
-        >>> f = Filter(conditions=[Condition("difficulty", ">=", "medium")], keep_longest=100)
-        >>> f.process_dataset(dataset, seed=0)    # doctest: +SKIP
-        >>> f.report                              # [{"condition": "difficulty >= 'medium'", "removed": 12}, ...]
+        >>> import datasets
+        >>> dataset = datasets.Dataset.from_dict(
+        ...     {"conversation_id": ["a", "b", "c"], "difficulty": ["easy", "hard", "medium"], "response": ["x", "yyy", "zz"]})
+        >>> f = Filter(conditions=[Condition("difficulty", ">=", "medium")], keep_longest=1)
+        >>> f.process_dataset(dataset, seed=0)["conversation_id"][:]
+        ['b']
+        >>> f.report
+        [{'condition': "difficulty >= 'medium'", 'removed': 1}, {'condition': 'keep 1 longest response', 'removed': 1}]
     """
 
     conditions: list[Condition] = dataclasses.field(default_factory=list)
