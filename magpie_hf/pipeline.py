@@ -192,6 +192,7 @@ class Pipeline:
             "stats": dict(counts),
             "seconds": round(sum(r.seconds for r in reports), 3),
             "wall_seconds_this_run": round(time.perf_counter() - started, 3),
+            "provenance": next((r.provenance for r in reports if r.provenance), {}),
         }
         self.layout.write_stage_record(stage_dir, report)
         dropped = {k: v for k, v in counts.items() if k.startswith("dropped")}
@@ -267,7 +268,7 @@ class Pipeline:
         previous = self.layout.stage_record(stage_dir)
         if previous is not None and self._global_shards_intact(stage_dir, previous.get("shards")):
             logger.info("stage %s already finished; skipping", stage_dir.name)
-            return [ShardReport(previous["rows_in"], previous["rows_out"], previous["stats"], previous["seconds"])]
+            return [ShardReport.from_dict(previous)]
         self.layout.clear_stage(stage_dir)
         dataset = dataset_from_parquet(self._input_files(index), self.layout.cache_dir)
         bar = self._bar(index, step, len(dataset))

@@ -154,6 +154,12 @@ FILTERS: dict[str, type] = {
 }
 
 
+def sanitize_filters() -> tuple[InstructionFilter, ...]:
+    """What ``--sanitize`` applies (the official runs' clean-up of Llama-3.x and Gemma-2 queries): strip a
+    leading label such as ``**Question**:`` and a role word a leaking header left at the end."""
+    return (StripLabelPrefix(), StripTrailingRoleWord())
+
+
 def filters_from_names(names: str | Sequence[str] | None) -> tuple[InstructionFilter, ...]:
     """Build filters (default settings) from names, e.g. ``"trailing_role_word,system_prompt_echo"``.
 

@@ -1,198 +1,304 @@
-"""What every recipe shares: flags, presets, hardware checks and provenance.
+"""What every recipe shares: its typed configuration, presets, the steps it builds, and how it runs.
 
-A recipe script (``recipes/magpie_pro.py`` and friends) declares its paper defaults as a
-:class:`RecipeDefaults`, parses the shared flags with :func:`recipe_parser`, and turns them into
-:class:`RecipeSettings` with :func:`resolve_settings`. ``--preset cpu`` swaps in the embedded
-SmolLM2-135M-Instruct and small sizes so the recipe finishes on a laptop CPU in minutes.
+A recipe script (``recipes/magpie_pro.py`` and friends) declares a :class:`Recipe` (its name, its
+paper-scale defaults, what ``--preset cpu`` changes, the argument sections it takes beyond the common
+ones), parses a :class:`RecipeConfig` with :func:`parse_recipe` (flags and ``--config FILE.yaml``,
+:mod:`magpie_hf.cli_config`), builds its steps from that config with :func:`generation_steps`,
+:func:`tagging_steps` and friends, and hands them to :func:`run_recipe`, which handles ``--dry-run``,
+the hardware check, the run on the chosen executor, the dataset folder, the card and publishing.
+
+``--preset cpu`` swaps in the embedded SmolLM2-135M-Instruct for every model (``"embedded"``), the
+embedded all-MiniLM-L6-v2 for embeddings, the judge as the reward (``"judge"``) and small sizes, so
+a recipe finishes on a laptop CPU in minutes.
 
 Example:
-    >>> from magpie_hf.recipe import RecipeDefaults, recipe_parser, resolve_settings
-    >>> defaults = RecipeDefaults(name="magpie_pro", model="meta-llama/Meta-Llama-3-70B-Instruct", num_rows=1_000_000)
-    >>> args = recipe_parser(defaults).parse_args(["--preset", "cpu", "--output-dir", "/tmp/run"])
-    >>> resolve_settings(args, defaults).num_rows
-    120
+    >>> from magpie_hf.recipe import Recipe, parse_recipe
+    >>> recipe = Recipe(name="demo", description="", paper={"model": "meta-llama/Meta-Llama-3-8B-Instruct", "num_rows": 1000})
+    >>> config = parse_recipe(recipe, ["--preset", "cpu", "--response_temperature", "0.6"])
+    >>> config.run.num_rows, config.instructions.model, config.responses.response_temperature
+    (40, 'embedded', 0.6)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from magpie_hf.config import (
+    TAGGING_STAGES,
+    EngineArguments,
+    FilterArguments,
+    HubArguments,
+    InstructionArguments,
+    RayArguments,
+    ResponseArguments,
+    RunArguments,
+    TaggingArguments,
+    read_task_prompts,
+)
 from magpie_hf.engines import EngineConfig, resolve_backend
 from magpie_hf.hardware import Hardware
 from magpie_hf.steps.base import Step, StepChain
-from magpie_hf.steps.generate import EMBEDDED_MIXTURE, PRO_MIXTURE, DecodingSetting
 
 if TYPE_CHECKING:
-    from magpie_hf.executors import Executor
+    import datasets
+
     from magpie_hf.pipeline import Pipeline
+    from magpie_hf.task_prompts import TaskMix
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("paper", "cpu")
+#: the sections every generation recipe takes
+COMMON_SECTIONS: tuple[type, ...] = (
+    RunArguments,
+    InstructionArguments,
+    ResponseArguments,
+    TaggingArguments,
+    EngineArguments,
+    RayArguments,
+    HubArguments,
+)
+
+#: the paper's models and sizes, shared by the recipes (arXiv 2406.08464 Section 3; the official
+#: generator's max_tokens 2048 / 4096)
+PAPER_DEFAULTS: dict[str, Any] = {
+    "engine": "vllm",
+    "shard_size": 10_000,
+    "instruction_max_tokens": 2048,
+    "response_max_tokens": 4096,
+    "judge_model": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "guard_model": "meta-llama/Meta-Llama-Guard-2-8B",
+    "reward_model": "sfairXC/FsfairX-LLaMA3-RM-v0.1",
+    "embedding_model": "sentence-transformers/all-mpnet-base-v2",
+    "base_model": "meta-llama/Meta-Llama-3-8B",
+}
+
+#: what ``--preset cpu`` changes in every recipe: the embedded model everywhere, small sizes
+CPU_PRESET: dict[str, Any] = {
+    "model": "embedded",
+    "gguf_file": None,
+    "engine": "transformers",
+    "tensor_parallel_size": 1,
+    # the paper's T=1.0-1.25 derails the 135M model (see EMBEDDED_MIXTURE)
+    "mixture": "embedded",
+    "newline_stop": False,
+    "instruction_max_tokens": 192,
+    "response_max_tokens": 256,
+    "shard_size": 40,
+    "num_rows": 40,
+    "judge_model": "embedded",
+    "guard_model": "embedded",
+    "reward_model": "judge",
+    "embedding_model": "embedded",
+    "base_model": "embedded",
+}
+
+#: the ``--filter`` default, and the one under ``--preset cpu``: the 135M judge gives (nearly) every
+#: row the same quality and difficulty label, so a preset with a quality condition would keep nothing
+DEFAULT_FILTER = "Filter"
+EMBEDDED_FILTER = "Filter3"
+#: the stand-in name of the embedded models
+EMBEDDED = "embedded"
 
 
 @dataclasses.dataclass(frozen=True)
-class RecipeDefaults:
-    """The paper-scale defaults of one recipe."""
+class Recipe:
+    """A recipe's identity and defaults.
+
+    Args:
+        name: the script's name (``magpie_pro``); the default output folder is ``runs/<name>``.
+        description: for ``--help``.
+        paper: field -> value at paper scale (over :data:`PAPER_DEFAULTS`).
+        cpu: field -> value under ``--preset cpu`` (over :data:`CPU_PRESET`).
+        sections: argument sections beyond :data:`COMMON_SECTIONS`.
+        stages: the tagging stages it runs by default.
+        source_model_license: license of the paper's generating model (for the card).
+    """
 
     name: str
-    model: str
-    num_rows: int
-    #: rows under ``--preset cpu``
-    cpu_num_rows: int = 120
-    engine: str = "vllm"
-    tensor_parallel_size: int = 4
-    mixture: tuple[DecodingSetting, ...] = PRO_MIXTURE
-    instruction_max_tokens: int = 2048
-    response_max_tokens: int = 4096
-    shard_size: int = 10_000
-    #: judge model for the LLM taggers (task category, quality, difficulty)
-    judge_model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
-    reward_model: str = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
-    guard_model: str = "meta-llama/Meta-Llama-Guard-2-8B"
-    embedding_model: str = "sentence-transformers/all-mpnet-base-v2"
-    base_model: str = "meta-llama/Meta-Llama-3-8B"
+    description: str
+    paper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    cpu: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    sections: tuple[type, ...] = ()
+    stages: tuple[str, ...] = ()
     source_model_license: str = "llama3"
 
 
-#: what ``--preset cpu`` changes, whatever the recipe (besides the recipe's own ``cpu_num_rows``)
-CPU_PRESET = {
-    "shard_size": 40,
-    "instruction_max_tokens": 192,
-    "response_max_tokens": 256,
-}
-
-
 @dataclasses.dataclass
-class RecipeSettings:
-    """Resolved settings of one recipe run."""
+class RecipeConfig:
+    """A recipe's resolved configuration: one instance of each argument section."""
 
-    name: str
-    preset: str
-    engine: EngineConfig
-    num_rows: int
-    shard_size: int
-    seed: int
-    output_dir: Path
-    mixture: tuple[DecodingSetting, ...]
-    instruction_max_tokens: int
-    response_max_tokens: int
-    judge: EngineConfig
-    base: EngineConfig
-    reward_model: str | None
-    guard_model: str | None
-    embedding_model: str
-    source_model_license: str
-    command: str
-    args: argparse.Namespace
+    recipe: Recipe
+    run: RunArguments
+    instructions: InstructionArguments
+    responses: ResponseArguments
+    tagging: TaggingArguments
+    engine: EngineArguments
+    ray: RayArguments
+    hub: HubArguments
+    #: the recipe's own sections, by class
+    extra: dict[type, Any] = dataclasses.field(default_factory=dict)
+    #: the command line, for provenance (secrets masked)
+    command: str = ""
+
+    def section(self, cls: type) -> Any:
+        """The recipe-specific section of class ``cls``."""
+        return self.extra[cls]
+
+    @property
+    def sections(self) -> list[Any]:
+        return [self.run, self.instructions, self.responses, self.tagging, self.engine, *self.extra.values(),
+                self.ray, self.hub]
+
+    @property
+    def is_cpu_preset(self) -> bool:
+        return self.run.preset == "cpu"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or f"runs/{self.recipe.name}")
 
     @property
     def dataset_dir(self) -> Path:
         return self.output_dir / "dataset"
 
-    @property
-    def is_cpu_preset(self) -> bool:
-        return self.preset == "cpu"
+    def stages(self) -> list[str]:
+        """The tagging stages this run does (``--stages``, else the recipe's)."""
+        chosen = self.run.stage_list()
+        return list(self.recipe.stages) if chosen is None else [s for s in TAGGING_STAGES if s in chosen]
 
-    def pipeline(self, steps: "StepChain | Sequence[Step]") -> "Pipeline":
-        """The run's pipeline over ``steps``."""
-        from magpie_hf.pipeline import Pipeline
+    # -- engines -------------------------------------------------------------------------------
+    def engine_config(self, model: str, *, gguf_file: str | None = None, tagging: bool = False) -> EngineConfig:
+        """The engine config of ``model`` under this run's engine options (``"embedded"``: the embedded model)."""
+        e = self.engine
+        if model == EMBEDDED:
+            if e.engine not in (None, "auto", "transformers"):
+                raise ValueError(f"The embedded model runs with the transformers engine, not --engine {e.engine}; "
+                                 "pass --model/--judge_model etc. to use another engine.")
+            return EngineConfig.embedded(trust_remote_code=e.trust_remote_code,
+                                         **({"batch_size": e.batch_size} if e.batch_size else {}))
+        backend = e.engine or "auto"
+        if tagging and backend == "openai":  # a completions server rarely serves the helper models too
+            backend = "auto"
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            backend=backend,
+            gguf_file=gguf_file,
+            dtype=e.dtype,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            max_model_len=e.max_model_len,
+            quantization=e.quantization,
+            tensor_parallel_size=(e.tagging_tensor_parallel_size if tagging else e.tensor_parallel_size) or 1,
+            base_url=e.base_url if backend in ("openai", "openai-chat") else None,
+            trust_remote_code=e.trust_remote_code,
+        )
+        if e.batch_size:
+            kwargs["batch_size"] = e.batch_size
+        return EngineConfig(**kwargs)
 
-        return Pipeline(steps, self.output_dir, shard_size=self.shard_size, seed=self.seed)
+    def instruction_engine(self) -> EngineConfig:
+        return self.engine_config(self.instructions.model or EMBEDDED, gguf_file=self.instructions.gguf_file)
 
-    def executor(self) -> "Executor":
-        """Where the stages run: this process, or a Ray cluster when ``--ray`` was given."""
-        return executor_from_args(self.args)
+    def response_engine(self) -> EngineConfig:
+        r = self.responses
+        if r.response_model in (None, self.instructions.model) and r.response_gguf_file in (None, self.instructions.gguf_file):
+            return self.instruction_engine()
+        return self.engine_config(r.response_model or EMBEDDED, gguf_file=r.response_gguf_file)
+
+    def judge_engine(self) -> EngineConfig:
+        return self.engine_config(self.tagging.judge_model or EMBEDDED, tagging=True)
+
+    def guard_engine(self) -> EngineConfig:
+        return self.engine_config(self.tagging.guard_model or EMBEDDED, tagging=True)
+
+    def base_engine(self) -> EngineConfig:
+        return self.engine_config(self.tagging.base_model or EMBEDDED, tagging=True)
+
+    def task_mix(self) -> "TaskMix | None":
+        """The task-control mixture asked for (``--task`` / ``--task_mix`` / ``--task_prompts``), or None."""
+        from magpie_hf.task_prompts import TaskMix
+
+        i = self.instructions
+        if i.task and i.task_mix:
+            raise ValueError("Give --task KEY or --task_mix KEY=W,..., not both.")
+        spec = i.task or i.task_mix
+        if spec is None:
+            if i.task_prompts is not None:
+                raise ValueError("--task_prompts needs --task KEY or --task_mix KEY=W,... to choose among them")
+            return None
+        return TaskMix.from_spec(spec, prompts=read_task_prompts(i.task_prompts))
+
+    def to_yaml(self) -> str:
+        """The resolved configuration as a file that ``--config`` reads back."""
+        from magpie_hf.cli_config import to_yaml
+
+        return to_yaml(*self.sections)
 
 
-def recipe_parser(defaults: RecipeDefaults, description: str | None = None) -> argparse.ArgumentParser:
-    """The flags every recipe takes (the publishing flags included)."""
-    parser = argparse.ArgumentParser(
-        prog=f"python recipes/{defaults.name}.py",
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def parse_recipe(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeConfig:
+    """Parse and resolve a recipe's configuration; bad values stop here, before any model loads."""
+    from magpie_hf.cli_config import ConfigError, ConfigParser
+
+    sections = (*COMMON_SECTIONS[:5], *recipe.sections, *COMMON_SECTIONS[5:])
+    parser = ConfigParser(
+        sections,
+        defaults={**PAPER_DEFAULTS, "output_dir": f"runs/{recipe.name}", **recipe.paper},
+        presets={"cpu": {**CPU_PRESET, **recipe.cpu}},
+        prog=f"python recipes/{recipe.name}.py",
+        description=recipe.description,
     )
-    group = parser.add_argument_group("run")
-    group.add_argument("--preset", choices=PRESETS, default="paper",
-                       help="'paper': the paper's models and sizes (needs GPUs); 'cpu': the embedded SmolLM2-135M-Instruct, small sizes")
-    group.add_argument("--num-rows", type=int, default=None, help=f"rows to generate (paper: {defaults.num_rows:,}; --preset cpu: {defaults.cpu_num_rows})")
-    group.add_argument("--shard-size", type=int, default=None, help="rows per Parquet shard, the unit of resumption")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--output-dir", type=Path, default=Path(f"runs/{defaults.name}"),
-                       help="where shards go; rerun with the same flags to resume")
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help=f"chat model id or path (paper: {defaults.model})")
-    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model (transformers engine)")
-    group.add_argument("--engine", choices=("auto", "transformers", "vllm", "openai"), default=None,
-                       help=f"generation backend (paper: {defaults.engine})")
-    group.add_argument("--tensor-parallel-size", type=int, default=None,
-                       help=f"GPUs per vLLM engine (paper: {defaults.tensor_parallel_size})")
-    group.add_argument("--base-url", default=None, help="OpenAI-compatible server for --engine openai (e.g. http://127.0.0.1:8000/v1)")
-    group.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (transformers engine)")
-    group.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
-    group.add_argument("--pre-query-template", default=None,
-                       help="raw pre-query text to use instead of the one derived from the chat template "
-                            "(inspect a model first with: magpie-hf template MODEL)")
-    from magpie_hf.hub import add_publish_args
-
-    add_publish_args(parser)
-    add_ray_args(parser)
-    return parser
+    try:
+        parsed = parser.parse(argv)
+    except (ConfigError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    by_class = dict(zip(sections, parsed))
+    config = RecipeConfig(
+        recipe=recipe,
+        **{name: by_class[cls] for name, cls in zip(
+            ("run", "instructions", "responses", "tagging", "engine", "ray", "hub"), COMMON_SECTIONS)},
+        extra={cls: by_class[cls] for cls in recipe.sections},
+        command=recipe_command(None if argv is None else ["recipes/" + recipe.name + ".py", *argv]),
+    )
+    try:
+        _resolve(config)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    return config
 
 
-def _stage_resources_arg(text: str) -> tuple[str, dict[str, float]]:
-    name, _, spec = text.partition(":")
-    if not name or not spec:
-        raise argparse.ArgumentTypeError(f"expected STEP:KEY=VALUE[,KEY=VALUE], got {text!r}")
-    values: dict[str, float] = {}
-    for item in spec.split(","):
-        key, _, value = item.partition("=")
-        if key not in ("replicas", "num_cpus", "num_gpus"):
-            raise argparse.ArgumentTypeError(f"unknown key {key!r} in {text!r}; use replicas, num_cpus or num_gpus")
-        try:
-            values[key] = int(value) if key == "replicas" else float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{key} needs a number, got {value!r} in {text!r}") from None
-    return name, values
+def _resolve(config: RecipeConfig) -> None:
+    """Fill what the flags left to the recipe (every field concrete, so ``--dry-run`` shows the run) and
+    check what can be checked before any model loads."""
+    run, i, r = config.run, config.instructions, config.responses
+    if run.num_rows is None or run.num_rows < 1:
+        raise ValueError("--num_rows must be >= 1")
+    run.shard_size = min(run.shard_size or run.num_rows, run.num_rows)
+    if run.shard_size < 1:
+        raise ValueError("--shard_size must be >= 1")
+    run.output_dir = str(config.output_dir)
+    i.model = i.model or EMBEDDED
+    r.response_model = r.response_model or i.model
+    if r.response_model == i.model and r.response_gguf_file is None:
+        r.response_gguf_file = i.gguf_file
+    if config.engine.tensor_parallel_size is None:
+        config.engine.tensor_parallel_size = 1
+    if FilterArguments in config.extra:
+        f = config.section(FilterArguments)
+        f.filter = f.filter or (EMBEDDED_FILTER if i.model == EMBEDDED else DEFAULT_FILTER)
+    # validations: each raises ValueError with the flag to change
+    i.decoding_mixture()
+    i.template_kwargs()
+    config.task_mix()
+    config.stages()
+    config.hub.check()
+    config.ray.executor()  # parses --ray_stage
 
 
-def add_ray_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--ray [ADDRESS]`` and the per-actor resource flags to a recipe's parser."""
-    group = parser.add_argument_group("ray (run the stages on a Ray cluster)")
-    group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                       help="run on Ray: alone, RAY_ADDRESS or a new local cluster; 'auto' for the cluster "
-                            "'ray start' runs here; 'ray://HEAD:10001' for a remote head")
-    group.add_argument("--ray-replicas", type=int, default=None,
-                       help="actors (model replicas) per stage (default: as many as the cluster fits)")
-    group.add_argument("--ray-num-cpus", type=float, default=None, help="CPUs per actor (default: what the step declares, 1)")
-    group.add_argument("--ray-num-gpus", type=float, default=None,
-                       help="GPUs per actor (default: what the step declares: tensor_parallel_size for vLLM, 1 for a model on CUDA, else 0)")
-    group.add_argument("--ray-stage", action="append", type=_stage_resources_arg, default=[], metavar="STEP:KEY=VALUE",
-                       help="per-stage override, e.g. responses:replicas=4,num_gpus=2 (repeatable)")
-
-
-def executor_from_args(args: argparse.Namespace) -> "Executor":
-    """The local executor, or a Ray executor when ``--ray`` was given."""
-    from magpie_hf.executors import LocalExecutor
-
-    if getattr(args, "ray", None) is None:
-        return LocalExecutor()
-    from magpie_hf.executors.ray import RayExecutor, RayStageResources
-
-    default = RayStageResources(replicas=args.ray_replicas, num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus)
-    stages: dict[str, RayStageResources] = {}
-    for name, values in args.ray_stage:
-        stages[name] = dataclasses.replace(stages.get(name, default), **values)
-    return RayExecutor(None if args.ray == "local" else args.ray, default=default, stages=stages)
-
-
-def recipe_command(argv: list[str] | None = None) -> str:
+def recipe_command(argv: Sequence[str] | None = None) -> str:
     """The command line that ran this recipe, for provenance (token-looking values masked)."""
     argv = list(sys.argv if argv is None else argv)
     masked = []
@@ -202,172 +308,89 @@ def recipe_command(argv: list[str] | None = None) -> str:
             masked.append("***")
             hide_next = False
             continue
-        if item in ("--token", "--hub-token"):
+        if item in ("--token", "--hub-token", "--hub_token"):
             hide_next = True
         masked.append(item)
     return shlex.join(["python", *masked])
 
 
-def resolve_settings(args: argparse.Namespace, defaults: RecipeDefaults) -> RecipeSettings:
-    """Apply the preset and overrides; fail early, clearly, when the hardware cannot run it."""
-    if hasattr(args, "push_to_hub"):
-        from magpie_hf.hub import validate_publish_args
-
-        validate_publish_args(args)
-    cpu = args.preset == "cpu"
-    sizes = {**dataclasses.asdict(defaults), **(CPU_PRESET if cpu else {})}
-    num_rows = args.num_rows if args.num_rows is not None else (defaults.cpu_num_rows if cpu else defaults.num_rows)
-    shard_size = args.shard_size if args.shard_size is not None else min(sizes["shard_size"], max(num_rows, 1))
-    if num_rows < 1 or shard_size < 1:
-        raise SystemExit("--num-rows and --shard-size must be >= 1")
-
-    extra: dict[str, Any] = {}
-    if args.batch_size:
-        extra["batch_size"] = args.batch_size
-    if cpu and args.model is None:
-        engine = EngineConfig.embedded(trust_remote_code=args.trust_remote_code, **extra)
-        if args.engine not in (None, "auto", "transformers"):
-            raise SystemExit("--preset cpu runs the embedded GGUF model with the transformers engine; drop --engine or pass --model.")
-    else:
-        backend = args.engine or ("auto" if cpu else defaults.engine)
-        engine = EngineConfig(
-            model=args.model or defaults.model,
-            backend=backend,
-            gguf_file=args.gguf_file,
-            tensor_parallel_size=args.tensor_parallel_size or (1 if cpu else defaults.tensor_parallel_size),
-            base_url=args.base_url,
-            trust_remote_code=args.trust_remote_code,
-            **extra,
-        )
-    _check_hardware(engine, defaults, args)
-
-    # the helper models: the paper's, or the embedded chat model standing in under --preset cpu
-    judge = engine if cpu else EngineConfig(model=defaults.judge_model, backend=engine.backend if engine.backend != "openai" else "auto")
-    base = engine if cpu else EngineConfig(model=defaults.base_model, backend=judge.backend)
-    return RecipeSettings(
-        name=defaults.name,
-        preset=args.preset,
-        engine=engine,
-        num_rows=num_rows,
-        shard_size=shard_size,
-        seed=args.seed,
-        output_dir=args.output_dir,
-        # the paper's mixture derails the 135M embedded model (see EMBEDDED_MIXTURE)
-        mixture=EMBEDDED_MIXTURE if cpu and args.model is None else defaults.mixture,
-        instruction_max_tokens=sizes["instruction_max_tokens"],
-        response_max_tokens=sizes["response_max_tokens"],
-        judge=judge,
-        base=base,
-        reward_model=None if cpu else defaults.reward_model,
-        guard_model=None if cpu else defaults.guard_model,
-        embedding_model="embedded" if cpu else defaults.embedding_model,
-        source_model_license="apache-2.0" if cpu and args.model is None else defaults.source_model_license,
-        command=recipe_command(),
-        args=args,
-    )
-
-
-def _check_hardware(engine: EngineConfig, defaults: RecipeDefaults, args: argparse.Namespace) -> None:
-    """Stop early, with the way out, when this machine cannot run ``engine`` (a Ray cluster is judged when it starts)."""
-    if getattr(args, "ray", None) is not None:
+def check_hardware(config: RecipeConfig) -> None:
+    """Stop early, with the way out, when this machine cannot run the recipe's models (a Ray cluster
+    is judged when it starts)."""
+    if config.ray.ray is not None:
         return
     hardware = Hardware.local()
-    if resolve_backend(engine, hardware, log=False) != "vllm":
+    engines = [config.instruction_engine(), config.response_engine()]
+    if not any(resolve_backend(e, hardware, log=False) == "vllm" for e in engines):
         return
+    engine = engines[0]
     if not hardware.cuda:
         raise SystemExit(
-            f"This recipe's paper settings run {engine.model} with vLLM on "
-            f"{engine.tensor_parallel_size} GPU(s), and no CUDA GPU was found.\n"
-            f"  Try it on this CPU:    python recipes/{defaults.name}.py --preset cpu\n"
-            f"  Or pick a model/engine: --model MODEL --engine transformers   (or --engine openai --base-url URL)"
+            f"This run uses {engine.model} with vLLM on {engine.tensor_parallel_size} GPU(s), and no CUDA GPU was found.\n"
+            f"  Try it on this CPU:    python recipes/{config.recipe.name}.py --preset cpu\n"
+            f"  Or pick a model/engine: --model MODEL --engine transformers   (or --engine openai --base_url URL)"
         )
     if not hardware.vllm:
         raise SystemExit("The vLLM engine needs vllm: pip install 'magpie-hf[vllm]'  (or pass --engine transformers)")
 
 
-def run_info(settings: RecipeSettings, manifest: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """Provenance for the dataset card: models, templates, sampling, seeds, stage counts, command."""
-    from magpie_hf import __version__
+# -- steps -------------------------------------------------------------------------------------
+def instruction_filters(config: RecipeConfig, extra: Sequence[Any] = ()) -> tuple[Any, ...]:
+    """Post-processing of instructions: ``--sanitize``'s filters plus ``extra``."""
+    from magpie_hf.postprocess import sanitize_filters
 
-    steps = {s["step"]: s for s in manifest.get("steps", [])}
-    info: dict[str, Any] = {
-        "recipe": settings.name,
-        "preset": settings.preset,
-        "command": settings.command,
-        "package_version": __version__,
-        "seed": settings.seed,
-        "num_rows_requested": settings.num_rows,
-        "models": {"instruct": settings.engine.describe()},
-        "engine": settings.engine.backend,
-        "decoding_mixture": [
-            {"temperature": m.temperature, "top_p": m.top_p, "weight": m.weight} for m in settings.mixture
-        ],
-        "stage_stats": manifest.get("stages", []),
-    }
-    if "Responses" in steps:
-        r = steps["Responses"]
-        info["response_sampling"] = {k: r.get(k) for k in ("temperature", "top_p", "repetition_penalty", "max_tokens")}
-    info.update(extra)
-    return info
+    filters = [*(sanitize_filters() if config.instructions.sanitize else ()), *extra]
+    return tuple({f.name: f for f in filters}.values())
 
 
-def generation_steps(settings: RecipeSettings, *, task: Any = None, postprocess: Sequence[Any] = ()) -> StepChain:
-    """Magpie steps 1 and 2 with the recipe's model, mixture and lengths.
+def instruction_step(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -> Step:
+    """Magpie step 1 with the run's model, mixture, lengths, stops, task control and post-processing."""
+    from magpie_hf.steps import MagpieInstructions
 
-    ``task`` (a :class:`~magpie_hf.task_prompts.TaskMix`) steers instructions with domain system
-    prompts and ``postprocess`` filters them (:mod:`magpie_hf.postprocess`).
-    """
-    from magpie_hf.steps import MagpieInstructions, Responses
-
+    i = config.instructions
     kwargs: dict[str, Any] = dict(
-        engine=settings.engine,
-        num_rows=settings.num_rows,
-        mixture=settings.mixture,
-        max_tokens=settings.instruction_max_tokens,
-        seed=settings.seed,
-        pre_query_template=settings.args.pre_query_template,
+        engine=config.instruction_engine(),
+        num_rows=config.run.num_rows,
+        mixture=i.decoding_mixture(),
+        max_tokens=i.instruction_max_tokens,
+        system_prompt=i.system_prompt,
+        keep_default_system_prompt=i.keep_default_system_prompt,
+        pre_query_template=i.pre_query_template,
+        seed=config.run.seed,
     )
-    if task is not None or postprocess:
+    task = config.task_mix()
+    filters = instruction_filters(config, postprocess)
+    if task is not None or filters:
         from magpie_hf.task_prompts import TaskControlledInstructions
 
-        instructions: Step = TaskControlledInstructions(task=task, postprocess=tuple(postprocess), **kwargs)
-    else:
-        instructions = MagpieInstructions(**kwargs)
-    return instructions >> Responses(engine=settings.engine, max_tokens=settings.response_max_tokens)
+        return TaskControlledInstructions(task=task, postprocess=filters, **kwargs)
+    return MagpieInstructions(**kwargs)
 
 
-#: the ``--filter`` default: the paper's, and the one for the embedded model under ``--preset cpu``,
-#: whose 135M judge gives (nearly) every row the same quality and difficulty label, so that a preset
-#: with a quality condition would keep nothing; Filter3 keeps to neighbour distance and reward
-DEFAULT_FILTER = "Filter"
-EMBEDDED_FILTER = "Filter3"
+def response_step(config: RecipeConfig) -> Step:
+    """Magpie step 2 with the run's response model and sampling."""
+    from magpie_hf.steps import Responses
+
+    r = config.responses
+    return Responses(
+        engine=config.response_engine(),
+        temperature=r.response_temperature,
+        top_p=r.response_top_p,
+        repetition_penalty=r.response_repetition_penalty,
+        max_tokens=r.response_max_tokens,
+    )
 
 
-def add_filter_args(parser: argparse.ArgumentParser) -> None:
-    """``--filter``: one of the paper's Table 4 presets for the ``filtered`` config (see :func:`filter_name`)."""
-    from magpie_hf.steps.filters import FILTER_PRESETS
-
-    parser.add_argument("--filter", default=None, choices=sorted(FILTER_PRESETS),
-                        help=f"Table 4 preset for the 'filtered' config; its 'longest k' cut scales with --num-rows "
-                             f"(default: {DEFAULT_FILTER}; {EMBEDDED_FILTER} under --preset cpu, whose small judge "
-                             "labels every row alike)")
-    parser.add_argument("--no-filter", action="store_true", help="write only the 'raw' config")
+def generation_steps(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -> StepChain:
+    """Magpie steps 1 and 2 (step 1 alone with ``--instructions_only``)."""
+    chain = StepChain([instruction_step(config, postprocess=postprocess)])
+    return chain if config.run.instructions_only else chain >> response_step(config)
 
 
-def filter_name(args: argparse.Namespace) -> str:
-    """The ``--filter`` preset asked for, or the default for this run's model."""
-    if args.filter:
-        return args.filter
-    return EMBEDDED_FILTER if args.preset == "cpu" and args.model is None else DEFAULT_FILTER
-
-
-def tagging_steps(settings: RecipeSettings, *, reward_difference: bool = False) -> StepChain:
-    """The paper's dataset analysis: task category, quality, difficulty, safety, language, reward,
-    (optionally base responses and reward difference) and minimum-neighbour distance.
-
-    Under ``--preset cpu`` the embedded chat model stands in for every judge, the guard and the
-    base model, a generative judge gives the reward, and all-MiniLM-L6-v2 embeds.
-    """
+def tagging_steps(config: RecipeConfig, *, reward_difference: bool = False) -> StepChain:
+    """The paper's dataset analysis, the stages of :meth:`RecipeConfig.stages` in order: task category,
+    quality, difficulty, safety, language, reward (and, with ``reward_difference``, base responses and
+    the reward difference), minimum-neighbour distance."""
     from magpie_hf.steps import (
         BaseResponses,
         Difficulty,
@@ -379,57 +402,56 @@ def tagging_steps(settings: RecipeSettings, *, reward_difference: bool = False) 
         TaskCategory,
     )
 
-    cpu = settings.is_cpu_preset
-    judge = settings.judge
-    guard = settings.engine if cpu else EngineConfig(model=settings.guard_model, backend=judge.backend)
-    chain = (
-        TaskCategory(engine=judge)
-        >> InputQuality(engine=judge)
-        >> Difficulty(engine=judge)
-        >> LlamaGuard(engine=guard, taxonomy="llama-guard-2")
-        >> Language()
-    )
-
-    chain = chain >> reward_step(settings, name="instruct_reward")
+    stages = config.stages()
+    judge_tokens = {"max_tokens": config.tagging.judge_max_tokens} if config.tagging.judge_max_tokens else {}
+    chain = StepChain()
+    if "task_category" in stages:
+        chain = chain >> TaskCategory(engine=config.judge_engine(), **judge_tokens)
+    if "input_quality" in stages:
+        chain = chain >> InputQuality(engine=config.judge_engine(), **judge_tokens)
+    if "difficulty" in stages:
+        chain = chain >> Difficulty(engine=config.judge_engine(), **judge_tokens)
+    if "safety" in stages:
+        chain = chain >> LlamaGuard(engine=config.guard_engine(), taxonomy="llama-guard-2")
+    if "language" in stages:
+        chain = chain >> Language()
+    if "reward" in stages or reward_difference:
+        chain = chain >> reward_step(config, name="instruct_reward")
     if reward_difference:
-        base_tokens = min(settings.response_max_tokens, 128) if cpu else settings.response_max_tokens
         chain = (
             chain
-            >> BaseResponses(engine=settings.base, max_tokens=base_tokens)
-            >> reward_step(settings, name="base_reward", response_column="base_output",
+            >> BaseResponses(engine=config.base_engine(), max_tokens=config.responses.response_max_tokens)
+            >> reward_step(config, name="base_reward", response_column="base_output",
                            output_column="base_reward", model_column="base_reward_model")
             >> RewardDifference()
         )
-    neighbors = Neighbors.embedded() if settings.embedding_model == "embedded" else Neighbors(model=settings.embedding_model)
-    return chain >> neighbors
+    if "neighbors" in stages:
+        model = config.tagging.embedding_model or EMBEDDED
+        chain = chain >> (Neighbors.embedded() if model == EMBEDDED else Neighbors(model=model))
+    return chain
 
 
-#: ratings averaged per response by the generative judge reward (a small judge's greedy rating is
-#: nearly binary; the mean of 5 breaks most ties between instruct and base responses)
-JUDGE_REWARD_SAMPLES = 5
-
-
-def reward_step(settings: RecipeSettings, *, name: str, reward_model: str | None = None, **columns: str) -> Step:
-    """The reward step: a sequence-classification reward model (``reward_model`` or the recipe's), or,
-    under ``--preset cpu`` where there is none, the judge model rating responses 1-10 (``JudgeReward``,
-    the mean of :data:`JUDGE_REWARD_SAMPLES` sampled ratings).
+def reward_step(config: RecipeConfig, *, name: str, **columns: str) -> Step:
+    """The reward step: the ``--reward_model`` (a sequence-classification RM), or with ``"judge"`` the
+    judge model rating responses 1-10 (``JudgeReward``, the mean of ``--judge_reward_samples`` ratings).
 
     ``columns`` renames the columns it reads and writes (``response_column``, ``output_column``,
     ``model_column``), e.g. to score ``base_output`` into ``base_reward``.
     """
     from magpie_hf.steps import JudgeReward, RewardModel
 
-    model = reward_model or settings.reward_model
-    if model is None:
-        return JudgeReward(engine=settings.judge, num_samples=JUDGE_REWARD_SAMPLES, name=name, **columns)
-    return RewardModel(model=model, trust_remote_code=settings.engine.trust_remote_code, name=name, **columns)
+    model = config.tagging.reward_model or "judge"
+    if model == "judge":
+        return JudgeReward(engine=config.judge_engine(), num_samples=config.tagging.judge_reward_samples, name=name, **columns)
+    return RewardModel(model=model, trust_remote_code=config.engine.trust_remote_code, name=name, **columns)
 
 
-def filter_step(settings: RecipeSettings, defaults: RecipeDefaults) -> Step:
+def filter_step(config: RecipeConfig) -> Step:
     """The ``--filter`` preset, its length cut scaled by this run's size against the paper's."""
     from magpie_hf.steps.filters import preset_filter
 
-    return preset_filter(settings.args.filter, scale=settings.num_rows / defaults.num_rows)
+    paper_rows = config.recipe.paper.get("num_rows") or config.run.num_rows
+    return preset_filter(config.section(FilterArguments).filter, scale=config.run.num_rows / paper_rows)
 
 
 def filter_needs_reward_difference(name: str) -> bool:
@@ -442,3 +464,100 @@ def filter_report(stage: dict[str, Any]) -> list[dict[str, Any]]:
     """``[{condition, removed}]`` of a finished filter stage, from its manifest counts (in order)."""
     prefix = "removed: "
     return [{"condition": k[len(prefix):], "removed": v} for k, v in stage.get("stats", {}).items() if k.startswith(prefix)]
+
+
+# -- running -----------------------------------------------------------------------------------
+#: what a recipe returns after its pipeline ran: the dataset's configs and extra provenance
+Finish = Callable[["Pipeline", "datasets.Dataset"], tuple[dict[str, Any], dict[str, Any]]]
+
+
+def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = None) -> int:
+    """Run ``steps`` as ``config`` says and write (and maybe publish) the dataset.
+
+    ``finish(pipeline, last_stage)`` returns the dataset's configs (``{"raw": ...}``) and extra
+    provenance for the card; by default the last stage is the ``raw`` config.
+    """
+    from magpie_hf.pipeline import Pipeline
+
+    pipeline = Pipeline(steps, config.output_dir, shard_size=config.run.shard_size, seed=config.run.seed)
+    executor = config.ray.executor()
+    if config.run.dry_run:
+        import yaml
+
+        print(dataclasses.replace(config, run=dataclasses.replace(config.run, dry_run=False)).to_yaml())
+        print("# stage plan (nothing was loaded)")
+        print(yaml.safe_dump({"stages": pipeline.plan(executor)}, sort_keys=False, allow_unicode=True, width=120))
+        return 0
+    check_hardware(config)
+    last = pipeline.run(executor=executor)
+    configs, extra = finish(pipeline, last) if finish else ({"raw": last}, {})
+
+    from magpie_hf.hub import save_dataset_folder
+
+    info = run_info(config, pipeline.manifest(), **extra)
+    folder = save_dataset_folder(
+        config.dataset_dir, configs, info, license=config.hub.license,
+        source_model_license="apache-2.0" if config.instructions.model == EMBEDDED else config.recipe.source_model_license,
+    )
+    print(f"Wrote {', '.join(f'{name}: {_rows(ds)} rows' for name, ds in configs.items())} to {folder}")
+    publish_or_hint(config.hub, folder)
+    return 0
+
+
+def _rows(dataset: Any) -> int:
+    return sum(len(split) for split in dataset.values()) if isinstance(dataset, dict) else len(dataset)
+
+
+def publish_or_hint(hub: HubArguments, folder: Path) -> None:
+    """Publish ``folder`` when ``--push_to_hub`` was given; otherwise print how to load and push it."""
+    from magpie_hf.hub import finish_recipe
+
+    finish_recipe(folder, repo_id=hub.push_to_hub, version=hub.version, private=hub.private,
+                  revision=hub.revision, force=hub.force)
+
+
+def run_info(config: RecipeConfig, manifest: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Provenance for the dataset card: models, templates, sampling, seeds, stage counts, the resolved
+    configuration and the command."""
+    from magpie_hf import __version__
+
+    stages = manifest.get("stages", [])
+    provenance = stages[0].get("provenance", {}) if stages else {}
+    models = {"instruct": config.instruction_engine().describe()}
+    if config.responses.response_model != config.instructions.model:
+        models["response"] = config.response_engine().describe()
+    chosen = config.stages()
+    if {"task_category", "input_quality", "difficulty"} & set(chosen):
+        models["judge"] = config.judge_engine().describe()
+    if "safety" in chosen:
+        models["guard"] = config.guard_engine().describe()
+    if "reward" in chosen:
+        reward = config.tagging.reward_model or "judge"
+        models["reward"] = f"{config.judge_engine().describe()} as a 1-10 judge" if reward == "judge" else reward
+    info: dict[str, Any] = {
+        "recipe": config.recipe.name,
+        "preset": config.run.preset,
+        "command": config.command,
+        "configuration": config.to_yaml(),
+        "package_version": __version__,
+        "seed": config.run.seed,
+        "num_rows_requested": config.run.num_rows,
+        "models": models,
+        "engine": config.instruction_engine().backend,
+        "pre_query_template": provenance.get("pre_query"),
+        "decoding_mixture": [
+            {"temperature": m.temperature, "top_p": m.top_p, "weight": m.weight}
+            for m in config.instructions.decoding_mixture()
+        ],
+        "stage_stats": stages,
+    }
+    if not config.run.instructions_only:
+        r = config.responses
+        info["response_sampling"] = {"temperature": r.response_temperature, "top_p": r.response_top_p,
+                                     "repetition_penalty": r.response_repetition_penalty, "max_tokens": r.response_max_tokens}
+    task = config.task_mix()
+    if task is not None:
+        info["task_control"] = {"weights": dict(task.weights), "prompts": dict(task.prompts)}
+    models.update(extra.pop("models", {}))
+    info.update(extra)
+    return info

@@ -97,6 +97,8 @@ class ShardReport:
     #: the step's counts (dropped rows, unparseable answers, generated tokens, ...)
     stats: dict[str, int]
     seconds: float
+    #: what the step says about how it made the rows (:meth:`~magpie_hf.steps.Step.provenance`)
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -107,7 +109,8 @@ class ShardReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ShardReport":
-        return cls(rows_in=data["rows_in"], rows_out=data["rows_out"], stats=dict(data["stats"]), seconds=data["seconds"])
+        return cls(rows_in=data["rows_in"], rows_out=data["rows_out"], stats=dict(data["stats"]), seconds=data["seconds"],
+                   provenance=dict(data.get("provenance") or {}))
 
 
 def run_shard(
@@ -128,7 +131,8 @@ def run_shard(
             step.check_inputs(source.column_names)
             table = _process_table(step, source, task.seed, progress)
             rows_in = source.num_rows
-    report = ShardReport(rows_in, table.num_rows, _counts_since(before, step.stats), time.perf_counter() - started)
+    report = ShardReport(rows_in, table.num_rows, _counts_since(before, step.stats), time.perf_counter() - started,
+                         step.provenance())
     layout.write_shard(Path(task.output), table, report.to_dict())
     return report
 
@@ -146,7 +150,8 @@ def run_global(
         _batch_done(progress, len(dataset), step, before)
     table = result.with_format("arrow")[:] if len(result) else pa.table({n: [] for n in result.column_names})
     table = typed_table(step, table, dataset.features.arrow_schema if len(dataset.column_names) else None)
-    report = ShardReport(len(dataset), table.num_rows, _counts_since(before, step.stats), time.perf_counter() - started)
+    report = ShardReport(len(dataset), table.num_rows, _counts_since(before, step.stats), time.perf_counter() - started,
+                         step.provenance())
     return table, report
 
 

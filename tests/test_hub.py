@@ -22,12 +22,10 @@ import pytest
 from magpie_hf.hub import (
     HubAuthError,
     TagExistsError,
-    add_publish_args,
     finish_recipe,
     parse_version,
     publish,
     save_dataset_folder,
-    validate_publish_args,
 )
 from magpie_hf.hub.publishing import RetryPolicy
 
@@ -402,17 +400,16 @@ def test_branch_revision_and_cli(hub, tmp_path, monkeypatch, capsys):
     assert main(["push", str(folder), f"{USER}/cli", "--version", "2.0.0"]) == 1
     assert "already has the tag v2.0.0" in capsys.readouterr().err
 
-    import argparse
+    from magpie_hf.config import HubArguments
 
-    parser = add_publish_args(argparse.ArgumentParser())
-    with pytest.raises(SystemExit, match="needs --version"):
-        validate_publish_args(parser.parse_args(["--push-to-hub", f"{USER}/r"]))
-    assert finish_recipe(parser.parse_args([]), folder) is None
+    with pytest.raises(ValueError, match="needs --version"):
+        HubArguments(push_to_hub=f"{USER}/r").check()
+    assert finish_recipe(folder) is None
     assert f"magpie-hf push {folder} USER/REPO --version 1.0.0" in capsys.readouterr().out
-    pushed = finish_recipe(parser.parse_args(["--push-to-hub", f"{USER}/recipe", "--version", "1.0.0", "--private"]), folder)
+    pushed = finish_recipe(folder, repo_id=f"{USER}/recipe", version="1.0.0", private=True)
     assert pushed.pushed and hub.repo(f"{USER}/recipe").private
     with pytest.raises(SystemExit, match="already has the tag"):
-        finish_recipe(parser.parse_args(["--push-to-hub", f"{USER}/recipe", "--version", "1.0.0"]), folder)
+        finish_recipe(folder, repo_id=f"{USER}/recipe", version="1.0.0")
 
 
 def test_safety_statistics_read_verdicts_not_free_text():

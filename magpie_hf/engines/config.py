@@ -31,6 +31,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
+    #: vLLM quantization method (``awq``, ``gptq``, ``fp8``, ...); None: the checkpoint's own
+    quantization: str | None = None
     enable_prefix_caching: bool = True
     # openai-compatible server
     base_url: str | None = None

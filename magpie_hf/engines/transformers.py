@@ -54,6 +54,11 @@ class TransformersEngine(Engine):
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
+        if config.quantization is not None:
+            raise ValueError(
+                f"quantization={config.quantization!r} is a vLLM option; the transformers engine loads the checkpoint "
+                "as it is (a GGUF file through gguf_file, or an already quantized folder). Use backend='vllm' or drop it."
+            )
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -53,6 +53,8 @@ class VLLMEngine(Engine):
         }
         if config.max_model_len is not None:
             kwargs["max_model_len"] = config.max_model_len
+        if config.quantization is not None:
+            kwargs["quantization"] = config.quantization
         if config.gguf_file:
             # vLLM loads a local GGUF given as the model path; it needs the original tokenizer.
             from pathlib import Path

@@ -26,8 +26,6 @@ _EXPORTS = {
     "push_later_hint": "publishing",
     "render_card": "card",
     "read_layout": "layout",
-    "add_publish_args": "cli",
-    "validate_publish_args": "cli",
     "finish_recipe": "cli",
 }
 
@@ -35,7 +33,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .card import render_card
-    from .cli import add_publish_args, finish_recipe, validate_publish_args
+    from .cli import finish_recipe
     from .folder import save_dataset_folder
     from .layout import read_layout
     from .publishing import HubAuthError, PublishError, PublishResult, TagExistsError, parse_version, publish, push_later_hint

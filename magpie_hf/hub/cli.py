@@ -1,17 +1,13 @@
-"""Command line: ``magpie-hf push`` and the publishing flags every recipe shares.
+"""Command line: ``magpie-hf push``, and what a recipe does with its dataset folder at the end.
 
 Example:
     $ magpie-hf push runs/pro/dataset me/magpie-pro --version 1.0.0
-    $ python recipes/magpie_pro.py --preset cpu --push-to-hub me/magpie-pro-demo --version 0.1.0
+    $ python recipes/magpie_pro.py --preset cpu --push_to_hub me/magpie-pro-demo --version 0.1.0
 
-In a recipe::
+In code::
 
-    parser = argparse.ArgumentParser()
-    add_publish_args(parser)
-    args = parser.parse_args()
-    validate_publish_args(args)          # fail before hours of generation, not after
-    folder = save_dataset_folder(out / "dataset", configs, run_info, license=args.license)
-    finish_recipe(args, folder)          # publishes if --push-to-hub, else prints how to push later
+    folder = save_dataset_folder(out / "dataset", configs, run_info, license="apache-2.0")
+    finish_recipe(folder, repo_id="me/magpie-pro", version="v1.0.0")   # publishes, or prints how to push later
 """
 
 from __future__ import annotations
@@ -31,54 +27,38 @@ def _version(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def add_publish_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--push-to-hub REPO --version X.Y.Z [--private] [--revision BRANCH] [--force] [--license ID]``."""
-    group = parser.add_argument_group("publishing to the Hugging Face Hub")
-    group.add_argument("--push-to-hub", metavar="REPO", default=None, help="publish the dataset to this Hub dataset repository (user/name)")
-    group.add_argument("--version", type=_version, default=None, metavar="X.Y.Z", help="semantic version; the commit is tagged vX.Y.Z (required with --push-to-hub)")
-    group.add_argument("--private", action="store_true", help="create the Hub repository private")
-    group.add_argument("--revision", default=None, metavar="BRANCH", help="commit to this branch instead of main")
-    group.add_argument("--force", action="store_true", help="move an existing version tag instead of refusing")
-    group.add_argument("--license", default="other", metavar="ID", help="license of the dataset (Hub license id, default: other)")
-    return parser
-
-
-def validate_publish_args(args: argparse.Namespace) -> None:
-    """Exit with a clear message when ``--push-to-hub`` lacks ``--version`` (check right after parsing)."""
-    if getattr(args, "push_to_hub", None) and not getattr(args, "version", None):
-        raise SystemExit("error: --push-to-hub needs --version X.Y.Z (the tag that pins this version, e.g. --version 1.0.0)")
-
-
-def finish_recipe(args: argparse.Namespace, folder: str | os.PathLike, *, token: str | None = None):
-    """Publish ``folder`` when the recipe got ``--push-to-hub``; otherwise print how to load and push it.
+def finish_recipe(
+    folder: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    version: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    force: bool = False,
+    token: str | None = None,
+):
+    """Publish ``folder`` to ``repo_id`` as ``version``; without a ``repo_id``, print how to load and push it.
 
     Returns the :class:`~magpie_hf.hub.PublishResult`, or None when nothing was to be pushed. A refused publish
-    (existing tag, auth error) exits with the reason; the folder is always kept.
+    (existing tag, auth error, no version) exits with the reason; the folder is always kept.
     """
     from .layout import read_layout
-    from .publishing import PublishError, publish, push_later_hint
+    from .publishing import PublishError, parse_version, publish, push_later_hint
 
     folder = Path(folder)
-    if getattr(args, "push_to_hub", None):
-        validate_publish_args(args)
+    if repo_id:
+        if not version:
+            raise SystemExit("error: publishing needs a version X.Y.Z (the tag that pins it, e.g. --version 1.0.0)")
         try:
-            return publish(
-                folder,
-                args.push_to_hub,
-                args.version,
-                token=token,
-                private=getattr(args, "private", False),
-                revision=getattr(args, "revision", None),
-                force=getattr(args, "force", False),
-            )
+            return publish(folder, repo_id, parse_version(version), token=token, private=private, revision=revision,
+                           force=force)
         except PublishError as err:
             raise SystemExit(f"error: {err}") from None
     default = read_layout(folder).configs[0]
-    version = getattr(args, "version", None) or "v1.0.0"
     print(
         f"Dataset written to {folder}\n"
         f"  load it:  datasets.load_dataset({str(folder)!r}, {default!r})\n"
-        f"  push it:  {push_later_hint(folder, 'USER/REPO', version)}"
+        f"  push it:  {push_later_hint(folder, 'USER/REPO', version or 'v1.0.0')}"
     )
     return None
 

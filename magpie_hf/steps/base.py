@@ -153,6 +153,11 @@ class Step:
     def unload(self) -> None:
         """Drop references to heavy objects. Called after the stage."""
 
+    def provenance(self) -> dict[str, Any]:
+        """What the loaded step can say about how it makes rows, for the run's manifest and card
+        (the derived pre-query template, stop strings, ...); JSON-able."""
+        return {}
+
     def engine_configs(self) -> set["EngineConfig"]:
         """Engine configs this step loads, so the pipeline can keep them loaded across stages."""
         from magpie_hf.engines import Engine, EngineConfig

@@ -167,6 +167,9 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
             "instruction_finish_reason": STRING,
         }
 
+    def provenance(self) -> dict[str, Any]:
+        return self._templates.to_record() if self._templates is not None else {}
+
     def load(self) -> None:
         self._load_engine_and_templates(pre_query_template=self.pre_query_template)
         self._assignment = assign_settings(self.mixture, self.num_rows, self.seed)

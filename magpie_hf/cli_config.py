@@ -1,0 +1,135 @@
+"""Parse a recipe's typed configuration from flags and ``--config FILE.yaml``, TRL style.
+
+Precedence, lowest first: the dataclasses' defaults, the recipe's paper-scale defaults, what
+``--preset cpu`` changes, the YAML file, the command line. The YAML file is a flat mapping of field
+names to values (the same names as the flags), as TRL's ``--config`` files are; a list of settings
+may stand where a flag takes a spec string (``mixture``). Unknown keys are refused with the closest
+known name.
+
+Example:
+    >>> from magpie_hf.config import RunArguments, InstructionArguments
+    >>> parser = ConfigParser((RunArguments, InstructionArguments), defaults={"num_rows": 100})
+    >>> run, instructions = parser.parse(["--temperature", "0.7", "--num-rows", "8"])
+    >>> run.num_rows, instructions.temperature
+    (8, 0.7)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used; the message says what to change."""
+
+
+class ConfigParser:
+    """:class:`transformers.HfArgumentParser` over ``sections`` plus ``--config FILE.yaml`` and presets.
+
+    Args:
+        sections: the argument dataclasses, in the order :meth:`parse` returns them.
+        defaults: field defaults that replace the dataclasses' own (a recipe's paper settings).
+        presets: ``{name: {field: value}}`` applied over ``defaults`` when ``--preset name`` is given
+            (on the command line or in the YAML file).
+        prog, description: for ``--help``.
+    """
+
+    def __init__(
+        self,
+        sections: Sequence[type],
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        presets: Mapping[str, Mapping[str, Any]] | None = None,
+        prog: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        from transformers import HfArgumentParser
+
+        self.sections = tuple(sections)
+        self.defaults = dict(defaults or {})
+        self.presets = {name: dict(values) for name, values in (presets or {}).items()}
+        self.fields = {f.name: section for section in self.sections for f in dataclasses.fields(section)}
+        unknown = sorted(set(self.defaults).union(*self.presets.values()) - set(self.fields))
+        if unknown:
+            raise ConfigError(f"defaults name fields that no section has: {unknown}")
+        self._parser = HfArgumentParser(self.sections, prog=prog, description=description)
+        self._parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                                  help="YAML file of settings (the flags' names); flags override it")
+
+    def parse(self, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+        """The section instances for ``argv`` (default: ``sys.argv[1:]``)."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        path = _flag_value(argv, "--config")
+        from_file = load_yaml_config(path, self.fields) if path else {}
+        preset = _flag_value(argv, "--preset") or from_file.get("preset") or self.defaults.get("preset")
+        values = dict(self.defaults)
+        if preset in self.presets:
+            values.update(self.presets[preset])
+        values.update(from_file)
+        self._parser.set_defaults(**values)
+        parsed = self._parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+        return tuple(parsed[: len(self.sections)])
+
+    def format_help(self) -> str:
+        return self._parser.format_help()
+
+
+def load_yaml_config(path: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat YAML mapping of field names to values; unknown names are refused with the closest one."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read --config {path}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a YAML mapping of settings, e.g. 'temperature: 0.8'")
+    unknown = [key for key in data if key not in fields and key != "preset"]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, list(fields), n=1) for k in unknown}
+        named = ", ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
+        raise ConfigError(f"--config {path} has unknown settings {named}; see --help for the names.")
+    return data
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag VALUE`` or ``--flag=VALUE``), removing it when it is ``--config``."""
+    for i, item in enumerate(argv):
+        if item == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+            if flag == "--config":
+                del argv[i : i + 2]
+            return value
+        if item.startswith(flag + "="):
+            if flag == "--config":
+                del argv[i]
+            return item.split("=", 1)[1]
+    return None
+
+
+def to_yaml(*sections: Any) -> str:
+    """The resolved configuration as a YAML file that ``--config`` reads back (one comment per section)."""
+    blocks = []
+    for section in sections:
+        values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+        body = yaml.safe_dump(_plain(values), sort_keys=False, allow_unicode=True, width=120)
+        blocks.append(f"# {type(section).__name__}\n{body}")
+    return "\n".join(blocks)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
