@@ -1,4 +1,4 @@
-"""Chat-template arithmetic on the real chat templates in shared/fixtures/chat_templates (tokenizer only)."""
+"""Chat-template arithmetic on the real chat templates in tests/fixtures/chat_templates (tokenizer only)."""
 
 from __future__ import annotations
 
