@@ -258,6 +258,13 @@ def run_info(settings: RecipeSettings, manifest: dict[str, Any], **extra: Any) -
     if "Responses" in steps:
         r = steps["Responses"]
         info["response_sampling"] = {k: r.get(k) for k in ("temperature", "top_p", "repetition_penalty", "max_tokens")}
+    template_kwargs = {
+        s.get("name") or s["step"]: s["chat_template_kwargs"]
+        for s in manifest.get("steps", [])
+        if s.get("chat_template_kwargs")
+    }
+    if template_kwargs:
+        info["chat_template_kwargs"] = template_kwargs
     info.update(extra)
     return info
 

@@ -344,6 +344,7 @@ class TaskControlledInstructions(MagpieInstructions):
                         self._engine.tokenizer,
                         system_prompt=self.task.prompts[key],
                         keep_default_system_prompt=self.keep_default_system_prompt,
+                        chat_template_kwargs=self.chat_template_kwargs,
                     )
                 except ChatTemplateError as err:
                     raise ChatTemplateError(
@@ -389,6 +390,7 @@ class TaskControlledInstructions(MagpieInstructions):
             max_tokens=self.max_tokens,
             system_prompt=self.task.prompts[key],
             keep_default_system_prompt=self.keep_default_system_prompt,
+            chat_template_kwargs=self.chat_template_kwargs,
             drop_empty=self.drop_empty,
             drop_truncated=self.drop_truncated,
             seed=self.seed,

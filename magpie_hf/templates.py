@@ -672,9 +672,29 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
         default=None,
         help="explicit raw pre-query text, BOS included; overrides the derived one ('\\n' means newline)",
     )
+    parser.add_argument(
+        "--chat-template-kwargs",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='template variables for every rendering, as a JSON object, e.g. \'{"enable_thinking": false}\'',
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code")
     parser.add_argument("--json", action="store_true", help="print the provenance record as JSON")
     parser.set_defaults(func=_run_cli)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """``--chat-template-kwargs``: a JSON object, or a usage error that shows the expected form."""
+    import argparse
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); write e.g. '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
 
 
 def _unescape(text: str | None) -> str | None:
@@ -683,7 +703,6 @@ def _unescape(text: str | None) -> str | None:
 
 
 def _run_cli(args: "argparse.Namespace") -> int:
-    import json
     import sys
 
     from transformers import AutoTokenizer
@@ -698,6 +717,7 @@ def _run_cli(args: "argparse.Namespace") -> int:
             system_prompt=args.system_prompt,
             keep_default_system_prompt=args.keep_default_system_prompt,
             pre_query_template=_unescape(args.pre_query_template),
+            chat_template_kwargs=args.chat_template_kwargs,
         )
     except ChatTemplateError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -718,7 +738,12 @@ def _run_cli(args: "argparse.Namespace") -> int:
         f"system_prompt:     {templates.system_prompt!r}",
         f"default system:    {templates.default_system_block!r} "
         f"({'kept' if templates.keep_default_system_prompt else 'removed'})",
+        f"template kwargs:   {json.dumps(templates.chat_template_kwargs, ensure_ascii=False)}",
     ]
+    if templates.reasoning is not None:
+        r = templates.reasoning
+        opened = "opened by the generation prompt" if r.opened_by_generation_prompt else "not opened by the generation prompt"
+        lines.append(f"reasoning:         {r.open!r} ... {r.close!r} ({opened})")
     if templates.source == "derived" or getattr(tokenizer, "chat_template", None):
         lines.append(f"response_prompt:   {templates.response_prompt(sample)!r}  (for {sample})")
     print("\n".join(lines))

@@ -416,6 +416,15 @@ def test_cli_on_embedded_model(capsys, monkeypatch):
     assert main([*args, "--system-prompt", "Be brief.", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["pre_query"] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    assert main([*args, "--chat-template-kwargs", '{"enable_thinking": false}', "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chat_template_kwargs"] == {"enable_thinking": False}
+    assert main([*args, "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert 'template kwargs:   {"enable_thinking": false}' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--chat-template-kwargs", '["enable_thinking"]'])
+    assert "expected a JSON object" in capsys.readouterr().err
+    assert main([*args, "--chat-template-kwargs", '{"tokenize": true}']) == 2
+    assert "may not set ['tokenize']" in capsys.readouterr().err
     assert main([*args, "--pre-query-template", "<|im_start|>user\\nQ: ", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["pre_query"] == "<|im_start|>user\nQ: " and record["source"] == "explicit"
