@@ -469,13 +469,12 @@ def _default_system_block(
 ) -> tuple[str, str] | None:
     """Split the text before the first user turn into ``(lead, injected_block)``; None when it cannot.
 
-    Text that the rendering of a conversation *with* a system message also starts with is a fixed prefix,
-    not a default system block (GLM's ``[gMASK]<sop>``, a BOS): nothing to remove. Otherwise the user-turn
-    header is what precedes a *later* user message once the previous assistant turn's closing marker is
-    removed (``between_turns``, from the ``[u, a, u]`` rendering). Whatever precedes the *first* user header
-    besides a leading BOS is a block the template injected by itself (Llama-3.1's dated system block, Qwen2's
-    default system prompt). Templates that reject system messages (Gemma) are fine: no system message is
-    ever rendered.
+    The user-turn header is what precedes a *later* user message once the previous assistant turn's closing
+    marker is removed (``between_turns``, from the ``[u, a, u]`` rendering). What precedes the *first* user
+    header is either a fixed prefix, when a conversation that has a system message starts with it too (GLM's
+    ``[gMASK]<sop>``, a BOS): nothing to remove; or, besides a leading BOS, a block the template injected by
+    itself (Llama-3.1's dated system block, Qwen2's default system prompt). Templates that reject system
+    messages (Gemma-2) are fine: the rejection is caught.
     """
     if between_turns is None:
         return None
