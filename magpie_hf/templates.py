@@ -533,7 +533,7 @@ def derive_templates(
 
     Example:
         >>> t = derive_templates(tok)  # doctest: +SKIP
-        >>> t.pre_query
+        >>> t.pre_query  # doctest: +SKIP
         '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n'
         >>> r1 = derive_templates(deepseek_r1_tokenizer)  # doctest: +SKIP
         >>> r1.pre_query, r1.stop_strings, r1.reasoning.opened_by_generation_prompt  # doctest: +SKIP
