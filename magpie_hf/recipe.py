@@ -356,6 +356,7 @@ def instruction_step(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -
         system_prompt=i.system_prompt,
         keep_default_system_prompt=i.keep_default_system_prompt,
         pre_query_template=i.pre_query_template,
+        chat_template_kwargs=i.template_kwargs(),
         seed=config.run.seed,
     )
     task = config.task_mix()
@@ -378,6 +379,7 @@ def response_step(config: RecipeConfig) -> Step:
         top_p=r.response_top_p,
         repetition_penalty=r.response_repetition_penalty,
         max_tokens=r.response_max_tokens,
+        chat_template_kwargs=config.instructions.template_kwargs() if r.response_model == config.instructions.model else None,
     )
 
 
@@ -558,6 +560,13 @@ def run_info(config: RecipeConfig, manifest: dict[str, Any], **extra: Any) -> di
     task = config.task_mix()
     if task is not None:
         info["task_control"] = {"weights": dict(task.weights), "prompts": dict(task.prompts)}
+    template_kwargs = {
+        s.get("name") or s["step"]: s["chat_template_kwargs"]
+        for s in manifest.get("steps", [])
+        if s.get("chat_template_kwargs")
+    }
+    if template_kwargs:
+        info["chat_template_kwargs"] = template_kwargs
     models.update(extra.pop("models", {}))
     info.update(extra)
     return info

@@ -345,6 +345,7 @@ class TaskControlledInstructions(MagpieInstructions):
                         self._engine.tokenizer,
                         system_prompt=self.task.prompts[key],
                         keep_default_system_prompt=self.keep_default_system_prompt,
+                        chat_template_kwargs=self.chat_template_kwargs,
                     )
                 except ChatTemplateError as err:
                     raise ChatTemplateError(
@@ -390,6 +391,7 @@ class TaskControlledInstructions(MagpieInstructions):
             max_tokens=self.max_tokens,
             system_prompt=self.task.prompts[key],
             keep_default_system_prompt=self.keep_default_system_prompt,
+            chat_template_kwargs=self.chat_template_kwargs,
             drop_empty=self.drop_empty,
             drop_truncated=self.drop_truncated,
             seed=self.seed,

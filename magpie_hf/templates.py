@@ -8,10 +8,18 @@ whose last user message is a sentinel string and cut at the sentinel.
 - ``pre_query``: render ``[user: SENTINEL]`` and keep what comes before the sentinel (plus BOS text when
   the tokenizer, not the template, adds the BOS: engines tokenize with ``add_special_tokens=False``).
 - ``query_prompt(history)``: the same cut after a history, for multi-turn generation.
-- ``stop_strings``: the end-of-turn marker that follows the sentinel (its first special token, or
-  else its first line), for the user turn and for the assistant turn; where only whitespace ends a
-  user turn, the assistant header that follows it (``### Response:``).
+- ``stop_strings``: what always follows a turn. For the user turn that is the common start of the text after
+  the sentinel in the generation-prompt rendering and in a rendering that has an assistant reply: its end
+  marker (``<|eot_id|>``, ``<|im_end|>``, ``[/INST]``) or, where a user turn has no closing marker, the role
+  token that opens the assistant turn (DeepSeek's ``<｜Assistant｜>``, GLM's ``<|assistant|>``, Alpaca's
+  ``### Response:``). So a thinking tag that the generation prompt opens (``<｜Assistant｜><think>``) never
+  becomes part of a stop. For the assistant turn: its closing marker, or else the role token of the next
+  user turn (GLM's ``<|user|>``).
 - ``response_prompt(messages)``: ``apply_chat_template(..., add_generation_prompt=True)`` with BOS once.
+- ``reasoning``: the thinking-block tags (``<think>``/``</think>``) when the template uses them, and whether
+  the generation prompt leaves a block open (DeepSeek-R1: the reply starts inside the reasoning).
+- ``chat_template_kwargs`` (``{"enable_thinking": False}``): extra template variables passed to every
+  rendering (pre-query, follow-up queries, responses, judges) and recorded with the rest.
 - ``keep_default_system_prompt=False``: the block a template writes before the first user turn on its
   own (Llama-3.1's dated block, Qwen2's "You are a helpful assistant.") is found by comparing the
   rendering of the first user turn with that of a later user turn, and removed.
@@ -31,9 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
+import json
 import logging
+import os
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:
     import argparse
@@ -44,6 +55,11 @@ logger = logging.getLogger(__name__)
 USER_SENTINEL = "MagpieUserSentinel7Q3"
 SECOND_USER_SENTINEL = "MagpieUserSentinel9K5"
 ASSISTANT_SENTINEL = "MagpieAssistantSentinel4W8"
+SYSTEM_SENTINEL = "MagpieSystemSentinel2H6"
+
+#: Thinking-block tags of today's reasoning models (DeepSeek-R1 and V3.1, Qwen3, QwQ, GLM-4.5+, SmolLM3). A
+#: template uses a pair when its source holds both tags; :class:`ReasoningMarkers` records it.
+REASONING_TAGS: tuple[tuple[str, str], ...] = (("<think>", "</think>"),)
 
 Message = dict[str, str]
 
@@ -127,20 +143,48 @@ def _added_tokens(tokenizer: Any) -> list[str]:
     return sorted((t for t in tokens if t), key=len, reverse=True)
 
 
-def _end_marker(tail: str, special_tokens: Sequence[str]) -> str | None:
-    """The end-of-turn marker at the start of ``tail`` (the text after a message's content).
+def _first_special(text: str, special_tokens: Sequence[str]) -> tuple[int, str] | None:
+    """``(position, token)`` of the first special token in ``text`` (the longest one at that position)."""
+    best: tuple[int, str] | None = None
+    for token in special_tokens:  # longest first, so a tie keeps the longest
+        at = text.find(token)
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, token)
+    return best
 
-    The marker is the first special token when the tail starts with one (``<|eot_id|>``, ``<|im_end|>``,
-    ``<end_of_turn>``), else the first line (``[/INST]``, ``### Response:``); None when only whitespace.
+
+def _end_markers(tail: str, special_tokens: Sequence[str], *, tags: Sequence[str] = ()) -> list[str]:
+    """The end-of-turn markers at the start of ``tail`` (the text that follows a message's content).
+
+    The marker is the special token the tail starts with (``<|eot_id|>``, ``<|im_end|>``, ``<｜Assistant｜>``);
+    else the plain text up to the end of the line or the first special token (``[/INST]``, ``### Response:``),
+    plus that special token when it follows on the same line (GLM without thinking: ``/nothink<|assistant|>``).
+    Reasoning ``tags`` are never part of a marker: ``<｜Assistant｜></think>`` gives ``<｜Assistant｜>``.
+    Empty when the tail is only whitespace.
+
+    Example:
+        >>> _end_markers("<|im_end|>\\n<|im_start|>assistant\\n", ["<|im_end|>", "<|im_start|>"])
+        ['<|im_end|>']
+        >>> _end_markers(" [/INST]", [])
+        ['[/INST]']
+        >>> _end_markers("<｜Assistant｜></think>", [], tags=["<think>", "</think>"])
+        ['<｜Assistant｜>']
     """
     text = tail.lstrip()
     if not text:
-        return None
-    for token in special_tokens:
-        if text.startswith(token):
-            return token
-    line = text.split("\n", 1)[0].rstrip()
-    return line or None
+        return []
+    hit = _first_special(text, special_tokens)
+    if hit is not None and hit[0] == 0 and hit[1] not in tags:
+        return [hit[1]]
+    plain = (text[: hit[0]] if hit is not None else text).split("\n", 1)[0]
+    for tag in tags:
+        plain = plain.split(tag, 1)[0]
+        # a common prefix may end inside a tag (<｜Assistant｜><think> vs <｜Assistant｜></think>: '<｜Assistant｜><')
+        plain = next((plain[:-k] for k in range(len(tag) - 1, 0, -1) if plain.endswith(tag[:k])), plain)
+    markers = [plain.rstrip()] if plain.strip() else []
+    if hit is not None and hit[1] not in tags and "\n" not in text[: hit[0]] and plain == text[: hit[0]]:
+        markers.append(hit[1])
+    return markers
 
 
 def _split_at(text: str, sentinel: str) -> tuple[str, str]:
@@ -157,15 +201,60 @@ def _dedupe(items: Sequence[Any]) -> list[Any]:
     return list(dict.fromkeys(x for x in items if x is not None and x != ""))
 
 
-def _render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
+def check_chat_template_kwargs(tokenizer: Any, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``kwargs`` as a plain dict after checking it can be passed to every rendering and recorded.
+
+    Keys are template variables (``enable_thinking``, ``thinking``, ``reasoning_effort``); they may not
+    name an argument of ``apply_chat_template`` itself, and values must be JSON (they go into the dataset's
+    provenance).
+
+    Example:
+        >>> check_chat_template_kwargs(tok, {"enable_thinking": False})  # doctest: +SKIP
+        {'enable_thinking': False}
+    """
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) and k for k in kwargs):
+        raise ChatTemplateError(
+            f"chat_template_kwargs must be a mapping of template variable names to values, such as "
+            f'{{"enable_thinking": false}}; got {kwargs!r}.'
+        )
+    apply = getattr(tokenizer, "apply_chat_template", None)
+    reserved = {"messages", "conversation"}
+    if apply is not None:
+        reserved |= {n for n in inspect.signature(apply).parameters if n not in ("self", "kwargs")}
+    clash = sorted(set(kwargs) & reserved)
+    if clash:
+        raise ChatTemplateError(
+            f"chat_template_kwargs may not set {clash}: apply_chat_template takes those itself. Pass only the "
+            f"template's own variables (for example enable_thinking)."
+        )
+    try:
+        json.dumps(dict(kwargs), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ChatTemplateError(
+            f"chat_template_kwargs values must be JSON (strings, numbers, booleans, lists, objects) because they "
+            f"are recorded in the provenance: {err}"
+        ) from None
+    return dict(kwargs)
+
+
+def _render(
+    tokenizer: Any,
+    messages: list[Message],
+    *,
+    add_generation_prompt: bool,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    way_out: str = _WAY_OUT,
+) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
             f"The tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template, so the "
-            f"Magpie pre-query template cannot be derived. {_WAY_OUT}"
+            f"Magpie pre-query template cannot be derived. {way_out}"
         )
     try:
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
         )
     except ChatTemplateError:
         raise
@@ -176,8 +265,63 @@ def _render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: b
             hint = " This template does not accept a system message: drop the system prompt (system_prompt=None)."
         raise ChatTemplateError(
             f"The chat template of {getattr(tokenizer, 'name_or_path', '')!r} failed on a conversation "
-            f"with roles {roles}: {err}.{hint} {_WAY_OUT}"
+            f"with roles {roles}: {err}.{hint} {way_out}"
         ) from err
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> str:
+    """Render ``messages`` with the tokenizer's own chat template, BOS exactly once.
+
+    The one renderer of the steps that prompt a chat model with a full conversation (judges, the safety
+    guard, the reward model): engines tokenize prompts without special tokens, so when the tokenizer would
+    add a BOS and the template does not write it, it is prepended here. ``chat_template_kwargs`` are the
+    template's own variables (``{"enable_thinking": False}``).
+
+    Example:
+        >>> render_chat(tok, [{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+        '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    kwargs = check_chat_template_kwargs(tokenizer, chat_template_kwargs)
+    way_out = "Use a chat/instruct model for this step, or set tokenizer.chat_template."
+    text = _render(
+        tokenizer, list(messages), add_generation_prompt=add_generation_prompt, chat_template_kwargs=kwargs,
+        way_out=way_out,
+    )
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and not text.startswith(bos) and tokenizer_adds_bos(tokenizer):
+        text = bos + text
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasoningMarkers:
+    """The thinking-block tags a chat template uses, so a later step can split reasoning from the answer.
+
+    ``opened_by_generation_prompt`` is True when the generation prompt leaves a block open (DeepSeek-R1 ends
+    it with ``<think>\\n``): the model's reply then starts inside the reasoning and holds ``close`` before the
+    answer. With ``{"enable_thinking": False}`` Qwen3 writes an empty block instead, and this is False.
+    """
+
+    open: str
+    close: str
+    opened_by_generation_prompt: bool
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _reasoning_markers(template_text: str | None, generation_tail: str) -> ReasoningMarkers | None:
+    for open_tag, close_tag in REASONING_TAGS:
+        if template_text and open_tag in template_text and close_tag in template_text:
+            opened = generation_tail.rfind(open_tag) > generation_tail.rfind(close_tag)
+            return ReasoningMarkers(open_tag, close_tag, opened)
+    return None
 
 
 @dataclasses.dataclass
@@ -191,6 +335,8 @@ class ChatTemplates:
         system_prompt: the system prompt in ``pre_query`` and, by default, in every prompt built here.
         keep_default_system_prompt: whether a system block the template injects by itself is kept.
         default_system_block: that injected block as text ('' when the template injects none).
+        chat_template_kwargs: extra template variables passed to every rendering (``enable_thinking``).
+        reasoning: the template's thinking-block tags, or None (see :class:`ReasoningMarkers`).
     """
 
     pre_query: str
@@ -205,6 +351,8 @@ class ChatTemplates:
     add_bos_text: bool = False  # BOS text is prefixed because the tokenizer (not the template) adds it
     tokenizer_name: str | None = None
     chat_template_sha256: str | None = None
+    chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reasoning: ReasoningMarkers | None = None
     tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
     lead_text: str = dataclasses.field(default="", repr=False)  # text before the injected block (usually BOS)
 
@@ -226,7 +374,7 @@ class ChatTemplates:
         """Prompt text for the assistant's reply to ``messages`` (``add_generation_prompt=True``), BOS once."""
         system = self.system_prompt if system_prompt is _DEFAULT else system_prompt
         full = self._with_system(list(messages), system)
-        return self._finish(_render(self.tokenizer, full, add_generation_prompt=True), full)
+        return self._finish(self._render(full, add_generation_prompt=True), full)
 
     def clean(self, text: str) -> str:
         """Cut ``text`` at the first stop string, drop trailing special tokens and surrounding whitespace."""
@@ -265,13 +413,15 @@ class ChatTemplates:
             "add_bos_text": self.add_bos_text,
             "tokenizer": self.tokenizer_name,
             "chat_template_sha256": self.chat_template_sha256,
+            "chat_template_kwargs": dict(self.chat_template_kwargs),
+            "reasoning": self.reasoning.to_record() if self.reasoning is not None else None,
         }
 
     # ---------------------------------------------------------------- internals
     def _user_turn_prompt(self, history: list[Message], system: str | None) -> tuple[str, list[str]]:
         """Render ``history + [user: SENTINEL]``, cut at the sentinel; returns (text, overrides applied)."""
         messages = self._with_system(history, system) + [{"role": "user", "content": USER_SENTINEL}]
-        before, _ = _split_at(_render(self.tokenizer, messages, add_generation_prompt=False), USER_SENTINEL)
+        before, _ = _split_at(self._render(messages, add_generation_prompt=False), USER_SENTINEL)
         before = self._finish(before, messages)
         applied = []
         if self.source == "derived":
@@ -280,6 +430,12 @@ class ChatTemplates:
                 if fixed is not None:
                     before, applied = fixed, [*applied, override.name]
         return before, applied
+
+    def _render(self, messages: list[Message], *, add_generation_prompt: bool) -> str:
+        return _render(
+            self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
 
     @staticmethod
     def _with_system(messages: list[Message], system: str | None) -> list[Message]:
@@ -305,33 +461,43 @@ class ChatTemplates:
 
 
 def _default_system_block(
-    tokenizer: Any, first_turn_prefix: str, assistant_marker: str | None
+    tokenizer: Any,
+    first_turn_prefix: str,
+    between_turns: str | None,
+    assistant_closing: str | None,
+    kwargs: Mapping[str, Any],
 ) -> tuple[str, str] | None:
     """Split the text before the first user turn into ``(lead, injected_block)``; None when it cannot.
 
-    The user-turn header is what precedes a *later* user message once the previous assistant turn's end
-    marker is removed (``[u, a, u]`` rendering). Whatever precedes the *first* user header besides a leading
-    BOS is a block the template injected by itself (Llama-3.1's dated system block, Qwen2's default system
-    prompt). Templates that reject system messages (Gemma) are fine: no system message is ever rendered.
+    The user-turn header is what precedes a *later* user message once the previous assistant turn's closing
+    marker is removed (``between_turns``, from the ``[u, a, u]`` rendering). What precedes the *first* user
+    header is either a fixed prefix, when a conversation that has a system message starts with it too (GLM's
+    ``[gMASK]<sop>``, a BOS): nothing to remove; or, besides a leading BOS, a block the template injected by
+    itself (Llama-3.1's dated system block, Qwen2's default system prompt). Templates that reject system
+    messages (Gemma-2) are fine: the rejection is caught.
     """
-    conversation = [
-        {"role": "user", "content": USER_SENTINEL},
-        {"role": "assistant", "content": ASSISTANT_SENTINEL},
-        {"role": "user", "content": SECOND_USER_SENTINEL},
-    ]
-    try:
-        rendered = _render(tokenizer, conversation, add_generation_prompt=False)
-    except ChatTemplateError as err:
-        logger.debug("multi-turn rendering failed: %s", err)
+    if between_turns is None:
         return None
-    between = rendered.split(ASSISTANT_SENTINEL, 1)[1].split(SECOND_USER_SENTINEL, 1)[0].lstrip()
-    if assistant_marker and between.startswith(assistant_marker):
-        between = between[len(assistant_marker) :].lstrip()
+    between = between_turns.lstrip()
+    if assistant_closing and between.startswith(assistant_closing):
+        between = between[len(assistant_closing) :].lstrip()
     user_header = between
     if not user_header or not first_turn_prefix.endswith(user_header):
         logger.debug("could not find the user header %r at the end of %r", user_header, first_turn_prefix)
         return None
     prefix = first_turn_prefix[: len(first_turn_prefix) - len(user_header)]
+    try:
+        with_system = _render(
+            tokenizer,
+            [{"role": "system", "content": SYSTEM_SENTINEL}, {"role": "user", "content": USER_SENTINEL}],
+            add_generation_prompt=False,
+            chat_template_kwargs=kwargs,
+        )
+    except ChatTemplateError as err:
+        logger.debug("the template rejects a system message: %s", err)
+    else:
+        if SYSTEM_SENTINEL in with_system and with_system.startswith(prefix):
+            return "", ""  # written whatever the system message: a fixed prefix ([gMASK]<sop>, BOS)
     bos = getattr(tokenizer, "bos_token", None)
     # BOS is a lead unless it is the turn-start token itself (SmolLM2's bos is '<|im_start|>')
     lead = bos if bos and prefix.startswith(bos) and not user_header.startswith(bos) else ""
@@ -344,6 +510,7 @@ def derive_templates(
     keep_default_system_prompt: bool = True,
     pre_query_template: str | None = None,
     stop_strings: Sequence[str] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> ChatTemplates:
     """Derive the Magpie pieces of ``tokenizer``'s chat format.
 
@@ -355,17 +522,25 @@ def derive_templates(
         pre_query_template: an explicit raw pre-query text; it always wins and is used verbatim. Its stop
             strings are then the tokenizer's eos plus ``stop_strings``.
         stop_strings: extra stop strings, added to the derived (or eos) ones.
+        chat_template_kwargs: template variables passed to every rendering, e.g. ``{"enable_thinking": False}``
+            for Qwen3 (its generation prompt then holds an empty think block), ``{"thinking": True}`` for
+            DeepSeek-V3.1. The stops and the pre-query are derived under them too.
 
     Raises:
-        ChatTemplateError: no chat template, a template that rejects the system prompt, or a template that
-            does not render content verbatim; the message names ``pre_query_template=`` as the way out.
+        ChatTemplateError: no chat template, a template that rejects the system prompt, a template that
+            does not render content verbatim, or unusable ``chat_template_kwargs``; the message names the
+            way out (``pre_query_template=`` for the template problems).
 
     Example:
         >>> t = derive_templates(tok)  # doctest: +SKIP
         >>> t.pre_query  # doctest: +SKIP
         '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n'
+        >>> r1 = derive_templates(deepseek_r1_tokenizer)  # doctest: +SKIP
+        >>> r1.pre_query, r1.stop_strings, r1.reasoning.opened_by_generation_prompt  # doctest: +SKIP
+        ('<｜begin▁of▁sentence｜><｜User｜>', ['<｜Assistant｜>', '<｜end▁of▁sentence｜>'], True)
     """
     extra_stops = list(stop_strings or [])
+    kwargs = check_chat_template_kwargs(tokenizer, chat_template_kwargs)
     chat_template = getattr(tokenizer, "chat_template", None)
     template_text = chat_template if isinstance(chat_template, str) else repr(chat_template) if chat_template else None
     bos = getattr(tokenizer, "bos_token", None)
@@ -375,39 +550,69 @@ def derive_templates(
         bos_token=bos,
         tokenizer_name=getattr(tokenizer, "name_or_path", None) or None,
         chat_template_sha256=hashlib.sha256(template_text.encode()).hexdigest() if template_text else None,
+        chat_template_kwargs=kwargs,
         tokenizer=tokenizer,
     )
     specials = _added_tokens(tokenizer)
 
+    def render(messages: list[Message], generation_prompt: bool = False) -> str:
+        return _render(tokenizer, messages, add_generation_prompt=generation_prompt, chat_template_kwargs=kwargs)
+
     if pre_query_template is not None:
         stops = _dedupe([getattr(tokenizer, "eos_token", None), *extra_stops])
+        reasoning = None
+        if template_text:
+            try:
+                generation = render([{"role": "user", "content": USER_SENTINEL}], True).split(USER_SENTINEL)[-1]
+                reasoning = _reasoning_markers(template_text, generation)
+            except ChatTemplateError as err:
+                logger.debug("no generation prompt rendering: %s", err)
         return ChatTemplates(
             pre_query=pre_query_template,
             stop_strings=stops,
             stop_token_ids=_stop_token_ids(tokenizer, stops, specials),
             source="explicit",
+            reasoning=reasoning,
             **common,
         )
 
-    one_turn = [{"role": "user", "content": USER_SENTINEL}]
-    before, user_tail = _split_at(_render(tokenizer, one_turn, add_generation_prompt=False), USER_SENTINEL)
-    two_turns = one_turn + [{"role": "assistant", "content": ASSISTANT_SENTINEL}]
+    user = {"role": "user", "content": USER_SENTINEL}
+    assistant = {"role": "assistant", "content": ASSISTANT_SENTINEL}
+    before, closed_tail = _split_at(render([user]), USER_SENTINEL)
+    _, generation_tail = _split_at(render([user], True), USER_SENTINEL)
+    reasoning = _reasoning_markers(template_text, generation_tail)
+    tags = [tag for pair in REASONING_TAGS for tag in pair]
     try:
-        _, assistant_tail = _split_at(
-            _render(tokenizer, two_turns, add_generation_prompt=False), ASSISTANT_SENTINEL
-        )
-    except ChatTemplateError as err:
+        reply = render([user, assistant])
+        _, answered_tail = _split_at(reply, USER_SENTINEL)
+        _, assistant_tail = _split_at(reply, ASSISTANT_SENTINEL)
+    except ChatTemplateError as err:  # a template that wants more than one turn, or rejects assistant turns
         logger.debug("assistant turn rendering failed: %s", err)
-        assistant_tail = ""
-    user_marker = _end_marker(user_tail, specials)
-    if user_marker is None:  # only whitespace ends a user turn (Alpaca-style): stop at the assistant header
-        _, user_tail = _split_at(_render(tokenizer, one_turn, add_generation_prompt=True), USER_SENTINEL)
-        user_marker = _end_marker(user_tail, specials)
-    assistant_marker = _end_marker(assistant_tail, specials)
-    stops = _dedupe([user_marker, assistant_marker, *extra_stops])
+        answered_tail, assistant_tail = generation_tail, ""
+    try:
+        third = render([user, assistant, {"role": "user", "content": SECOND_USER_SENTINEL}])
+        between: str | None = third.split(ASSISTANT_SENTINEL, 1)[1].split(SECOND_USER_SENTINEL, 1)[0]
+    except (ChatTemplateError, IndexError) as err:
+        logger.debug("multi-turn rendering failed: %s", err)
+        between = None
+
+    # what ALWAYS follows a user turn: the common start of the generation prompt and of an answered turn
+    # (<｜Assistant｜><think>\n vs <｜Assistant｜>reply: <｜Assistant｜>), so no thinking tag leaks into the stop
+    always_after_user = os.path.commonprefix([generation_tail, answered_tail])
+    user_stops = (
+        _end_markers(always_after_user, specials, tags=tags)
+        or _end_markers(closed_tail, specials, tags=tags)
+        or _end_markers(generation_tail, specials, tags=tags)
+    )
+    # an assistant turn ends with its closing marker, or (GLM: no closing marker) where the next user turn opens
+    assistant_closing = _end_markers(assistant_tail, specials, tags=tags)
+    assistant_stops = assistant_closing or _end_markers(between or "", specials, tags=tags)
+    stops = _dedupe([*user_stops, *assistant_stops, *extra_stops])
     if not stops and getattr(tokenizer, "eos_token", None):
         stops = [tokenizer.eos_token]
-    split = _default_system_block(tokenizer, before, assistant_marker)
+    split = _default_system_block(
+        tokenizer, before, between, assistant_closing[0] if assistant_closing else None, kwargs
+    )
     if split is None and not keep_default_system_prompt and system_prompt is None:
         logger.warning(
             "Could not locate the user-turn header in this chat template, so a default system block (if any) "
@@ -424,6 +629,7 @@ def derive_templates(
         source="derived",
         add_bos_text=tokenizer_adds_bos(tokenizer),
         lead_text=lead,
+        reasoning=reasoning,
         **common,
     )
     # the pre-query is the first user turn of an empty history: one code path for single and multi-turn
@@ -465,9 +671,29 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
         default=None,
         help="explicit raw pre-query text, BOS included; overrides the derived one ('\\n' means newline)",
     )
+    parser.add_argument(
+        "--chat-template-kwargs",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='template variables for every rendering, as a JSON object, e.g. \'{"enable_thinking": false}\'',
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code")
     parser.add_argument("--json", action="store_true", help="print the provenance record as JSON")
     parser.set_defaults(func=_run_cli)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """``--chat-template-kwargs``: a JSON object, or a usage error that shows the expected form."""
+    import argparse
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); write e.g. '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
 
 
 def _unescape(text: str | None) -> str | None:
@@ -476,7 +702,6 @@ def _unescape(text: str | None) -> str | None:
 
 
 def _run_cli(args: "argparse.Namespace") -> int:
-    import json
     import sys
 
     from transformers import AutoTokenizer
@@ -491,6 +716,7 @@ def _run_cli(args: "argparse.Namespace") -> int:
             system_prompt=args.system_prompt,
             keep_default_system_prompt=args.keep_default_system_prompt,
             pre_query_template=_unescape(args.pre_query_template),
+            chat_template_kwargs=args.chat_template_kwargs,
         )
     except ChatTemplateError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -511,7 +737,12 @@ def _run_cli(args: "argparse.Namespace") -> int:
         f"system_prompt:     {templates.system_prompt!r}",
         f"default system:    {templates.default_system_block!r} "
         f"({'kept' if templates.keep_default_system_prompt else 'removed'})",
+        f"template kwargs:   {json.dumps(templates.chat_template_kwargs, ensure_ascii=False)}",
     ]
+    if templates.reasoning is not None:
+        r = templates.reasoning
+        opened = "opened by the generation prompt" if r.opened_by_generation_prompt else "not opened by the generation prompt"
+        lines.append(f"reasoning:         {r.open!r} ... {r.close!r} ({opened})")
     if templates.source == "derived" or getattr(tokenizer, "chat_template", None):
         lines.append(f"response_prompt:   {templates.response_prompt(sample)!r}  (for {sample})")
     print("\n".join(lines))

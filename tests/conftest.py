@@ -21,7 +21,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chat_templates"
+#: real chat templates of instruct models (see its README.md), kept in the repository
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
 
 
 @pytest.fixture(scope="session")
@@ -38,5 +39,15 @@ def embedded_tokenizer(embedded_engine):
 
 
 def chat_template_fixtures() -> dict[str, dict]:
-    """The real chat templates in ../shared/fixtures/chat_templates, by file stem."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(FIXTURES.glob("*.json"))}
+    """The real chat templates in tests/fixtures/chat_templates, by file stem.
+
+    Raises instead of returning nothing, so a moved or empty folder fails the tests that are
+    parametrized over the fixtures rather than silently leaving them with zero cases.
+    """
+    fixtures = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(FIXTURES.glob("*.json"))}
+    if not fixtures:
+        raise FileNotFoundError(
+            f"No chat-template fixtures (*.json) in {FIXTURES}; they are part of the repository, restore them "
+            "with `git checkout -- tests/fixtures/chat_templates`."
+        )
+    return fixtures

@@ -117,7 +117,8 @@ def _dress(base, fixture):
     """The embedded tokenizer wearing a fixture's chat template and special tokens."""
     tok = copy.deepcopy(base)
     named = {k: fixture[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if fixture.get(k)}
-    tok.add_special_tokens({**named, "additional_special_tokens": list(fixture.get("additional_special_tokens") or [])})
+    tokens = fixture.get("format_tokens") or fixture.get("additional_special_tokens") or []
+    tok.add_special_tokens({**named, "additional_special_tokens": list(tokens)})
     if not fixture.get("bos_token"):
         tok.bos_token = None
     tok.chat_template = fixture["chat_template"]

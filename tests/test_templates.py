@@ -1,8 +1,9 @@
-"""Chat-template arithmetic on the real chat templates in shared/fixtures/chat_templates (tokenizer only)."""
+"""Chat-template arithmetic on the real chat templates in tests/fixtures/chat_templates (tokenizer only)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -11,8 +12,10 @@ from magpie_hf.templates import (
     PRE_QUERY_OVERRIDES,
     ChatTemplateError,
     ChatTemplates,
+    ReasoningMarkers,
     derive_templates,
     encode,
+    render_chat,
     tokenizer_adds_bos,
 )
 from tests.conftest import chat_template_fixtures
@@ -97,6 +100,7 @@ EXPECTED: dict[str, dict] = {
         pre_query="<|im_start|>user\n",
         stops=["<|im_end|>"],
         bos_count=0,
+        reasoning=ReasoningMarkers("<think>", "</think>", opened_by_generation_prompt=False),
     ),
     "yi-1.5-chat": dict(
         specials=["<|im_start|>", "<|im_end|>"],
@@ -104,6 +108,46 @@ EXPECTED: dict[str, dict] = {
         pre_query="<|startoftext|><|im_start|>user\n",
         stops=["<|im_end|>"],
         bos_count=1,
+    ),
+    # today's models; ``specials`` are the fixtures' format_tokens (added tokens of the real tokenizers).
+    # A DeepSeek or GLM user turn has no closing marker: it ends where the assistant's role token begins.
+    "deepseek-r1-distill-llama-8b": dict(
+        specials=FIXTURES["deepseek-r1-distill-llama-8b"]["format_tokens"],
+        adds_bos=True,  # the template writes BOS and the tokenizer would add another: once is right
+        pre_query="<｜begin▁of▁sentence｜><｜User｜>",
+        stops=["<｜Assistant｜>", "<｜end▁of▁sentence｜>"],  # not '<｜Assistant｜><think>': that is the generation prompt
+        bos_count=1,
+        reasoning=ReasoningMarkers("<think>", "</think>", opened_by_generation_prompt=True),
+    ),
+    "deepseek-v3.1-terminus": dict(
+        specials=FIXTURES["deepseek-v3.1-terminus"]["format_tokens"],
+        adds_bos=True,
+        pre_query="<｜begin▁of▁sentence｜><｜User｜>",
+        stops=["<｜Assistant｜>", "<｜end▁of▁sentence｜>"],  # not '<｜Assistant｜></think>'
+        bos_count=1,
+        reasoning=ReasoningMarkers("<think>", "</think>", opened_by_generation_prompt=False),  # thinking off by default
+    ),
+    "gemma-3-1b-it": dict(
+        specials=FIXTURES["gemma-3-1b-it"]["format_tokens"],
+        adds_bos=True,
+        pre_query="<bos><start_of_turn>user\n",
+        stops=["<end_of_turn>"],
+        bos_count=1,
+    ),
+    "glm-4-9b-chat": dict(
+        specials=FIXTURES["glm-4-9b-chat"]["format_tokens"],
+        adds_bos=False,
+        pre_query="[gMASK]<sop><|user|>\n",  # [gMASK]<sop> is the format's fixed prefix, not a system block
+        stops=["<|assistant|>", "<|user|>"],  # no closing markers: each turn ends where the next role begins
+        bos_count=0,
+    ),
+    "glm-4.6": dict(
+        specials=FIXTURES["glm-4.6"]["format_tokens"],
+        adds_bos=False,
+        pre_query="[gMASK]<sop><|user|>\n",
+        stops=["<|assistant|>", "<|user|>"],
+        bos_count=0,
+        reasoning=ReasoningMarkers("<think>", "</think>", opened_by_generation_prompt=False),
     ),
 }
 
@@ -166,7 +210,14 @@ def test_pre_query_stops_and_bos(base_tokenizer, name):
     special_stop_ids = [encode(tok, s)[0] for s in expected["stops"] if s in expected["specials"] or s == tok.eos_token]
     assert t.stop_token_ids == list(dict.fromkeys([*special_stop_ids, tok.eos_token_id]))
     assert t.query_prompt([]) == t.pre_query
-    json.dumps(t.to_record())
+    assert t.reasoning == expected.get("reasoning")
+    record = json.loads(json.dumps(t.to_record()))
+    assert record["chat_template_kwargs"] == {} and record["reasoning"] == (
+        dataclasses.asdict(t.reasoning) if t.reasoning else None
+    )
+    # a thinking tag never leaks into a stop or the pre-query
+    assert not any(tag in stop for stop in t.stop_strings for tag in ("<think>", "</think>"))
+    assert "<think>" not in t.pre_query and "</think>" not in t.pre_query
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -365,9 +416,163 @@ def test_cli_on_embedded_model(capsys, monkeypatch):
     assert main([*args, "--system-prompt", "Be brief.", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["pre_query"] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    assert main([*args, "--chat-template-kwargs", '{"enable_thinking": false}', "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chat_template_kwargs"] == {"enable_thinking": False}
+    assert main([*args, "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert 'template kwargs:   {"enable_thinking": false}' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--chat-template-kwargs", '["enable_thinking"]'])
+    assert "expected a JSON object" in capsys.readouterr().err
+    assert main([*args, "--chat-template-kwargs", '{"tokenize": true}']) == 2
+    assert "may not set ['tokenize']" in capsys.readouterr().err
     assert main([*args, "--pre-query-template", "<|im_start|>user\\nQ: ", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["pre_query"] == "<|im_start|>user\nQ: " and record["source"] == "explicit"
     loaded[0].chat_template = None
     assert main(args) == 2
     assert "pre_query_template=" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- today's models: no closing markers, thinking
+def bare_tokenizer(base, name: str):
+    """The fixture's template on the embedded tokenizer that knows only its BOS/EOS, not its format tokens
+    (how the role tokens look to code that cannot rely on the tokenizer's added vocabulary)."""
+    fixture = FIXTURES[name]
+    tok = copy.deepcopy(base)
+    tok.add_special_tokens({k: fixture[k] for k in ("bos_token", "eos_token") if fixture.get(k)})
+    if not fixture.get("bos_token"):
+        tok.bos_token = None
+    tok.chat_template = fixture["chat_template"]
+    return tok
+
+
+@pytest.mark.parametrize("name", ["deepseek-r1-distill-llama-8b", "deepseek-v3.1-terminus", "glm-4-9b-chat", "glm-4.6"])
+@pytest.mark.parametrize("kwargs", [None, {"thinking": True}, {"thinking": False}, {"enable_thinking": False}])
+def test_user_turn_stop_is_the_assistant_role_token(base_tokenizer, name, kwargs):
+    """The stop after a user turn is what always follows one, whatever the generation prompt opens."""
+    expected = EXPECTED[name]
+    for tok in (make_tokenizer(base_tokenizer, name), bare_tokenizer(base_tokenizer, name)):
+        t = derive_templates(tok, chat_template_kwargs=kwargs)
+        assert t.pre_query == expected["pre_query"]
+        stops = t.stop_strings
+        role = "<｜Assistant｜>" if name.startswith("deepseek") else "<|assistant|>"
+        if name == "glm-4.6" and kwargs == {"enable_thinking": False}:
+            # GLM appends '/nothink' to every user turn without thinking; with <|assistant|> known as a token
+            # both are stops, else the whole '/nothink<|assistant|>' is one
+            assert stops in (["/nothink", *expected["stops"]], ["/nothink<|assistant|>", expected["stops"][1]])
+            assert t.clean("Name a prime./nothink<|assistant|>\n<think></think>\n2") == "Name a prime."
+            role = "/nothink<|assistant|>"
+        else:
+            assert stops == expected["stops"]
+        # a query the model ends with the role token is cut right there, thinking tags or not
+        for follow in ("<think>\nhmm", "</think>Sure", "\n<think></think>\nSure", ""):
+            assert t.clean(f"Name a prime.{role}{follow}") == "Name a prime."
+
+
+def test_deepseek_r1_reply_starts_inside_the_reasoning(base_tokenizer):
+    tok = make_tokenizer(base_tokenizer, "deepseek-r1-distill-llama-8b")
+    t = derive_templates(tok)
+    prompt = t.response_prompt(HISTORY[:1])
+    assert prompt == "<｜begin▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜><think>\n"
+    assert bos_count(tok, prompt) == 1
+    assert t.reasoning == ReasoningMarkers("<think>", "</think>", opened_by_generation_prompt=True)
+    assert t.to_record()["reasoning"] == {"open": "<think>", "close": "</think>", "opened_by_generation_prompt": True}
+    # the template drops the reasoning of earlier turns; the next query prompt holds only the answer
+    history = [HISTORY[0], {"role": "assistant", "content": "Let me add.</think>\n\nIt is 4."}]
+    assert t.query_prompt(history) == (
+        "<｜begin▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜>\n\nIt is 4.<｜end▁of▁sentence｜><｜User｜>"
+    )
+    # a system prompt goes right after BOS, with no markup of its own
+    assert derive_templates(tok, system_prompt="Be brief.").pre_query == "<｜begin▁of▁sentence｜>Be brief.<｜User｜>"
+
+
+def test_deepseek_v31_thinking_switch(base_tokenizer):
+    tok = make_tokenizer(base_tokenizer, "deepseek-v3.1-terminus")
+    plain, thinking = derive_templates(tok), derive_templates(tok, chat_template_kwargs={"thinking": True})
+    assert plain.response_prompt(HISTORY[:1]).endswith("<｜User｜>What is 2+2?<｜Assistant｜></think>")
+    assert thinking.response_prompt(HISTORY[:1]).endswith("<｜User｜>What is 2+2?<｜Assistant｜><think>")
+    assert (plain.reasoning.opened_by_generation_prompt, thinking.reasoning.opened_by_generation_prompt) == (False, True)
+    assert plain.pre_query == thinking.pre_query and plain.stop_strings == thinking.stop_strings
+    assert thinking.to_record()["chat_template_kwargs"] == {"thinking": True}
+    # follow-up queries carry the template's non-thinking history markup either way
+    assert thinking.query_prompt(HISTORY[:2]).endswith("<｜Assistant｜></think>It is 4.<｜end▁of▁sentence｜><｜User｜>")
+
+
+def test_glm_fixed_prefix_and_system_prompt(base_tokenizer):
+    for name in ("glm-4-9b-chat", "glm-4.6"):
+        tok = make_tokenizer(base_tokenizer, name)
+        t = derive_templates(tok, keep_default_system_prompt=False)
+        assert t.default_system_block == "" and t.pre_query == "[gMASK]<sop><|user|>\n"
+        assert t.query_prompt([], system_prompt="Be brief.") == "[gMASK]<sop><|system|>\nBe brief.<|user|>\n"
+        assert t.query_prompt(HISTORY[:2]).startswith("[gMASK]<sop><|user|>\nWhat is 2+2?<|assistant|>")
+        assert t.query_prompt(HISTORY[:2]).endswith("It is 4.<|user|>\n")
+        assert t.response_prompt(HISTORY[:1]) == "[gMASK]<sop><|user|>\nWhat is 2+2?<|assistant|>"
+        assert t.clean("It is 4.<|user|>\nAnd 3+3?") == "It is 4."
+
+
+def test_gemma3_folds_the_system_prompt_into_the_first_user_turn(base_tokenizer):
+    tok = make_tokenizer(base_tokenizer, "gemma-3-1b-it")
+    t = derive_templates(tok, system_prompt="You are a poet.")
+    assert t.pre_query == "<bos><start_of_turn>user\nYou are a poet.\n\n"
+    assert bos_count(tok, t.pre_query) == 1
+    assert t.response_prompt(HISTORY[:1]) == "<bos><start_of_turn>user\nYou are a poet.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
+
+
+# ---------------------------------------------------------------- chat_template_kwargs
+def test_chat_template_kwargs_reach_every_rendering(base_tokenizer):
+    """Qwen3 with enable_thinking=False: the generation prompt holds an empty think block everywhere."""
+    tok = make_tokenizer(base_tokenizer, "qwen3-0.6b")
+    off = {"enable_thinking": False}
+    default, t = derive_templates(tok), derive_templates(tok, chat_template_kwargs=off)
+    empty_block = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert t.response_prompt(HISTORY[:1]).endswith(empty_block)
+    assert t.response_prompt(HISTORY[:3]).endswith(empty_block)
+    assert default.response_prompt(HISTORY[:1]).endswith("<|im_start|>assistant\n")
+    assert t.response_prompt(HISTORY[:1]) == tok.apply_chat_template(
+        HISTORY[:1], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    # pre-query and multi-turn prompts are the template's own rendering under the same kwargs
+    assert t.pre_query == "<|im_start|>user\n" and t.stop_strings == ["<|im_end|>"]
+    rendered = tok.apply_chat_template([*HISTORY, {"role": "user", "content": TEST_SENTINEL}], tokenize=False, enable_thinking=False)
+    assert t.query_prompt(HISTORY) == rendered[: rendered.index(TEST_SENTINEL)]
+    assert t.reasoning == ReasoningMarkers("<think>", "</think>", opened_by_generation_prompt=False)
+    # the shared renderer of judges, guard and reward model
+    assert render_chat(tok, HISTORY[:1], chat_template_kwargs=off).endswith(empty_block)
+    assert render_chat(tok, HISTORY[:1]) == default.response_prompt(HISTORY[:1])
+    assert t.to_record()["chat_template_kwargs"] == off and default.to_record()["chat_template_kwargs"] == {}
+    # GLM-4.6 marks every user turn of a non-thinking conversation: the kwargs reach the history too
+    glm = derive_templates(make_tokenizer(base_tokenizer, "glm-4.6"), chat_template_kwargs=off)
+    assert glm.query_prompt(HISTORY[:2]) == (
+        "[gMASK]<sop><|user|>\nWhat is 2+2?/nothink<|assistant|>\n<think></think>\nIt is 4.<|user|>\n"
+    )
+    assert glm.response_prompt(HISTORY[:1]).endswith("What is 2+2?/nothink<|assistant|>\n<think></think>")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tokenize": True}, "may not set \\['tokenize'\\]"),
+        ({"add_generation_prompt": True}, "may not set"),
+        ({"messages": []}, "may not set"),
+        ({"enable_thinking": object()}, "must be JSON"),
+        ({"ratio": float("nan")}, "must be JSON"),
+        (["enable_thinking"], "must be a mapping"),
+    ],
+)
+def test_bad_chat_template_kwargs_fail_clearly(base_tokenizer, kwargs, message):
+    with pytest.raises(ChatTemplateError, match=message):
+        derive_templates(base_tokenizer, chat_template_kwargs=kwargs)
+    with pytest.raises(ChatTemplateError, match=message):
+        render_chat(base_tokenizer, HISTORY[:1], chat_template_kwargs=kwargs)
+
+
+def test_render_chat_bos_once_and_clear_error(base_tokenizer):
+    tok = make_tokenizer(base_tokenizer, "phi-3-mini-4k-instruct")  # template writes no BOS, tokenizer adds it
+    text = render_chat(tok, HISTORY[:2], add_generation_prompt=False)
+    assert text.startswith("<s><|user|>\n") and bos_count(tok, text) == 1
+    deepseek = make_tokenizer(base_tokenizer, "deepseek-r1-distill-llama-8b")  # template writes BOS itself
+    assert bos_count(deepseek, render_chat(deepseek, HISTORY[:1])) == 1
+    none = copy.deepcopy(base_tokenizer)
+    none.chat_template = None
+    with pytest.raises(ChatTemplateError, match="no chat template.*chat/instruct model"):
+        render_chat(none, HISTORY[:1])

@@ -21,7 +21,7 @@ from magpie_hf import training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "chat_templates"
+FIXTURES = ROOT / "tests" / "fixtures" / "chat_templates"
 
 
 def load_recipe(name: str):

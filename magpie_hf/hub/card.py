@@ -52,6 +52,7 @@ KNOWN_RUN_KEYS = (
     "package_version",
     "models",
     "pre_query_template",
+    "chat_template_kwargs",
     "decoding_mixture",
     "seed",
     "response_sampling",

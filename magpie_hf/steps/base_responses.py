@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
 from magpie_hf.steps.base import FLOAT, INT, STRING, Batch, Features, Step, batch_len, resolve_engine
+from magpie_hf.templates import tokenizer_adds_bos
 
 #: the paper's base model for ``base_output`` (URIAL-prompted)
 PAPER_BASE_MODEL = "meta-llama/Meta-Llama-3-8B"
@@ -135,11 +136,7 @@ def bos_prefix(tokenizer: Any) -> str:
     Engines tokenize prompts without special tokens, so a raw prompt must carry the BOS the model
     was trained with (Llama-3 adds ``<|begin_of_text|>``; SmolLM2 and Qwen add none).
     """
-    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
-    if not bos or bos_id is None:
-        return ""
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if ids and ids[0] == bos_id else ""
+    return tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -104,11 +105,16 @@ def conversation_id(seed: int, row_index: int) -> str:
 
 
 class ChatTemplateMixin:
-    """Shared by the steps that derive their prompts from the model's chat template."""
+    """Shared by the steps that derive their prompts from the model's chat template.
+
+    Their ``chat_template_kwargs`` (template variables such as ``{"enable_thinking": False}``) reach every
+    rendering: the pre-query, follow-up queries and response prompts.
+    """
 
     engine: Engine | EngineConfig
     system_prompt: str | None
     keep_default_system_prompt: bool
+    chat_template_kwargs: dict[str, Any] | None
     _engine: Engine | None
     _templates: "ChatTemplates | None"
 
@@ -120,8 +126,14 @@ class ChatTemplateMixin:
             self._engine.tokenizer,
             system_prompt=self.system_prompt,
             keep_default_system_prompt=self.keep_default_system_prompt,
+            chat_template_kwargs=self.chat_template_kwargs,
             **template_kwargs,
         )
+
+    def _template_kwargs_record(self) -> str | None:
+        """``chat_template_kwargs`` for a row's provenance: one JSON string (a stable column type), or None."""
+        kwargs = self._templates.chat_template_kwargs if self._templates is not None else self.chat_template_kwargs
+        return json.dumps(kwargs, sort_keys=True, ensure_ascii=False) if kwargs else None
 
     def _model_name(self) -> str:
         config = self.engine.config if isinstance(self.engine, Engine) else self.engine
@@ -142,6 +154,8 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
     system_prompt: str | None = None
     keep_default_system_prompt: bool = True
     pre_query_template: str | None = None
+    #: template variables for every rendering, e.g. {"enable_thinking": False} (recorded in gen_input_configs)
+    chat_template_kwargs: dict[str, Any] | None = None
     drop_empty: bool = True
     drop_truncated: bool = True
     #: seeds the row ids and the mixture assignment; per-shard sampling seeds come from the pipeline
@@ -222,6 +236,7 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
                     "engine": self._engine.name,
                     "pre_query_template": templates.pre_query,
                     "system_prompt": self.system_prompt,
+                    "chat_template_kwargs": self._template_kwargs_record(),
                     "temperature": sampling.temperature,
                     "top_p": sampling.top_p,
                     "max_tokens": sampling.max_tokens,
@@ -246,6 +261,8 @@ class Responses(Step, ChatTemplateMixin):
     max_tokens: int = 4096
     system_prompt: str | None = None
     keep_default_system_prompt: bool = True
+    #: template variables for the response prompts, e.g. {"enable_thinking": False} (in gen_response_configs)
+    chat_template_kwargs: dict[str, Any] | None = None
     drop_empty: bool = True
     drop_truncated: bool = False
 
@@ -299,6 +316,7 @@ class Responses(Step, ChatTemplateMixin):
                     "output_generator": self._model_name(),
                     "engine": self._engine.name,
                     "system_prompt": self.system_prompt,
+                    "chat_template_kwargs": self._template_kwargs_record(),
                     **sampling.to_record(),
                 }
             )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import weakref
 from typing import Any, ClassVar, Sequence
 
 from tqdm.auto import tqdm
@@ -30,6 +29,7 @@ from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
 from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES, TASK_CATEGORIES
 from magpie_hf.steps.base import STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
+from magpie_hf.templates import render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -40,36 +40,6 @@ PAPER_JUDGE_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 # --------------------------------------------------------------------------------------------
 # chat prompts and JSON answers (shared with the safety and reward steps)
 # --------------------------------------------------------------------------------------------
-# derived chat templates per tokenizer object (deriving renders the template several times)
-_TEMPLATES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
-
-
-def render_chat(tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
-    """Render ``messages`` with the tokenizer's own chat template, BOS exactly once.
-
-    Engines tokenize prompts without special tokens, so when the tokenizer would add a BOS and the
-    template does not write it, it is prepended here. Generation prompts come from
-    :meth:`magpie_hf.templates.ChatTemplates.response_prompt`.
-    """
-    from magpie_hf.templates import derive_templates, tokenizer_adds_bos
-
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"The tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; "
-            "use a chat/instruct model (or set tokenizer.chat_template) for this step."
-        )
-    if add_generation_prompt:
-        templates = _TEMPLATES.get(tokenizer)
-        if templates is None:
-            templates = _TEMPLATES[tokenizer] = derive_templates(tokenizer)
-        return templates.response_prompt(list(messages))
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, tokenize=False)
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos and not text.startswith(bos) and tokenizer_adds_bos(tokenizer):
-        text = bos + text
-    return text
-
-
 def extract_json_object(text: str) -> dict | None:
     """The first JSON object in ``text`` (models often wrap it in prose or code fences), else None."""
     decoder = json.JSONDecoder()
@@ -128,6 +98,8 @@ class JudgeStep(Step):
     max_field_chars: int = 300
     max_tokens: int = 192
     batch_size: int = 64
+    #: template variables for the judge's chat template, e.g. {"enable_thinking": False} for a Qwen3 judge
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,7 +167,11 @@ class JudgeStep(Step):
             errors[i] = "empty or missing input"
             self.stats["empty_input"] += 1
         tokenizer = self._engine.tokenizer
-        prompts = [render_chat(tokenizer, [{"role": "user", "content": self.prompt(items[i])}]) for i in todo]
+        prompts = [
+            render_chat(tokenizer, [{"role": "user", "content": self.prompt(items[i])}],
+                        chat_template_kwargs=self.chat_template_kwargs)
+            for i in todo
+        ]
         sampling = self.sampling().replace(seed=seed)
         with tqdm(total=len(prompts), desc=self.name, unit="row", disable=len(prompts) < 64, leave=False) as bar:
             outputs = self._engine.generate(prompts, sampling, progress=lambda k, _t: bar.update(k)) if prompts else []

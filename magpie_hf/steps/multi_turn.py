@@ -71,6 +71,8 @@ class MultiTurn(Step, ChatTemplateMixin):
         mt_system_prompt: system message while sampling follow-up queries; ``None`` samples them with the
             template's plain rendering (needed for templates without a system role, such as Gemma).
         system_prompt / keep_default_system_prompt: as in :class:`~magpie_hf.steps.Responses`, for replies.
+        chat_template_kwargs: template variables for every rendering, queries and replies alike
+            (e.g. ``{"enable_thinking": False}``).
         query_temperature / query_top_p / query_max_tokens: sampling of follow-up queries (paper: 1.0 / 1.0).
         temperature / top_p / repetition_penalty / max_tokens: replies (greedy by default).
         end_on_truncated: a query or reply cut by ``max_tokens`` ends the conversation before that turn
@@ -89,6 +91,7 @@ class MultiTurn(Step, ChatTemplateMixin):
     mt_system_prompt: str | None = MULTI_TURN_SYSTEM_PROMPT
     system_prompt: str | None = None
     keep_default_system_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
     query_temperature: float = 1.0
     query_top_p: float = 1.0
     query_max_tokens: int = 512
@@ -255,6 +258,7 @@ class MultiTurn(Step, ChatTemplateMixin):
             "n_turns": self.n_turns,
             "end_with_user": self.end_with_user,
             "mt_system_prompt": self.mt_system_prompt,
+            "chat_template_kwargs": dict(self.chat_template_kwargs or {}),
             "query_sampling": self._query_sampling.to_record(),
             "response_sampling": self._response_sampling.to_record(),
         }

@@ -133,6 +133,8 @@ class MultiResponses(Step, ChatTemplateMixin):
     max_tokens: int = 4096
     system_prompt: str | None = None
     keep_default_system_prompt: bool = True
+    #: template variables for the response prompts, e.g. {"enable_thinking": False}
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,7 +174,8 @@ class MultiResponses(Step, ChatTemplateMixin):
         outs = self._engine.generate(prompts, sampling, progress=getattr(self, "progress_callback", None))
         new: Batch = {name: [] for name in self.outputs}
         record = {"output_generator": self._model_name(), "engine": self._engine.name, "n": self.n,
-                  "system_prompt": self.system_prompt, **sampling.to_record()}
+                  "system_prompt": self.system_prompt, "chat_template_kwargs": self._template_kwargs_record(),
+                  **sampling.to_record()}
         for completions in outs:
             self.stats["generated_tokens"] += sum(c.num_tokens for c in completions)
             new["responses"].append([templates.clean(c.text) for c in completions])

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from magpie_hf.engines import SamplingConfig
 from magpie_hf.hardware import Hardware, Resources
 from magpie_hf.steps.base import FLOAT, STRING, Batch, Features, Step, batch_len
-from magpie_hf.steps.judges import JudgeError, JudgeStep, quote_text, render_chat
+from magpie_hf.steps.judges import JudgeError, JudgeStep, quote_text
+from magpie_hf.templates import render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class RewardModelScorer:
     max_length: int | None = None
     trust_remote_code: bool = False
     show_progress: bool = True
+    #: template variables for the reward model's chat template
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._model: Any = None
@@ -122,7 +125,7 @@ class RewardModelScorer:
     def encode(self, conversation: Conversation) -> list[int]:
         """Token ids of one conversation in the RM's chat template, truncated to the limit."""
         tok = self._tokenizer
-        text = render_chat(tok, conversation, add_generation_prompt=False)
+        text = render_chat(tok, conversation, add_generation_prompt=False, chat_template_kwargs=self.chat_template_kwargs)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= self._limit:
             return ids
@@ -201,6 +204,8 @@ class RewardModel(Step):
     model_column: str = "reward_model"
     #: rows per forward pass (``batch_size`` is rows per process() call)
     forward_batch_size: int = 8
+    #: template variables for the reward model's chat template
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -229,6 +234,7 @@ class RewardModel(Step):
             batch_size=self.forward_batch_size,
             max_length=self.max_length,
             trust_remote_code=self.trust_remote_code,
+            chat_template_kwargs=self.chat_template_kwargs,
         )
         self._scorer.load()
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
 from magpie_hf.steps.base import BOOL, STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
-from magpie_hf.steps.judges import render_chat
+from magpie_hf.templates import render_chat
 
 PAPER_GUARD_MODEL = "meta-llama/Meta-Llama-Guard-2-8B"
 
@@ -117,6 +117,8 @@ class LlamaGuard(Step):
     taxonomy: Taxonomy = "auto"
     max_tokens: int = 20
     batch_size: int = 64
+    #: template variables for the guard's chat template (passed to every rendering)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,7 +151,8 @@ class LlamaGuard(Step):
         if response:
             messages.append({"role": "assistant", "content": response})
         # Llama Guard templates end with the cue for the verdict themselves (as in the model cards)
-        return render_chat(self._engine.tokenizer, messages, add_generation_prompt=False)
+        return render_chat(self._engine.tokenizer, messages, add_generation_prompt=False,
+                           chat_template_kwargs=self.chat_template_kwargs)
 
     def process(self, batch: Batch, *, seed: int) -> Batch:
         if self._engine is None:
