@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None, recipe: Recipe = PRO_MT) -> int:
         max_tokens=config.responses.response_max_tokens,
         postprocess=filters,
         min_turns=mt.min_turns,
+        chat_template_kwargs=config.instructions.template_kwargs(),
     )
     steps = generation_steps(config, postprocess=filters) >> multi_turn
     return run_recipe(config, steps, lambda pipeline, last: (
