@@ -66,6 +66,23 @@ def test_pro_cpu_rows_are_real_tagged_text(pro_run):
         assert row["is_safe"] is not None or row["llama_guard_error"]
         assert row["instruct_reward"] is not None or row["instruct_reward_error"]
         assert row["language"] and row["min_neighbor_distance"] >= 0 and row["repeat_count"] >= 0
+    # every column is typed in the published Parquet, nested fields included (no Arrow `null` column)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def null_fields(kind: pa.DataType, name: str) -> list[str]:
+        if pa.types.is_null(kind):
+            return [name]
+        if pa.types.is_struct(kind):
+            return [n for field in kind for n in null_fields(field.type, f"{name}.{field.name}")]
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            return null_fields(kind.value_type, f"{name}[]")
+        return []
+
+    files = sorted((pro_run / "dataset").rglob("*.parquet"))
+    assert files
+    for path in files:
+        assert not [n for f in pq.read_schema(path) for n in null_fields(f.type, f.name)], path
     manifest = json.loads((pro_run / "manifest.json").read_text())
     generated = manifest["stages"][0]
     dropped = sum(v for k, v in generated["stats"].items() if k.startswith("dropped"))
