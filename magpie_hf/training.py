@@ -99,7 +99,8 @@ def quantization_config(model_args: ModelConfig, training_args: TrainingArgument
     """``trl.get_quantization_config(model_args)``, refused with the fix where ``--load_in_4bit/8bit`` cannot work.
 
     bitsandbytes k-bit weights need a CUDA GPU, and a k-bit model is trained through LoRA adapters (QLoRA):
-    transformers refuses to fine-tune "purely quantized models", only after the whole model is loaded.
+    transformers refuses to fine-tune "purely quantized models" (trainer_utils.py:133), but only once the whole model
+    is loaded.
     """
     from trl import get_quantization_config
 
@@ -111,8 +112,8 @@ def quantization_config(model_args: ModelConfig, training_args: TrainingArgument
 
     if training_args.use_cpu or not torch.cuda.is_available():
         raise ValueError(
-            f"{flag} loads bitsandbytes k-bit weights, which need a CUDA GPU; this run is on the CPU. Drop {flag} "
-            "(and keep --dtype float32 on the CPU), or run on a GPU with pip install 'magpie-hf[quantization]'."
+            f"{flag} loads bitsandbytes k-bit weights, which need a CUDA GPU; this run is on the CPU. Drop {flag}, "
+            "or run on a GPU after pip install 'magpie-hf[quantization]'."
         )
     if not model_args.use_peft:
         raise ValueError(f"{flag} freezes the k-bit weights; train LoRA adapters on them: add --use_peft (QLoRA).")
@@ -241,14 +242,13 @@ class Provenance:
 
     @classmethod
     def from_args(cls, trainer: str, script_args: Any, model_args: ModelConfig, dataset_config: str) -> Provenance:
-        """Local folders have no revision (``None``); a Hub model's revision is resolved to the commit in the cache."""
+        """Local folders have no revision (``None``). The commit is filled in once the model is loaded."""
         model = model_args.model_name_or_path
-        local_model = Path(model).expanduser().is_dir()
         return cls(
             trainer=trainer,
             base_model=model,
-            base_model_revision=None if local_model else model_args.model_revision,
-            base_model_commit=None if local_model else _cached_commit(model, model_args.model_revision),
+            base_model_revision=None if Path(model).expanduser().is_dir() else model_args.model_revision,
+            base_model_commit=None,
             dataset_name=script_args.dataset_name,
             dataset_config=dataset_config,
             dataset_revision=None if is_local_dataset(script_args.dataset_name) else script_args.dataset_revision,
@@ -282,13 +282,18 @@ def _pinned_text(revision: str | None, commit: str | None = None) -> str:
 
 
 def _cached_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit sha ``revision`` resolved to when the model was downloaded (read from the HF cache, offline)."""
+    """The commit sha ``revision`` resolved to when the model was downloaded (read from the HF cache, offline).
+
+    Example:
+        >>> _cached_commit("meta-llama/Meta-Llama-3-8B", "main")  # doctest: +SKIP
+        '<the 40-hex-digit commit of main when it was downloaded>'
+    """
     from huggingface_hub import try_to_load_from_cache
     from transformers.utils import extract_commit_hash
 
     try:
         path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # an id the cache cannot hold (e.g. a path that does not exist yet)
+    except ValueError:  # HFValidationError: not a repo id (e.g. a local path that does not exist)
         return None
     return extract_commit_hash(path, None) if isinstance(path, str) else None
 
@@ -306,6 +311,8 @@ class ProvenanceMixin:
 
     def __init__(self, *args: Any, provenance: Provenance, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if provenance.base_model_revision is not None:  # a Hub model, now in the cache
+            provenance.base_model_commit = _cached_commit(provenance.base_model, provenance.base_model_revision)
         config = self.model.config  # a PeftModel forwards .config to its base model
         previous = getattr(config, PROVENANCE_KEY, None)
         if isinstance(previous, dict):

@@ -354,15 +354,26 @@ def test_quantization_reaches_the_trainer_on_a_gpu(tiny_base, dataset_folder, tm
     assert kwargs["model"] == str(tiny_base) and kwargs["args"].model_init_kwargs["revision"] == "main"
 
 
-def test_provenance_of_a_hub_run_names_the_revisions():
+def test_provenance_of_a_hub_run_names_the_revisions(tmp_path, monkeypatch):
+    from huggingface_hub import constants
     from trl import ModelConfig
 
     script_args = training.RecipeArguments(dataset_name="me/magpie-pro", dataset_revision="v1.2.0")
     model_args = ModelConfig(model_name_or_path="meta-llama/Meta-Llama-3-8B", model_revision="main")
     provenance = training.Provenance.from_args("SFT", script_args, model_args, "filtered")
     assert (provenance.dataset_revision, provenance.base_model_revision) == ("v1.2.0", "main")
+    # the commit `main` resolved to, read from an HF cache laid out as a download leaves it
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--meta-llama--Meta-Llama-3-8B"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "snapshots" / sha / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    provenance.base_model_commit = training._cached_commit("meta-llama/Meta-Llama-3-8B", "main")
+    assert provenance.base_model_commit == sha
     section = provenance.card_section()
-    assert "`meta-llama/Meta-Llama-3-8B`, revision `main`" in section
+    assert f"`meta-llama/Meta-Llama-3-8B`, revision `main` (commit `{sha}`)" in section
     assert "`me/magpie-pro`, config `filtered`, revision `v1.2.0`" in section
 
 
