@@ -1,13 +1,23 @@
 """Shared helpers for the TRL recipes ``recipes/sft.py`` and ``recipes/dpo.py``.
 
-One idea each: load a Magpie dataset config at a pinned revision, turn its ``conversations`` column into the
-``messages`` column TRL expects, give a base model the Llama-3 chat template (with ``{% generation %}`` markers so
-that ``assistant_only_loss=True`` masks exactly the assistant turns), drop preference pairs whose prompt is too long,
-build a tiny CPU model for the ``--preset cpu`` runs, and ask a saved model a chat question.
+The recipes follow TRL 1.16's own ``trl/scripts/sft.py`` and ``trl/scripts/dpo.py``: ``ScriptArguments`` /
+``SFTConfig`` (or ``DPOConfig``) / ``ModelConfig`` parsed by ``TrlParser``, the model passed to the trainer by name
+with ``model_init_kwargs`` (so DPO's reference model is loaded the same way), ``get_quantization_config`` and
+``get_peft_config``, then ``train``, ``save_model``, ``push_to_hub`` and ``end``. What this module adds is what those
+scripts lack for Magpie data:
+
+- the dataset is pinned (a Hub dataset needs ``--dataset_revision``) and its config is checked up front, with the
+  configs that exist named in the error (:func:`resolve_dataset_config`, :func:`load_dataset_split`);
+- ``conversations`` (``{role, content}`` or ShareGPT ``{from, value}``) become TRL's ``messages`` (:func:`to_messages`);
+- a base model without a chat template gets TRL's own Llama-3 template file (:func:`use_llama3_template_if_missing`);
+- ``--load_in_4bit/8bit`` are refused where they cannot work (:func:`quantization_config`);
+- DPO's ``max_prompt_length`` with its pre-1.0 TRL meaning (:func:`cut_long_prompt`, used by ``recipes/dpo.py``);
+- where the model and data came from is written into ``config.json`` and the model card (:class:`ProvenanceMixin`);
+- a tiny Llama for the ``--preset cpu`` runs (:func:`build_tiny_base_model`) and a chat check (:func:`chat_reply`).
 
 Example:
     >>> from magpie_hf.training import load_dataset_split, to_messages  # doctest: +SKIP
-    >>> train = load_dataset_split("Magpie-Align/Magpie-Pro-300K-Filtered", None, "train",
+    >>> train = load_dataset_split("Magpie-Align/Magpie-Pro-300K-Filtered", "default", "train",
     ...                            revision="523df96eb7474e97bca6f378b3baa372a4735fcc")  # doctest: +SKIP
     >>> train = to_messages(train)                                   # doctest: +SKIP
     >>> train[0]["messages"][0]["role"]                              # doctest: +SKIP
@@ -18,79 +28,96 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import trl
 from trl import ScriptArguments, TrlParser
 
-if TYPE_CHECKING:  # heavy imports stay lazy: the module is imported by tests that only read YAML
+if TYPE_CHECKING:  # heavy imports stay lazy: tests that only read the YAML recipes import this module
     from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase, TrainingArguments
+    from trl import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 # --- the Llama-3 chat format ------------------------------------------------------------------------------------------
 
-LLAMA3_BOS = "<|begin_of_text|>"
 LLAMA3_EOT = "<|eot_id|>"  # end of turn: the EOS of a chat model
-LLAMA3_END_OF_TEXT = "<|end_of_text|>"  # the base model's EOS; never rendered by the chat template, so a safe pad
-LLAMA3_HEADER_TOKENS = ("<|start_header_id|>", "<|end_header_id|>")
-LLAMA3_SPECIAL_TOKENS = (LLAMA3_BOS, *LLAMA3_HEADER_TOKENS, LLAMA3_EOT, LLAMA3_END_OF_TEXT)
-
-# Renders exactly like Meta-Llama-3-8B-Instruct's official template (BOS once, then per message
-# "<|start_header_id|>{role}<|end_header_id|>\n\n{content|trim}<|eot_id|>"), and wraps every assistant reply together
-# with its <|eot_id|> in {% generation %} so `return_assistant_tokens_mask=True` marks the tokens the model must learn
-# to produce, the stop token included.
-LLAMA3_TRAINING_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{%- generation %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endgeneration %}"
-    "{%- else %}"
-    "{{- message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
-# The same template without the markers, saved with the trained model for inference engines that do not know them.
-LLAMA3_CHAT_TEMPLATE = LLAMA3_TRAINING_CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+# The special tokens of Meta-Llama-3-8B's tokenizer that its chat template uses (the tiny CPU model gets them too).
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", LLAMA3_EOT, "<|end_of_text|>")
+# TRL ships Meta-Llama-3-8B-Instruct's template byte for byte (trl/chat_templates/llama3.jinja, loaded as
+# trl.chat_template_utils.llama3_chat_template). With assistant_only_loss=True, SFTTrainer recognises it and trains with
+# its {% generation %}-marked twin llama3_training.jinja (trl/chat_template_utils.py:1193, get_training_chat_template;
+# sft_trainer.py:941), while the tokenizer, and so the saved checkpoint, keeps this original: TRL recognises the
+# trained checkpoint again.
+LLAMA3_CHAT_TEMPLATE_PATH = Path(trl.__file__).parent / "chat_templates" / "llama3.jinja"
 
 
-def apply_llama3_chat_template(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Give ``tokenizer`` the Llama-3 chat template, ``<|eot_id|>`` as EOS and ``<|end_of_text|>`` as pad.
+def use_llama3_template_if_missing(tokenizer: PreTrainedTokenizerBase, training_args: Any) -> str:
+    """Point ``training_args.chat_template_path`` at TRL's Llama-3 template when the base model has no chat template.
 
-    Llama-3-8B (base) has all five special tokens but no chat template and ``<|end_of_text|>`` as EOS. Any other
-    tokenizer (the embedded SmolLM2 one in ``--preset cpu``) gets the missing tokens added as special tokens; the
-    caller must then resize the model's embeddings (:func:`resize_embeddings_for`).
-
-    Returns the tokens that were added (empty for a Llama-3 tokenizer).
+    SFTTrainer then reads the file (sft_trainer.py:748-752). A tokenizer that has a template keeps it, and an explicit
+    ``--chat_template_path`` (a ``.jinja`` file, or a tokenizer to clone with ``trl.clone_chat_template``) wins.
+    Returns where the template comes from, for the log.
 
     Example:
-        >>> added = apply_llama3_chat_template(tokenizer)  # doctest: +SKIP
-        >>> tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)  # doctest: +SKIP
-        '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\nHi<|eot_id|>'
+        >>> use_llama3_template_if_missing(AutoTokenizer.from_pretrained("meta-llama/Meta-Llama-3-8B"), args)  # doctest: +SKIP
+        'TRL's Llama-3 template (.../trl/chat_templates/llama3.jinja)'
     """
-    vocab = tokenizer.get_vocab()
-    missing = [token for token in LLAMA3_SPECIAL_TOKENS if token not in vocab]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    tokenizer.bos_token = LLAMA3_BOS
-    tokenizer.eos_token = LLAMA3_EOT
-    tokenizer.pad_token = LLAMA3_END_OF_TEXT
-    tokenizer.chat_template = LLAMA3_TRAINING_CHAT_TEMPLATE
-    return missing
+    if training_args.chat_template_path is not None:
+        return f"--chat_template_path {training_args.chat_template_path}"
+    if tokenizer.chat_template is not None:
+        return "the model's own chat template"
+    training_args.chat_template_path = str(LLAMA3_CHAT_TEMPLATE_PATH)
+    return f"TRL's Llama-3 template ({LLAMA3_CHAT_TEMPLATE_PATH})"
 
 
-def resize_embeddings_for(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Grow the model's embeddings when the tokenizer has more tokens than rows; set its special-token ids."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    for config in (model.config.get_text_config(), model.generation_config):
-        config.bos_token_id = tokenizer.bos_token_id
-        config.eos_token_id = tokenizer.eos_token_id
-        config.pad_token_id = tokenizer.pad_token_id
+# --- model loading, as TRL's scripts do it ----------------------------------------------------------------------------
+
+
+def set_model_init_kwargs(model_args: ModelConfig, training_args: TrainingArguments) -> dict[str, Any]:
+    """Fill ``training_args.model_init_kwargs`` from ``model_args``, exactly as trl/scripts/sft.py and dpo.py do.
+
+    The trainer loads the policy from ``model_args.model_name_or_path`` with these kwargs, and DPOTrainer loads its
+    reference model from the same path with the same kwargs (dpo_trainer.py:916-927), so both sit at the same
+    ``--model_revision``. Values given in ``--model_init_kwargs`` win.
+    """
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = kwargs
+    return kwargs
+
+
+def quantization_config(model_args: ModelConfig, training_args: TrainingArguments) -> BitsAndBytesConfig | None:
+    """``trl.get_quantization_config(model_args)``, refused with the fix where ``--load_in_4bit/8bit`` cannot work.
+
+    bitsandbytes k-bit weights need a CUDA GPU, and a k-bit model is trained through LoRA adapters (QLoRA):
+    transformers refuses to fine-tune "purely quantized models" (trainer_utils.py:133), but only once the whole model
+    is loaded.
+    """
+    from trl import get_quantization_config
+
+    config = get_quantization_config(model_args)
+    if config is None:
+        return None
+    flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+    import torch
+
+    if training_args.use_cpu or not torch.cuda.is_available():
+        raise ValueError(
+            f"{flag} loads bitsandbytes k-bit weights, which need a CUDA GPU; this run is on the CPU. Drop {flag}, "
+            "or run on a GPU after pip install 'magpie-hf[quantization]'."
+        )
+    if not model_args.use_peft:
+        raise ValueError(f"{flag} freezes the k-bit weights; train LoRA adapters on them: add --use_peft (QLoRA).")
+    return config
 
 
 # --- datasets ---------------------------------------------------------------------------------------------------------
@@ -101,6 +128,46 @@ def is_local_dataset(name: str) -> bool:
     return Path(name).expanduser().is_dir()
 
 
+def _pinned(name: str, revision: str | None) -> tuple[str, str | None]:
+    """``(path for datasets, revision)``: a local folder has no revisions, a Hub dataset must have one."""
+    if is_local_dataset(name):
+        if revision is not None:
+            logger.warning("Ignoring dataset revision %r: %s is a local folder, which has no revisions.", revision, name)
+        return str(Path(name).expanduser()), None
+    if not revision:
+        raise ValueError(
+            f"Pin the dataset {name!r} to a revision: pass --dataset_revision with a tag (e.g. v1.0.0) or a commit "
+            "sha, so the run can be reproduced. (A local folder written by a magpie_hf recipe needs none.)"
+        )
+    return name, revision
+
+
+def resolve_dataset_config(name: str, config: str | None, *, revision: str | None) -> str:
+    """The config of ``name`` to train on: ``config`` if the dataset has it, else an error naming those it has.
+
+    ``None`` picks the dataset's only config and is refused when there are several (``datasets`` would pick one
+    silently). The generation recipes write ``raw`` + ``filtered`` (magpie_pro), ``raw`` (magpie_mt and a
+    ``--no-filter`` run) and ``dpo`` + ``raw`` (magpie_po).
+
+    Example:
+        >>> resolve_dataset_config("runs/mt/dataset", "filtered", revision=None)  # doctest: +SKIP
+        ValueError: runs/mt/dataset has no 'filtered' config; its configs are ['raw']. Pass --dataset_config raw ...
+    """
+    import datasets
+
+    path, revision = _pinned(name, revision)
+    configs = datasets.get_dataset_config_names(path, revision=revision)
+    if config in configs or (config is None and len(configs) == 1):
+        return config or configs[0]
+    choice = f"--dataset_config {configs[0]}" if len(configs) == 1 else f"--dataset_config with one of {configs}"
+    if config is None:
+        raise ValueError(f"{name} has several configs {configs}: pass {choice}.")
+    raise ValueError(
+        f"{name} has no {config!r} config; its configs are {configs}. Pass {choice} to train on it (a magpie_pro run "
+        "writes 'filtered' unless --no-filter is given or its filter keeps no row; magpie_mt writes only 'raw')."
+    )
+
+
 def load_dataset_split(name: str, config: str | None, split: str, *, revision: str | None) -> Dataset:
     """Load one split of a dataset config, from the Hub at a pinned ``revision`` or from a local dataset folder.
 
@@ -108,21 +175,15 @@ def load_dataset_split(name: str, config: str | None, split: str, *, revision: s
     ``v1.0.0`` or a commit sha). A local folder has no revisions, so a revision given for one is ignored with a warning.
 
     Example:
-        >>> load_dataset_split("user/magpie-pro", "sft", "train", revision="v1.0.0")  # doctest: +SKIP
-        >>> load_dataset_split("outputs/pro/dataset", "sft", "train", revision=None)  # doctest: +SKIP
+        >>> load_dataset_split("user/magpie-pro", "filtered", "train", revision="v1.0.0")  # doctest: +SKIP
+        >>> load_dataset_split("outputs/pro/dataset", "filtered", "train", revision=None)  # doctest: +SKIP
     """
     import datasets
 
-    if is_local_dataset(name):
-        if revision is not None:
-            logger.warning("Ignoring dataset revision %r: %s is a local folder, which has no revisions.", revision, name)
-        return datasets.load_dataset(str(Path(name).expanduser()), config, split=split)
-    if not revision:
-        raise ValueError(
-            f"Pin the dataset {name!r} to a revision: pass --dataset_revision with a tag (e.g. v1.0.0) or a commit "
-            "sha, so the run can be reproduced. (A local folder written by a magpie_hf recipe needs none.)"
-        )
-    return datasets.load_dataset(name, config, split=split, revision=revision)
+    path, revision = _pinned(name, revision)
+    if revision is None:
+        return datasets.load_dataset(path, config, split=split)
+    return datasets.load_dataset(path, config, split=split, revision=revision)
 
 
 # ShareGPT-style roles used by the published Magpie-Align datasets ({"from": "human", "value": ...}).
@@ -149,7 +210,7 @@ def to_messages(dataset: Dataset, column: str = "conversations", num_proc: int |
     if column not in dataset.column_names:
         raise ValueError(
             f"The dataset has no {column!r} column (columns: {dataset.column_names}). Use the SFT config of a Magpie "
-            "dataset (e.g. --dataset_config sft) or pass --messages_column."
+            "dataset (--dataset_config filtered or raw), not its dpo config."
         )
 
     def convert(batch: dict[str, list]) -> dict[str, list]:
@@ -161,24 +222,140 @@ def to_messages(dataset: Dataset, column: str = "conversations", num_proc: int |
                           desc="Dropping conversations without a reply")
 
 
-def prompt_lengths(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, column: str = "prompt") -> list[int]:
-    """Token count of every conversational prompt, rendered with the generation prompt as DPO sees it."""
-    return [
-        len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
-        for prompt in dataset[column]
-    ]
+# --- provenance: where the model and the data came from ---------------------------------------------------------------
+
+PROVENANCE_KEY = "magpie_hf_training"  # the config.json key
 
 
-def filter_long_prompts(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int, column: str = "prompt"
-) -> tuple[Dataset, int]:
-    """Drop preference pairs whose prompt is longer than ``max_prompt_length`` tokens; return them and the count.
+@dataclass
+class Provenance:
+    """What a trained checkpoint was made from; written into its ``config.json`` and its model card."""
 
-    TRL 1.x has no ``max_prompt_length`` any more (only ``max_length`` on prompt + completion), so the Magpie DPO
-    recipe's 1800-token prompt cap is applied here, before training.
+    trainer: str
+    base_model: str
+    base_model_revision: str | None
+    base_model_commit: str | None
+    dataset_name: str
+    dataset_config: str
+    dataset_revision: str | None
+    base_model_training: dict[str, Any] | None = None  # the base model's own provenance (DPO from an SFT checkpoint)
+
+    @classmethod
+    def from_args(cls, trainer: str, script_args: Any, model_args: ModelConfig, dataset_config: str) -> Provenance:
+        """Local folders have no revision (``None``). The commit is filled in once the model is loaded."""
+        model = model_args.model_name_or_path
+        return cls(
+            trainer=trainer,
+            base_model=model,
+            base_model_revision=None if Path(model).expanduser().is_dir() else model_args.model_revision,
+            base_model_commit=None,
+            dataset_name=script_args.dataset_name,
+            dataset_config=dataset_config,
+            dataset_revision=None if is_local_dataset(script_args.dataset_name) else script_args.dataset_revision,
+        )
+
+    def pinned_dataset(self) -> str:
+        """``'revision v1.0.0'`` or ``'local folder'``, for the log."""
+        return _pinned_text(self.dataset_revision).replace("`", "")
+
+    def card_section(self) -> str:
+        pinned = _pinned_text
+        lines = [
+            "## Training data and base model",
+            "",
+            f"Trained with {self.trainer} by the magpie_hf TRL recipe.",
+            "",
+            f"- Base model: `{self.base_model}`, {pinned(self.base_model_revision, self.base_model_commit)}",
+            f"- Dataset: `{self.dataset_name}`, config `{self.dataset_config}`, {pinned(self.dataset_revision)}",
+        ]
+        if self.base_model_training:
+            base = self.base_model_training
+            lines.append(f"- The base model was trained with {base.get('trainer')} on `{base.get('dataset_name')}`, "
+                         f"config `{base.get('dataset_config')}`, {pinned(base.get('dataset_revision'))}")
+        return "\n".join(lines) + "\n"
+
+
+def _pinned_text(revision: str | None, commit: str | None = None) -> str:
+    if revision is None:
+        return "local folder"
+    return f"revision `{revision}`" + (f" (commit `{commit}`)" if commit and commit != revision else "")
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit sha ``revision`` resolved to when the model was downloaded (read from the HF cache, offline).
+
+    Example:
+        >>> _cached_commit("meta-llama/Meta-Llama-3-8B", "main")  # doctest: +SKIP
+        '<the 40-hex-digit commit of main when it was downloaded>'
     """
-    keep = [i for i, n in enumerate(prompt_lengths(dataset, tokenizer, column)) if n <= max_prompt_length]
-    return dataset.select(keep), len(dataset) - len(keep)
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils import extract_commit_hash
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # HFValidationError: not a repo id (e.g. a local path that does not exist)
+        return None
+    return extract_commit_hash(path, None) if isinstance(path, str) else None
+
+
+class ProvenanceMixin:
+    """Mix into a TRL trainer: ``provenance=`` goes into the model's ``config.json`` and into every model card.
+
+    TRL writes the card in ``create_model_card`` (base_trainer.py:146), called by ``_save_checkpoint`` and by
+    ``push_to_hub``; this adds the base model and dataset with their revisions to it.
+
+    Example:
+        >>> class MagpieSFTTrainer(ProvenanceMixin, SFTTrainer): ...  # doctest: +SKIP
+        >>> trainer = MagpieSFTTrainer(model=..., args=..., train_dataset=..., provenance=provenance)  # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, provenance: Provenance, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if provenance.base_model_revision is not None:  # a Hub model, now in the cache
+            provenance.base_model_commit = _cached_commit(provenance.base_model, provenance.base_model_revision)
+        config = self.model.config  # a PeftModel forwards .config to its base model
+        previous = getattr(config, PROVENANCE_KEY, None)
+        if isinstance(previous, dict):
+            provenance.base_model_training = {k: v for k, v in previous.items() if k != "base_model_training"}
+        self.provenance = provenance
+        setattr(config, PROVENANCE_KEY, asdict(provenance))
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name or self.provenance.dataset_name,
+                                  tags=tags)
+        if not self.is_world_process_zero():
+            return
+        from huggingface_hub import ModelCard
+
+        path = Path(self.args.output_dir) / "README.md"
+        card = ModelCard.load(path)
+        for key in ("base_model_revision", "dataset_config", "dataset_revision"):
+            setattr(card.data, key, getattr(self.provenance, key))
+        card.text = card.text.rstrip("\n") + "\n\n" + self.provenance.card_section()
+        card.save(path)
+
+
+# --- DPO: max_prompt_length with its pre-1.0 TRL meaning --------------------------------------------------------------
+
+
+def cut_long_prompt(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], *, max_length: int,
+                    max_prompt_length: int) -> list[int]:
+    """Keep the last ``max_prompt_length`` prompt tokens when the prompt plus the longer reply exceeds ``max_length``.
+
+    TRL 1.x has no ``max_prompt_length``. Up to TRL 0.9 (the version the published Magpie DPO recipe ran),
+    ``DPOTrainer.tokenize_row`` did this with the default ``truncation_mode="keep_end"``, then cut the replies to fit
+    ``max_length``; TRL 1.16's ``DataCollatorForPreference`` (``keep_start``) does that last cut.
+
+    Example:
+        >>> cut_long_prompt([1, 2, 3, 4, 5, 6], [7, 8], [9], max_length=6, max_prompt_length=3)
+        [4, 5, 6]
+        >>> cut_long_prompt([1, 2, 3], [7, 8], [9], max_length=6, max_prompt_length=2)
+        [1, 2, 3]
+    """
+    if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length:
+        return prompt_ids[-max_prompt_length:]
+    return prompt_ids
 
 
 # --- the tiny CPU model -----------------------------------------------------------------------------------------------
@@ -208,21 +385,25 @@ def embedded_tokenizer() -> PreTrainedTokenizerBase:
 
 
 def build_tiny_base_model(output_dir: str | Path, *, seed: int = 0, size: TinyLlamaConfig | None = None) -> Path:
-    """Save a tiny random ``LlamaForCausalLM`` plus the embedded tokenizer to ``output_dir``, like a base model.
+    """Save a tiny random ``LlamaForCausalLM`` and a tokenizer laid out like Meta-Llama-3-8B's to ``output_dir``.
 
-    The tokenizer keeps its own (ChatML) chat template; the SFT recipe replaces it with the Llama-3 template, adds
-    the Llama-3 special tokens and grows the embeddings, exactly as it does for any base model without them.
+    The tokenizer is the embedded SmolLM2 one with the Llama-3 special tokens added, ``<|begin_of_text|>`` as BOS,
+    ``<|end_of_text|>`` as EOS and no chat template, as a base model has: the SFT recipe then treats it exactly like
+    Meta-Llama-3-8B (TRL's Llama-3 template, ``<|eot_id|>`` as EOS, no tokens added, no embeddings resized).
 
     Example:
         >>> path = build_tiny_base_model("outputs/tiny-base")  # doctest: +SKIP
         >>> AutoModelForCausalLM.from_pretrained(path).num_parameters()  # doctest: +SKIP
-        3312384
+        3312704
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     size = size or TinyLlamaConfig()
     tokenizer = embedded_tokenizer()
+    tokenizer.add_tokens([t for t in LLAMA3_SPECIAL_TOKENS if t not in tokenizer.get_vocab()], special_tokens=True)
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|end_of_text|>", None
+    tokenizer.chat_template = None
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=size.hidden_size,
@@ -234,7 +415,6 @@ def build_tiny_base_model(output_dir: str | Path, *, seed: int = 0, size: TinyLl
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

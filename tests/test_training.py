@@ -1,12 +1,18 @@
-"""The TRL recipes recipes/sft.py and recipes/dpo.py: chat template and loss mask, pinned data loading, the YAML
-recipes against the paper, and both CPU presets end to end on a local dataset folder laid out like a recipe's
-``OUTPUT_DIR/dataset`` (``README.md`` with ``configs:`` + ``data/<config>/<split>-00000-of-00001.parquet``)."""
+"""The TRL recipes recipes/sft.py and recipes/dpo.py: TRL's Llama-3 template and loss mask, pinned data loading and
+the config choice, the trainers the recipes build (model_init_kwargs, DPO's reference model, quantization, prompt
+cutting, provenance), the YAML recipes against the paper, and both CPU presets end to end on a local dataset folder
+laid out like a recipe's ``OUTPUT_DIR/dataset`` (``README.md`` with ``configs:`` +
+``data/<config>/<split>-00000-of-00001.parquet``). The tiny model is built once per module from the embedded
+SmolLM2 tokenizer; nothing downloads."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -81,27 +87,55 @@ def dpo_rows(long_prompts: int = 1) -> list[dict]:
         rows.append({"prompt": [{"role": "user", "content": question}],
                      "chosen": [{"role": "assistant", "content": answer}],
                      "rejected": [{"role": "assistant", "content": "I do not know."}]})
-    for _ in range(long_prompts):  # longer than the 1800-token prompt cap of the Magpie DPO recipe
-        rows.append({"prompt": [{"role": "user", "content": "word " * 2000}],
+    for _ in range(long_prompts):  # longer than max_length (512) of the CPU preset, and than 1800 tokens
+        rows.append({"prompt": [{"role": "user", "content": "word " * 2000 + "Summarise."}],
                      "chosen": [{"role": "assistant", "content": "A long text."}],
                      "rejected": [{"role": "assistant", "content": "No."}]})
     return rows
 
 
+RAW_ONLY = [{"conversation_id": "r000", "instruction": "Unfiltered?", "response": "Yes.",
+             "conversations": [{"role": "user", "content": "Unfiltered?"}, {"role": "assistant", "content": "Yes."}]}]
+
+
 @pytest.fixture(scope="module")
 def dataset_folder(tmp_path_factory) -> Path:
+    """Configs as the generation recipes write them: raw + filtered (magpie_pro) and dpo (magpie_po)."""
     return write_dataset_folder(tmp_path_factory.mktemp("magpie") / "dataset", {
-        "sft": {"train": sft_rows()},
+        "raw": {"train": sft_rows() + RAW_ONLY * 5},
+        "filtered": {"train": sft_rows()},
         "dpo": {"train": dpo_rows(), "test": dpo_rows(long_prompts=0)[:2]},
     })
 
 
 @pytest.fixture(scope="module")
-def llama3_tokenizer():
-    tokenizer = training.embedded_tokenizer()
-    training.apply_llama3_chat_template(tokenizer)
-    return tokenizer
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny random Llama whose tokenizer is laid out like Meta-Llama-3-8B's: no chat template."""
+    return training.build_tiny_base_model(tmp_path_factory.mktemp("tiny") / "base")
 
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_base, tmp_path_factory) -> Path:
+    """The tiny model with the Llama-3 chat template and <|eot_id|> as EOS, like an SFT checkpoint."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny") / "chat"
+    shutil.copytree(tiny_base, path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    tokenizer.chat_template = TRL_LLAMA3.read_text()
+    tokenizer.eos_token = "<|eot_id|>"
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer(tiny_chat):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_chat)
+
+
+TRL_LLAMA3 = Path(importlib.util.find_spec("trl").origin).parent / "chat_templates" / "llama3.jinja"
 
 # --- chat template and loss mask ------------------------------------------------------------------------------------
 
@@ -114,21 +148,21 @@ CONVERSATION = [
 ]
 
 
-def test_template_renders_like_official_llama3_instruct(llama3_tokenizer):
+def test_trl_llama3_template_is_the_official_llama3_instruct_one(llama3_tokenizer):
     official = json.loads((FIXTURES / "llama-3-8b-instruct.json").read_text())
-    for messages, prompt in [(CONVERSATION, False), (CONVERSATION[:4], True)]:
-        ours = llama3_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
-        theirs = llama3_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt,
-                                                      chat_template=official["chat_template"])
-        assert ours == theirs
+    assert training.LLAMA3_CHAT_TEMPLATE_PATH == TRL_LLAMA3
+    assert TRL_LLAMA3.read_text() == official["chat_template"]
     assert llama3_tokenizer.eos_token == official["eos_token"] == "<|eot_id|>"
     assert llama3_tokenizer.bos_token == official["bos_token"]
-    assert llama3_tokenizer.pad_token == "<|end_of_text|>" != llama3_tokenizer.eos_token
 
 
 def test_loss_mask_covers_exactly_the_assistant_turns(llama3_tokenizer):
+    """TRL swaps in its {% generation %} twin of the template for assistant_only_loss (sft_trainer.py:941)."""
+    from trl.chat_template_utils import get_training_chat_template
+
     out = llama3_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
-                                               return_assistant_tokens_mask=True)
+                                               return_assistant_tokens_mask=True,
+                                               chat_template=get_training_chat_template(llama3_tokenizer))
     ids, mask = out["input_ids"], out["assistant_masks"]
     # the masked tokens are exactly the assistant replies, each with its <|eot_id|>, in order
     spans, current = [], []
@@ -143,12 +177,25 @@ def test_loss_mask_covers_exactly_the_assistant_turns(llama3_tokenizer):
     expected = [llama3_tokenizer.encode(text, add_special_tokens=False) + [llama3_tokenizer.eos_token_id]
                 for text in ("Hello!", "4")]
     assert spans == expected
-    assert sum(mask) == sum(len(span) for span in expected)
+    assert ids == llama3_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
 
 
 def test_bos_is_not_doubled(llama3_tokenizer):
     ids = llama3_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
     assert ids.count(llama3_tokenizer.bos_token_id) == 1 and ids[0] == llama3_tokenizer.bos_token_id
+
+
+def test_base_model_without_template_gets_trls_llama3_template(tiny_base, tiny_chat):
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    args = SFTConfig(output_dir="unused", use_cpu=True, report_to="none")
+    assert "TRL's Llama-3 template" in training.use_llama3_template_if_missing(AutoTokenizer.from_pretrained(tiny_base), args)
+    assert args.chat_template_path == str(TRL_LLAMA3)
+    args = SFTConfig(output_dir="unused", use_cpu=True, report_to="none")
+    assert training.use_llama3_template_if_missing(AutoTokenizer.from_pretrained(tiny_chat), args) == \
+        "the model's own chat template"
+    assert args.chat_template_path is None
 
 
 def test_sharegpt_and_role_content_become_messages():
@@ -165,7 +212,7 @@ def test_sharegpt_and_role_content_become_messages():
         training.to_messages(Dataset.from_list([{"text": "a"}]))
 
 
-# --- pinned loading -------------------------------------------------------------------------------------------------
+# --- pinned loading and the config choice ---------------------------------------------------------------------------
 
 
 def test_hub_dataset_revision_reaches_load_dataset(monkeypatch):
@@ -173,14 +220,16 @@ def test_hub_dataset_revision_reaches_load_dataset(monkeypatch):
 
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or "ds")
-    assert training.load_dataset_split("user/magpie-pro", "sft", "train", revision="v1.2.0") == "ds"
-    assert calls == [(("user/magpie-pro", "sft"), {"split": "train", "revision": "v1.2.0"})]
+    assert training.load_dataset_split("user/magpie-pro", "filtered", "train", revision="v1.2.0") == "ds"
+    assert calls == [(("user/magpie-pro", "filtered"), {"split": "train", "revision": "v1.2.0"})]
     with pytest.raises(ValueError, match="Pin the dataset"):
-        training.load_dataset_split("user/magpie-pro", "sft", "train", revision=None)
+        training.load_dataset_split("user/magpie-pro", "filtered", "train", revision=None)
+    with pytest.raises(ValueError, match="Pin the dataset"):
+        training.resolve_dataset_config("user/magpie-pro", "filtered", revision=None)
 
 
-def test_recipe_passes_the_cli_revision_to_load_dataset(monkeypatch):
-    """`sft.py --dataset_revision` travels from the command line to `datasets.load_dataset`."""
+def test_recipe_passes_the_cli_revision_to_the_dataset(monkeypatch):
+    """`sft.py --dataset_revision` travels from the command line to `datasets` (config names and rows)."""
     import datasets
 
     calls = []
@@ -192,30 +241,27 @@ def test_recipe_passes_the_cli_revision_to_load_dataset(monkeypatch):
         calls.append((args, kwargs))
         raise Stop
 
+    monkeypatch.setattr(datasets, "get_dataset_config_names", lambda *a, **kw: calls.append((a, kw)) or ["default"])
     monkeypatch.setattr(datasets, "load_dataset", record)
     sft = load_recipe("sft")
-    monkeypatch.setattr(sft, "AutoTokenizer", _NoModel)
-    monkeypatch.setattr(sft, "AutoModelForCausalLM", _NoModel)
-    monkeypatch.setattr(sft, "apply_llama3_chat_template", lambda tok: [])
-    monkeypatch.setattr(sft, "resize_embeddings_for", lambda model, tok: None)
     with pytest.raises(Stop):
         sft.main(["--config", str(RECIPES / "sft_llama3_8b.yaml"), "--dataset_revision", "abc123",
                   "--bf16", "false", "--use_cpu", "true"])
-    assert calls[0][0] == ("Magpie-Align/Magpie-Pro-300K-Filtered", None)
-    assert calls[0][1] == {"split": "train", "revision": "abc123"}
+    assert calls[0] == (("Magpie-Align/Magpie-Pro-300K-Filtered",), {"revision": "abc123"})
+    assert calls[1] == (("Magpie-Align/Magpie-Pro-300K-Filtered", "default"), {"split": "train", "revision": "abc123"})
 
 
-class _NoModel:
-    @staticmethod
-    def from_pretrained(*args, **kwargs):
-        return None
-
-
-def test_long_prompts_are_filtered(llama3_tokenizer):
-    from datasets import Dataset
-
-    dataset, removed = training.filter_long_prompts(Dataset.from_list(dpo_rows(long_prompts=2)), llama3_tokenizer, 1800)
-    assert removed == 2 and len(dataset) == len(QA)
+def test_default_config_is_filtered_and_a_missing_one_names_the_fix(dataset_folder, tmp_path):
+    script_args, _, _ = load_recipe("sft").make_parser().parse_args_and_config(
+        ["--dataset_name", str(dataset_folder), "--output_dir", str(tmp_path), "--use_cpu", "true"])
+    assert script_args.dataset_config == "filtered"
+    assert training.resolve_dataset_config(str(dataset_folder), "filtered", revision=None) == "filtered"
+    raw_only = write_dataset_folder(tmp_path / "mt", {"raw": {"train": sft_rows()}})
+    with pytest.raises(ValueError, match=r"no 'filtered' config; its configs are \['raw'\]\. Pass --dataset_config raw"):
+        training.resolve_dataset_config(str(raw_only), "filtered", revision=None)
+    assert training.resolve_dataset_config(str(raw_only), None, revision=None) == "raw"
+    with pytest.raises(ValueError, match="several configs"):  # datasets would pick one silently
+        training.resolve_dataset_config(str(dataset_folder), None, revision=None)
 
 
 def test_packing_needs_flash_attention():
@@ -227,6 +273,108 @@ def test_packing_needs_flash_attention():
         sft.check_packing(args, model_args)
     args.packing = False
     sft.check_packing(args, model_args)
+
+
+# --- the trainers the recipes build ---------------------------------------------------------------------------------
+
+
+def parse(recipe, argv: list[str]):
+    return training.parse_recipe_args(recipe.make_parser(), recipe.PRESETS, argv)
+
+
+def test_dpo_reference_model_loads_at_the_policys_revision(tiny_chat, dataset_folder, tmp_path, monkeypatch):
+    """Policy and reference are both loaded by DPOTrainer from the same path with the same model_init_kwargs."""
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    loads = []
+    real = dpo_trainer.create_model_from_path
+
+    def record(model_id, **kwargs):
+        loads.append((model_id, dict(kwargs)))
+        return real(model_id, **kwargs)
+
+    monkeypatch.setattr(dpo_trainer, "create_model_from_path", record)
+    dpo = load_recipe("dpo")
+    trainer = dpo.build_trainer(*parse(dpo, ["--preset", "cpu", "--model_name_or_path", str(tiny_chat),
+                                             "--model_revision", "v2", "--dataset_name", str(dataset_folder),
+                                             "--output_dir", str(tmp_path)]))
+    (policy_id, policy_kwargs), (ref_id, ref_kwargs) = loads
+    assert policy_id == ref_id == str(tiny_chat)
+    assert policy_kwargs["revision"] == ref_kwargs["revision"] == "v2"
+    assert policy_kwargs == ref_kwargs
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    assert trainer.ref_model.get_input_embeddings().weight.shape == trainer.model.get_input_embeddings().weight.shape
+
+
+def test_max_prompt_length_keeps_the_last_prompt_tokens(tiny_chat, dataset_folder, tmp_path, capsys):
+    assert training.cut_long_prompt(list(range(10)), [1, 2], [3], max_length=8, max_prompt_length=5) == [5, 6, 7, 8, 9]
+    assert training.cut_long_prompt(list(range(5)), [1, 2], [3], max_length=8, max_prompt_length=3) == list(range(5))
+    dpo = load_recipe("dpo")
+    argv = ["--preset", "cpu", "--model_name_or_path", str(tiny_chat), "--dataset_name", str(dataset_folder),
+            "--output_dir", str(tmp_path)]
+    trainer = dpo.build_trainer(*parse(dpo, argv))  # the preset: max_length 512, max_prompt_length 448
+    assert "Cut the prompt of 1 of 9 train preference pairs to its last 448 tokens" in capsys.readouterr().out
+    assert len(trainer.train_dataset) == 9  # nothing dropped
+    cut = trainer.train_dataset
+    # the prompts as TRL tokenizes them, nothing cut (no max_length)
+    full = dpo.build_trainer(*parse(dpo, [*argv, "--max_prompt_length", "null", "--max_length", "null"])).train_dataset
+    assert len(full[-1]["prompt_ids"]) > 512 and cut[-1]["prompt_ids"] == full[-1]["prompt_ids"][-448:]
+    assert cut[-1]["chosen_ids"] == full[-1]["chosen_ids"] and cut[:-1]["prompt_ids"] == full[:-1]["prompt_ids"]
+    # without max_prompt_length, TRL 1.x drops the pair whose prompt alone fills max_length
+    trainer = dpo.build_trainer(*parse(dpo, [*argv, "--max_prompt_length", "null"]))
+    assert len(trainer.train_dataset) == 8
+    with pytest.raises(ValueError, match="must be below max_length"):
+        dpo.build_trainer(*parse(dpo, [*argv, "--max_prompt_length", "600"]))
+
+
+@pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
+def test_quantization_is_refused_on_the_cpu(flag, tiny_base, dataset_folder, tmp_path):
+    for name in ("sft", "dpo"):
+        recipe = load_recipe(name)
+        args = parse(recipe, ["--preset", "cpu", "--model_name_or_path", str(tiny_base), "--dataset_name",
+                              str(dataset_folder), "--output_dir", str(tmp_path), flag, "--use_peft"])
+        with pytest.raises(ValueError, match=f"{flag} loads bitsandbytes k-bit weights, which need a CUDA GPU"):
+            recipe.build_trainer(*args)
+
+
+def test_quantization_reaches_the_trainer_on_a_gpu(tiny_base, dataset_folder, tmp_path, monkeypatch):
+    """Where CUDA is there, get_quantization_config's BitsAndBytesConfig is handed to the trainer, LoRA required."""
+    import torch
+
+    sft = load_recipe("sft")
+    monkeypatch.setattr(sft, "MagpieSFTTrainer", lambda **kwargs: kwargs)
+    argv = ["--model_name_or_path", str(tiny_base), "--dataset_name", str(dataset_folder), "--output_dir",
+            str(tmp_path), "--bf16", "false", "--load_in_4bit"]
+    without_lora, with_lora = parse(sft, argv), parse(sft, [*argv, "--use_peft"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # after parsing: TrainingArguments would use it
+    with pytest.raises(ValueError, match="add --use_peft"):
+        sft.build_trainer(*without_lora)
+    kwargs = sft.build_trainer(*with_lora)
+    assert kwargs["quantization_config"].load_in_4bit and kwargs["peft_config"] is not None
+    assert kwargs["model"] == str(tiny_base) and kwargs["args"].model_init_kwargs["revision"] == "main"
+
+
+def test_provenance_of_a_hub_run_names_the_revisions(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from trl import ModelConfig
+
+    script_args = training.RecipeArguments(dataset_name="me/magpie-pro", dataset_revision="v1.2.0")
+    model_args = ModelConfig(model_name_or_path="meta-llama/Meta-Llama-3-8B", model_revision="main")
+    provenance = training.Provenance.from_args("SFT", script_args, model_args, "filtered")
+    assert (provenance.dataset_revision, provenance.base_model_revision) == ("v1.2.0", "main")
+    # the commit `main` resolved to, read from an HF cache laid out as a download leaves it
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--meta-llama--Meta-Llama-3-8B"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "snapshots" / sha / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    provenance.base_model_commit = training._cached_commit("meta-llama/Meta-Llama-3-8B", "main")
+    assert provenance.base_model_commit == sha
+    section = provenance.card_section()
+    assert f"`meta-llama/Meta-Llama-3-8B`, revision `main` (commit `{sha}`)" in section
+    assert "`me/magpie-pro`, config `filtered`, revision `v1.2.0`" in section
 
 
 # --- the YAML recipes match the paper -------------------------------------------------------------------------------
@@ -241,11 +389,12 @@ def test_sft_yaml_matches_paper_table_7():
     assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] * 4 == 32
     assert (config["adam_beta1"], config["adam_beta2"], config["adam_epsilon"]) == (0.9, 0.999, 1e-8)
     assert config["max_length"] == 8192 and config["assistant_only_loss"] is True
-    assert config["dataset_revision"]
+    assert config["dataset_revision"] and config["dataset_config"] == "default"  # the published dataset's only one
     # every key is a current argument of the recipe (no removed TRL names such as max_seq_length)
     _, args, model_args = sft.make_parser().parse_args_and_config(
         ["--config", str(RECIPES / "sft_llama3_8b.yaml"), "--bf16", "false", "--use_cpu", "true"])
     assert args.max_length == 8192 and args.optim.startswith("adamw") and args.warmup_steps == 100
+    assert args.activation_checkpointing is True
     assert model_args.dtype == "bfloat16"
 
 
@@ -264,23 +413,31 @@ def test_dpo_yaml_matches_magpie_dpo_recipe():
 @pytest.mark.parametrize("name,kind,processes", [("zero3_4gpu", "DEEPSPEED", 4), ("zero3_8gpu", "DEEPSPEED", 8),
                                                   ("fsdp_4gpu", "FSDP", 4), ("fsdp_8gpu", "FSDP", 8)])
 def test_accelerate_configs(name, kind, processes):
+    """TRL's own trl/accelerate_configs/{zero3,fsdp2}.yaml, with the number of GPUs set."""
     config = yaml.safe_load((RECIPES / "accelerate" / f"{name}.yaml").read_text())
-    assert config["distributed_type"] == kind and config["num_processes"] == processes
-    assert config["mixed_precision"] == "bf16"
-    if kind == "DEEPSPEED":
-        assert config["deepspeed_config"]["zero_stage"] == 3 and config["deepspeed_config"]["zero3_save_16bit_model"]
-    else:
-        assert config["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    trl_name = "zero3" if kind == "DEEPSPEED" else "fsdp2"
+    upstream = yaml.safe_load((TRL_LLAMA3.parents[1] / "accelerate_configs" / f"{trl_name}.yaml").read_text())
+    assert config == {**upstream, "num_processes": processes}
+    assert config["distributed_type"] == kind and config["mixed_precision"] == "bf16"
 
 
 # --- both CPU presets end to end ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def sft_output(dataset_folder, tmp_path_factory) -> Path:
+def sft_run(dataset_folder, tiny_base, tmp_path_factory) -> tuple[Path, str]:
+    """The acceptance run of issue #15: --preset cpu on a folder with raw and filtered trains on filtered."""
     output_dir = tmp_path_factory.mktemp("sft-cpu")
-    return load_recipe("sft").main(["--preset", "cpu", "--dataset_name", str(dataset_folder),
-                                    "--output_dir", str(output_dir)])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        path = load_recipe("sft").main(["--preset", "cpu", "--model_name_or_path", str(tiny_base),
+                                        "--dataset_name", str(dataset_folder), "--output_dir", str(output_dir)])
+    return path, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sft_output(sft_run) -> Path:
+    return sft_run[0]
 
 
 def losses(output_dir: Path) -> list[float]:
@@ -289,30 +446,52 @@ def losses(output_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_sft_cpu_preset_learns_and_answers(sft_output):
+def test_sft_cpu_preset_trains_on_filtered_learns_and_answers(sft_run, sft_output, dataset_folder, tiny_base):
+    log = sft_run[1]
+    assert f"Training on {len(sft_rows())} conversations of {dataset_folder}, config 'filtered', split 'train' " \
+           "(local folder)." in log
+    assert "Chat template: TRL's Llama-3 template" in log
     values = losses(sft_output)
     assert len(values) >= 10 and all(math.isfinite(v) for v in values)
     assert values[-1] < values[0]
+    # 12 steps leave the ~3M-parameter model near random (loss ~9 of ln(49k) = 10.8): its greedy reply may be blank,
+    # so this checks the reload and the chat template, not the words
     reply = training.chat_reply(sft_output, [{"role": "user", "content": "What is 2 + 3?"}], max_new_tokens=12)
-    assert isinstance(reply, str) and reply.strip()
+    assert isinstance(reply, str)
     from transformers import AutoConfig, AutoTokenizer
+    from trl.chat_template_utils import get_training_chat_template, llama3_training_chat_template
 
-    # the checkpoint carries the official Llama-3 template (no training markers) and stops at <|eot_id|>
+    # the checkpoint carries TRL's Llama-3 template unchanged, so TRL recognises it again, and stops at <|eot_id|>
     tokenizer = AutoTokenizer.from_pretrained(sft_output)
-    official = json.loads((FIXTURES / "llama-3-8b-instruct.json").read_text())["chat_template"]
-    assert tokenizer.chat_template == training.LLAMA3_CHAT_TEMPLATE and "endgeneration" not in tokenizer.chat_template
-    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == tokenizer.apply_chat_template(
-        CONVERSATION, tokenize=False, chat_template=official)
-    assert tokenizer.eos_token == "<|eot_id|>" and tokenizer.pad_token == "<|end_of_text|>"
-    assert AutoConfig.from_pretrained(sft_output).eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.chat_template == TRL_LLAMA3.read_text()
+    assert get_training_chat_template(tokenizer) == llama3_training_chat_template
+    assert tokenizer.eos_token == "<|eot_id|>"
+    config = AutoConfig.from_pretrained(sft_output)
+    assert config.eos_token_id == tokenizer.eos_token_id
+    assert config.vocab_size == AutoConfig.from_pretrained(tiny_base).vocab_size  # no token added, nothing resized
+    # where the model and the data came from: config.json and the model card
+    assert config.magpie_hf_training == {
+        "trainer": "SFT", "base_model": str(tiny_base), "base_model_revision": None, "base_model_commit": None,
+        "dataset_name": str(dataset_folder), "dataset_config": "filtered", "dataset_revision": None,
+        "base_model_training": None}
+    card = (sft_output / "README.md").read_text()
+    assert f"- Dataset: `{dataset_folder}`, config `filtered`, local folder" in card
+    assert f"- Base model: `{tiny_base}`, local folder" in card and "dataset_config: filtered" in card
 
 
 @pytest.mark.slow
 def test_dpo_cpu_preset_from_the_sft_checkpoint(sft_output, dataset_folder, tmp_path, capsys):
     output_dir = load_recipe("dpo").main(["--preset", "cpu", "--model_name_or_path", str(sft_output),
                                           "--dataset_name", str(dataset_folder), "--output_dir", str(tmp_path)])
-    assert "Dropped 1 of 9 preference pairs" in capsys.readouterr().out
+    assert "Cut the prompt of 1 of 9 train preference pairs" in capsys.readouterr().out
     values = losses(output_dir)
     assert values and all(math.isfinite(v) for v in values)
     reply = training.chat_reply(output_dir, [{"role": "user", "content": "Name a primary colour."}], max_new_tokens=8)
     assert isinstance(reply, str)
+    from transformers import AutoConfig
+
+    provenance = AutoConfig.from_pretrained(output_dir).magpie_hf_training
+    assert (provenance["trainer"], provenance["base_model"], provenance["dataset_config"]) == \
+        ("DPO", str(sft_output), "dpo")
+    assert provenance["base_model_training"]["dataset_config"] == "filtered"
+    assert "The base model was trained with SFT" in (output_dir / "README.md").read_text()
