@@ -34,7 +34,12 @@ def _cuda_available() -> bool:
 
 
 def resolve_backend(config: EngineConfig) -> str:
-    """The concrete backend ``config`` asks for; ``auto`` picks vLLM when CUDA and vllm exist."""
+    """The concrete backend ``config`` asks for.
+
+    ``auto`` picks ``openai`` (raw ``/v1/completions``) when a ``base_url`` is given, else vLLM when CUDA
+    and vllm exist, else transformers. The chat-completions backend (``openai-chat``, for hosted APIs and
+    answer/judge steps) is never picked by ``auto``: ask for it by name.
+    """
     if config.backend != "auto":
         return config.backend
     if config.base_url:
@@ -65,8 +70,12 @@ def load_engine(config: EngineConfig) -> Engine:
         from magpie_hf.engines.vllm import VLLMEngine as cls
     elif backend == "openai":
         from magpie_hf.engines.openai import OpenAICompletionsEngine as cls
+    elif backend == "openai-chat":
+        from magpie_hf.engines.openai import OpenAIChatEngine as cls
     else:
-        raise ValueError(f"Unknown engine backend {config.backend!r}; choose auto, transformers, vllm or openai.")
+        raise ValueError(
+            f"Unknown engine backend {config.backend!r}; choose auto, transformers, vllm, openai or openai-chat."
+        )
     engine = cls(config)
     _LOADED[config] = engine
     return engine
