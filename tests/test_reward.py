@@ -95,7 +95,7 @@ class ScriptedEngine(Engine):
     def tokenizer(self):
         return self._tok
 
-    def _generate(self, prompts, sampling, progress=None):
+    def _generate(self, prompts, sampling, seeds=None, progress=None):
         self.prompts.extend(prompts)
         self.sampling = sampling
         return [[Completion(self.answers.pop(0), 5, "stop") for _ in range(sampling.n)] for _ in prompts]

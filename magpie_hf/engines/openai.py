@@ -388,10 +388,11 @@ class _OpenAIEngine(Engine):
         multi-choice response share the rest of ``usage.completion_tokens`` by text length, as the API
         reports only the total)."""
         if self._tokenizer is not None:
-            return [
-                max_tokens if c.finish_reason == "length" else len(self._tokenizer(c.text, add_special_tokens=False)["input_ids"])
-                for c in choices
-            ]
+            with self._lock:  # requests finish on worker threads; a fast tokenizer is not safe to share
+                return [
+                    max_tokens if c.finish_reason == "length" else len(self._tokenizer(c.text, add_special_tokens=False)["input_ids"])
+                    for c in choices
+                ]
         counts = [max_tokens if c.finish_reason == "length" else None for c in choices]
         if usage_tokens is None:
             self._warn_once("usage", "%s reports no usage; token counts of its completions are 0", self.url)

@@ -191,12 +191,17 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
             )
             samplings[setting_index] = sampling
             outs = self._engine.generate([templates.pre_query], sampling, progress=self.progress_callback)[0]
+            if not any(c.ok for c in outs):  # the pre-query prompt is every row's: a refusal is the settings'
+                raise RuntimeError(f"The engine could not sample any instruction from the pre-query template: {outs[0].error}")
             completions.update(zip(members, outs))
 
         batch: Batch = {name: [] for name in self.outputs}
         for row in rows:
             completion = completions[row]
             self.stats["generated_tokens"] += completion.num_tokens
+            if not completion.ok:
+                self.stats["failed_instruction"] += 1
+                continue
             text = templates.clean(completion.text)
             if self.drop_empty and not text:
                 self.stats["dropped_empty_instruction"] += 1
