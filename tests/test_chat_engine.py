@@ -43,11 +43,11 @@ def test_greedy_answer_matches_the_local_engine(server, embedded_engine):
 
 
 def test_every_sampling_field_is_sent_and_n_split_keeps_seeds(server):
-    sampling = SamplingConfig(temperature=1.0, top_p=0.95, max_tokens=6, n=3, repetition_penalty=1.05)
+    sampling = SamplingConfig(temperature=1.0, top_p=0.95, max_tokens=4, n=3, repetition_penalty=1.05)
     whole = chat_engine(server).generate_chat([QUESTION], sampling, seeds=[50])
     body = server.bodies()[-1]
     expected = {
-        "temperature": 1.0, "top_p": 0.95, "max_tokens": 6, "n": 3, "seed": 50, "top_k": -1, "min_p": 0.0,
+        "temperature": 1.0, "top_p": 0.95, "max_tokens": 4, "n": 3, "seed": 50, "top_k": -1, "min_p": 0.0,
         "repetition_penalty": 1.05, "repeat_penalty": 1.05, "stop_token_ids": [], "presence_penalty": 0.0,
         "frequency_penalty": 0.0,
     }
@@ -59,7 +59,7 @@ def test_every_sampling_field_is_sent_and_n_split_keeps_seeds(server):
 
 
 def test_fallback_when_the_chat_server_ignores_n(server, caplog):
-    sampling = SamplingConfig(temperature=1.0, max_tokens=6, n=3, seed=5)
+    sampling = SamplingConfig(temperature=1.0, max_tokens=4, n=3, seed=5)
     reference = chat_engine(server).generate_chat([QUESTION], sampling)
     server.reset()
     server.configure(ignore_n=True)
@@ -131,13 +131,13 @@ def test_judge_through_the_chat_engine_with_a_json_schema(server):
 
     step = TaskCategory(engine=chat_engine(server), max_tokens=48)
     step.load()
-    out = step.process({"instruction": ["Write a poem about the sea.", "What is 2 + 2?"]}, seed=0)
+    out = step.process({"instruction": ["Write a poem about the sea."]}, seed=0)
     body = server.bodies()[-1]
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["schema"] == step.schema()
     for label, error in zip(out["task_category"], out["task_category_error"]):
         assert (label in TASK_CATEGORIES and error is None) or (label is None and error)
-    assert out["task_category_generator"] == ["embedded", "embedded"]
+    assert out["task_category_generator"] == ["embedded"]
 
 
 def test_guard_step_through_the_chat_engine(server):

@@ -135,7 +135,7 @@ def test_every_request_refused_fails_the_call(server):
 
 
 def test_n_is_split_by_max_n_per_request_with_per_request_seeds(server):
-    sampling = SamplingConfig(temperature=1.0, max_tokens=5, n=5)
+    sampling = SamplingConfig(temperature=1.0, max_tokens=4, n=5)
     reference = make_engine(server).generate([PROMPT, PROMPTS[1]], sampling, seeds=[100, 900])
     assert sorted((b["n"], b["seed"]) for b in server.bodies()) == [(5, 100), (5, 900)]
     server.reset()
@@ -148,7 +148,7 @@ def test_n_is_split_by_max_n_per_request_with_per_request_seeds(server):
 
 
 def test_fallback_when_the_server_ignores_n(server, caplog):
-    sampling = SamplingConfig(temperature=1.0, max_tokens=5, n=4, seed=3)
+    sampling = SamplingConfig(temperature=1.0, max_tokens=4, n=4, seed=3)
     reference = make_engine(server).generate([PROMPT], sampling)
     server.reset()
     server.configure(ignore_n=True)
@@ -165,7 +165,7 @@ def test_fallback_when_the_server_ignores_n(server, caplog):
 
 
 def test_fallback_when_the_server_refuses_n_above_its_slots(server, caplog):
-    sampling = SamplingConfig(temperature=1.0, max_tokens=5, n=3, seed=21)
+    sampling = SamplingConfig(temperature=1.0, max_tokens=4, n=3, seed=21)
     reference = make_engine(server).generate([PROMPT, PROMPTS[2]], sampling)
     server.reset()
     server.configure(max_n=1)  # llama-server -np 1: "n_cmpl cannot be greater than the number of slots"
