@@ -75,9 +75,10 @@ logger = logging.getLogger(__name__)
 NO_KEY = "EMPTY"
 #: how much of a server's error message a failed completion keeps
 MAX_REASON_CHARS = 300
-#: ``top_k`` that means "disabled" to vLLM (it "quietly accepts -1", vllm/sampling_params.py
-#: ``_verify_args``), SGLang (-1 = whole vocabulary, python/sglang/srt/sampling/sampling_params.py; it
-#: refuses 0) and llama.cpp (``top_k <= 0`` disables it, tools/server/README.md ``--top-k``)
+#: ``top_k`` that means "disabled" to vLLM (vLLM 0.34 vllm/sampling_params.py:684 "quietly accept -1 as
+#: disabled"), SGLang (-1 = whole vocabulary in python/sglang/srt/sampling/sampling_params.py
+#: ``SamplingParams.__post_init__``; its ``verify`` refuses 0) and llama.cpp (tools/server/README.md,
+#: ``--top-k N``: "0 = disabled"; negative values disable it too)
 TOP_K_DISABLED = -1
 _UNKNOWN = object()
 
@@ -181,7 +182,8 @@ class _OpenAIEngine(Engine):
 
     # ------------------------------------------------------------------ server facts
     def context_length(self) -> int | None:
-        """``max_model_len`` from the server's ``/v1/models`` (vLLM, SGLang report it), else None."""
+        """``max_model_len`` from the server's ``/v1/models`` (vLLM 0.34 vllm/entrypoints/serve/engine/protocol.py:112
+        ``ModelCard.max_model_len``; SGLang's ``ModelCard`` has it too), else None."""
         if self._context_length is _UNKNOWN:
             value = None
             try:
@@ -198,7 +200,13 @@ class _OpenAIEngine(Engine):
 
     # ------------------------------------------------------------------ request bodies
     def _sampling_fields(self, sampling: SamplingConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(standard OpenAI fields, ``extra_body``) for ``sampling``: every field explicit."""
+        """(standard OpenAI fields, ``extra_body``) for ``sampling``: every field explicit.
+
+        A field a request leaves out takes the server's default: vLLM fills it from the model's
+        ``generation_config.json`` (vLLM 0.34 vllm/entrypoints/openai/completion/protocol.py:372, "user ->
+        server default -> OpenAI default"), llama.cpp from its command line (top_k 40, min_p 0.05 unless
+        ``--top-k``/``--min-p``; tools/server/server-task.cpp ``params_from_json_cmpl``).
+        """
         fields: dict[str, Any] = {
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -211,11 +219,14 @@ class _OpenAIEngine(Engine):
             extra = {
                 "top_k": TOP_K_DISABLED,
                 "min_p": 0.0,
-                # vLLM and SGLang name it repetition_penalty (vllm/entrypoints/openai/completion/protocol.py
-                # CompletionRequest; SGLang's python/sglang/srt/entrypoints/openai/protocol.py), llama.cpp
+                # vLLM and SGLang name it repetition_penalty (vLLM 0.34
+                # vllm/entrypoints/openai/completion/protocol.py:80, chat_completion/protocol.py:291; SGLang
+                # python/sglang/srt/entrypoints/openai/protocol.py CompletionRequest), llama.cpp
                 # repeat_penalty (tools/server/server-task.cpp params_from_json_cmpl); each server ignores
-                # the other's name (vLLM's OpenAIBaseModel allows extra fields, SGLang's pydantic models
-                # ignore them, llama.cpp copies unknown fields through)
+                # the other's name (vLLM's OpenAIBaseModel has extra="allow" and only logs extra fields at
+                # debug level, vllm/entrypoints/serve/engine/protocol.py:39; SGLang's pydantic models ignore
+                # them; llama.cpp copies unknown fields through, server-common.cpp
+                # oaicompat_completion_params_parse)
                 "repetition_penalty": sampling.repetition_penalty,
                 "repeat_penalty": sampling.repetition_penalty,
                 "stop_token_ids": list(sampling.stop_token_ids),
@@ -446,7 +457,9 @@ class OpenAICompletionsEngine(_OpenAIEngine):
     def _request(self, item: Any, n: int, seed: int | None, sampling: SamplingConfig) -> tuple[list[_Choice], int | None]:
         fields, extra_body = self._sampling_fields(sampling)
         if sampling.json_schema is not None:
-            # vLLM and SGLang take response_format on /v1/completions too (CompletionRequest.response_format)
+            # vLLM and SGLang take response_format on /v1/completions too (vLLM 0.34
+            # vllm/entrypoints/openai/completion/protocol.py:125; SGLang CompletionRequest.response_format);
+            # llama.cpp reads it on /v1/chat/completions only (server-common.cpp oaicompat_chat_params_parse)
             extra_body = {"response_format": self._response_format(sampling.json_schema), **extra_body}
         response = self._client.completions.create(
             model=self.served_model_name,
@@ -511,7 +524,8 @@ class OpenAIChatEngine(_OpenAIEngine):
     def _request(self, item: Any, n: int, seed: int | None, sampling: SamplingConfig) -> tuple[list[_Choice], int | None]:
         fields, extra_body = self._sampling_fields(sampling)
         if self.config.sampling_extensions:
-            # llama.cpp reads max_tokens (or n_predict), not max_completion_tokens (server-task.cpp)
+            # llama.cpp reads max_tokens (or n_predict), not max_completion_tokens (server-task.cpp
+            # params_from_json_cmpl); vLLM takes either (chat_completion/protocol.py:246-251)
             fields["max_tokens"] = sampling.max_tokens
         else:
             # hosted APIs: max_tokens is deprecated there and refused by reasoning models
