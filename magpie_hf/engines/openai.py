@@ -77,8 +77,8 @@ NO_KEY = "EMPTY"
 MAX_REASON_CHARS = 300
 #: ``top_k`` that means "disabled" to vLLM (vLLM 0.34 vllm/sampling_params.py:684 "quietly accept -1 as
 #: disabled"), SGLang (-1 = whole vocabulary in python/sglang/srt/sampling/sampling_params.py
-#: ``SamplingParams.__post_init__``; its ``verify`` refuses 0) and llama.cpp (tools/server/README.md,
-#: ``--top-k N``: "0 = disabled"; negative values disable it too)
+#: ``SamplingParams.__post_init__``; its ``verify`` refuses 0) and llama.cpp (src/llama-sampler.cpp
+#: ``llama_sampler_top_k_impl`` returns at once for ``k <= 0``)
 TOP_K_DISABLED = -1
 _UNKNOWN = object()
 
