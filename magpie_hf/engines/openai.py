@@ -151,7 +151,7 @@ class _OpenAIEngine(Engine):
         try:
             import openai
         except ImportError as err:  # pragma: no cover - a dependency of magpie-hf
-            raise ImportError("The OpenAI-compatible engines need the openai SDK: pip install 'openai>=1.40'") from err
+            raise ImportError("The OpenAI-compatible engines need the openai SDK: pip install 'openai>=1.55.3'") from err
         self._errors = openai
         self.url = config.base_url.rstrip("/") + "/" + self.endpoint
         self.served_model_name = config.option("served_model_name", config.model)
