@@ -4,7 +4,7 @@
 It speaks the wire format of ``vllm serve`` for the fields magpie_hf sends: a prompt as text or token ids
 (completions) or messages rendered with the tokenizer's chat template (chat), n, seed, stop,
 stop_token_ids, max_tokens (chat: or max_completion_tokens), temperature, top_p, repetition_penalty,
-response_format json_schema, and ``usage``. Sample ``j`` of a request with seed ``s`` is drawn from seed
+response_format (``json_schema``, or llama.cpp's ``json_object`` with a ``schema``), and ``usage``. Sample ``j`` of a request with seed ``s`` is drawn from seed
 ``s + j`` (vLLM's rule for the children of a request). Values it cannot honour (top_k or min_p that
 filter) are refused with 400. ``GET /v1/models`` reports ``max_model_len``.
 
@@ -185,6 +185,8 @@ class Handler(BaseHTTPRequestHandler):
         response_format = body.get("response_format") or {}
         if response_format.get("type") == "json_schema":
             schema = response_format["json_schema"]["schema"]
+        elif response_format.get("type") == "json_object" and "schema" in response_format:  # llama.cpp's form
+            schema = response_format["schema"]
         sampling = SamplingConfig(
             temperature=float(body["temperature"] if body.get("temperature") is not None else 1.0),
             top_p=float(body["top_p"] if body.get("top_p") is not None else 1.0),

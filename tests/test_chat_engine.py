@@ -153,3 +153,14 @@ def test_guard_step_through_the_chat_engine(server):
     assert [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix and bake."}] in sent
     assert out["llama_guard_error"][1] == "empty instruction"
     assert sum(step.stats[k] for k in ("safe", "unsafe", "unparseable", "empty_input")) == 3
+
+
+def test_json_object_form_for_llama_cpp_python(server):
+    """llama-cpp-python's server takes a schema only as {"type": "json_object", "schema": ...}."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    engine = chat_engine(server, extra={"response_format": "json_object", "extra_body": {"top_k": 0}})
+    out = engine.generate_chat([QUESTION], SamplingConfig(max_tokens=12, temperature=0, json_schema=schema))[0][0]
+    body = server.bodies()[-1]
+    assert body["response_format"] == {"type": "json_object", "schema": schema}
+    assert body["top_k"] == 0  # extra_body is merged last: it overrides a field the engine sends
+    assert out.ok and out.text.startswith("{")

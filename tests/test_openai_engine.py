@@ -54,6 +54,16 @@ def test_token_id_prompts_carry_bos_once(server):
     assert server.bodies()[-1]["prompt"] == prompt
 
 
+def test_text_prompts_leave_the_bos_to_the_server(server):
+    """With prompt_format='text' the server tokenizes with the model's special tokens: when that tokenizer
+    adds a BOS by itself, the BOS text our prompts carry is dropped so that it does not come twice."""
+    engine = make_engine(server, extra={"prompt_format": "text"})
+    bos = engine.tokenizer.bos_token
+    engine._server_bos = bos  # a model whose tokenizer adds BOS (SmolLM2's does not)
+    engine.generate([bos + "Hello", "Hi"], SamplingConfig(max_tokens=1, temperature=0))
+    assert sorted(b["prompt"] for b in server.bodies()) == ["Hello", "Hi"]
+
+
 def test_n_seed_length_and_order(server):
     engine = make_engine(server)
     sampling = SamplingConfig(temperature=1.0, max_tokens=6, n=2, seed=7)

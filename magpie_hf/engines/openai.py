@@ -37,8 +37,10 @@ Written against ``vllm serve`` (vLLM 0.34), SGLang and llama.cpp's ``llama-serve
 
 Options in ``EngineConfig.extra``: ``served_model_name`` (the ``model`` field sent; defaults to
 ``config.model``), ``prompt_format`` (``"token_ids"`` or ``"text"``, completions only), ``extra_body`` (a
-dict merged into every request, e.g. ``{"chat_template_kwargs": {"enable_thinking": False}}`` for vLLM/SGLang
-chat servers).
+dict merged into every request, last, so it can also override a field we send: e.g.
+``{"chat_template_kwargs": {"enable_thinking": False}}`` for vLLM/SGLang chat servers, ``{"top_k": 0}`` for
+llama-cpp-python's server, which refuses ``top_k=-1``), ``response_format`` (``"json_schema"``, the
+default, or ``"json_object"`` for llama-cpp-python's server).
 
 Example:
     >>> from magpie_hf.engines import EngineConfig, SamplingConfig, load_engine
@@ -159,6 +161,9 @@ class _OpenAIEngine(Engine):
         if not isinstance(extra_body, dict):
             raise TypeError(f"EngineConfig extra option 'extra_body' must be a dict, got {type(extra_body).__name__}.")
         self.extra_body: dict[str, Any] = dict(extra_body)
+        self.response_format = config.option("response_format", "json_schema")
+        if self.response_format not in ("json_schema", "json_object"):
+            raise ValueError(f"response_format must be 'json_schema' or 'json_object', got {self.response_format!r}")
         # the key goes to the SDK client only: never to a log, a config record or an error message
         self._client = openai.OpenAI(
             base_url=config.base_url,
@@ -247,8 +252,12 @@ class _OpenAIEngine(Engine):
             )
         return fields, {**extra, **self.extra_body}
 
-    @staticmethod
-    def _response_format(schema: dict) -> dict[str, Any]:
+    def _response_format(self, schema: dict) -> dict[str, Any]:
+        """How a JSON schema is asked for: OpenAI's ``json_schema`` form (OpenAI, vLLM, SGLang, llama-server),
+        or ``{"type": "json_object", "schema": ...}`` (llama-cpp-python's server takes only this form; the
+        llama.cpp server reads it too, server-common.cpp ``oaicompat_chat_params_parse``)."""
+        if self.response_format == "json_object":
+            return {"type": "json_object", "schema": schema}
         return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
     # ------------------------------------------------------------------ the request machinery
@@ -442,6 +451,10 @@ class OpenAICompletionsEngine(_OpenAIEngine):
             config.revision,
             config.trust_remote_code,
         )
+        from magpie_hf.templates import tokenizer_adds_bos
+
+        #: the BOS text a text prompt starts with that the server adds again itself (None: nothing to drop)
+        self._server_bos = self._tokenizer.bos_token if tokenizer_adds_bos(self._tokenizer) else None
 
     def _generate(
         self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None, progress: Any
@@ -451,7 +464,11 @@ class OpenAICompletionsEngine(_OpenAIEngine):
             # tools/server/README.md `prompt`; vLLM's add_special_tokens applies to text)
             payloads: list[Any] = list(self._tokenizer(prompts, add_special_tokens=False)["input_ids"])
         else:
-            payloads = list(prompts)
+            # servers tokenize text with the model's special tokens: vLLM's add_special_tokens=True default
+            # (completion/protocol.py:118), llama-cpp-python's BOS when the GGUF's add_bos_token says so
+            # (llama_cpp/llama.py:1243-1248 in 0.3.36), so the BOS text our prompts carry would come twice
+            bos = self._server_bos
+            payloads = [p[len(bos) :] if bos and p.startswith(bos) else p for p in prompts]
         return self._run(payloads, sampling, seeds, progress)
 
     def _request(self, item: Any, n: int, seed: int | None, sampling: SamplingConfig) -> tuple[list[_Choice], int | None]:
