@@ -201,7 +201,7 @@ def test_extra_body_dict_through_load_engine(server):
     assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["ignore_eos"] is False
 
 
-def test_key_never_logged_or_recorded(server, caplog, tmp_path):
+def test_key_never_logged_or_recorded(server, caplog):
     from magpie_hf.steps import Responses
 
     config = EngineConfig.embedded(backend="openai", base_url=server.base_url, api_key_env=server.key_env)
