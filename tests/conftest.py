@@ -51,3 +51,79 @@ def chat_template_fixtures() -> dict[str, dict]:
             "with `git checkout -- tests/fixtures/chat_templates`."
         )
     return fixtures
+
+
+class OpenAITestServer:
+    """A running tests/openai_server.py process: its base URL, the key it requires, and its test controls."""
+
+    #: the environment variable holding the key the server requires (and the engines send)
+    key_env = "MAGPIE_TEST_SERVER_KEY"
+    #: the key: it must never appear in a log, an error, a config record or a file
+    secret = "sk-test-do-not-log-0123456789"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.base_url = f"{url}/v1"
+
+    def call(self, path: str, payload: dict | None = None) -> dict:
+        """GET ``path`` (POST ``payload`` when given) and return the JSON answer."""
+        import urllib.request
+
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    def requests_seen(self) -> int:
+        return self.call("/test/stats")["requests_seen"]
+
+    def bodies(self) -> list[dict]:
+        """The generation request bodies the server saw since the last :meth:`reset`, oldest first."""
+        return self.call("/test/requests")["requests"]
+
+    def configure(self, **settings) -> None:
+        """``ignore_n``, ``max_n``, ``max_prompt_tokens`` (see tests/openai_server.py); none: a normal server."""
+        self.call("/test/config", settings)
+
+    def reset(self) -> None:
+        self.call("/test/config", {})
+        self.call("/test/fail", {"count": 0})
+        self.call("/test/reset", {})
+
+
+@pytest.fixture(scope="session")
+def openai_server():
+    """tests/openai_server.py (an OpenAI-compatible server over the embedded model, /v1/completions and
+    /v1/chat/completions) in its own process on 127.0.0.1, started once per session."""
+    import subprocess
+    import sys
+    import threading
+
+    env = dict(os.environ, **{OpenAITestServer.key_env: OpenAITestServer.secret}, OMP_NUM_THREADS="1")
+    script = Path(__file__).with_name("openai_server.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--port", "0", "--api-key-env", OpenAITestServer.key_env, "--max-model-len", "2048"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout=300)
+    if not line or not line[0].startswith("LISTENING"):
+        proc.kill()
+        pytest.fail(f"tests/openai_server.py did not start: {line}")
+    yield OpenAITestServer(f"http://127.0.0.1:{line[0].split()[1]}")
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(openai_server, monkeypatch):
+    """The session's test server, reset to a normal server, with its key in the environment."""
+    monkeypatch.setenv(OpenAITestServer.key_env, OpenAITestServer.secret)
+    openai_server.reset()
+    yield openai_server
+    openai_server.reset()

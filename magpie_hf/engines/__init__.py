@@ -39,7 +39,8 @@ def resolve_backend(config: EngineConfig, hardware: Hardware | None = None, *, l
 
     This is the one place of the ``auto`` rule: an OpenAI-compatible server when a ``base_url`` is
     given, else vLLM when CUDA and vllm are both there and the weights are not GGUF, else
-    transformers.
+    transformers. The chat-completions backend (``openai-chat``, for hosted APIs and answer/judge steps) is never
+    picked by ``auto``: ask for it by name.
     """
     if config.backend != "auto":
         return config.backend
@@ -99,8 +100,12 @@ def load_engine(config: EngineConfig) -> Engine:
         from magpie_hf.engines.vllm import VLLMEngine as cls
     elif backend == "openai":
         from magpie_hf.engines.openai import OpenAICompletionsEngine as cls
+    elif backend == "openai-chat":
+        from magpie_hf.engines.openai import OpenAIChatEngine as cls
     else:
-        raise ValueError(f"Unknown engine backend {config.backend!r}; choose auto, transformers, vllm or openai.")
+        raise ValueError(
+            f"Unknown engine backend {config.backend!r}; choose auto, transformers, vllm, openai or openai-chat."
+        )
     engine = cls(config)
     _LOADED[config] = engine
     return engine

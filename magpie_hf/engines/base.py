@@ -5,6 +5,12 @@ Example:
     >>> engine = load_engine(EngineConfig.embedded())          # doctest: +SKIP
     >>> out = engine.generate(["<|im_start|>user\\n"], SamplingConfig(max_tokens=32, n=2, seed=0))  # doctest: +SKIP
     >>> out[0][0].text, out[0][0].num_tokens, out[0][0].finish_reason  # doctest: +SKIP
+
+Steps that answer or judge conversations call :meth:`Engine.generate_chat` with messages; engines that
+complete raw text render them with the model's chat template, a chat endpoint (``openai-chat``) sends
+them as they are:
+
+    >>> engine.generate_chat([[{"role": "user", "content": "Name a fruit."}]], SamplingConfig(max_tokens=8))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
+
+if TYPE_CHECKING:
+    from magpie_hf.templates import ChatTemplates
 
 #: why a completion ended: an end-of-turn/stop string ("stop"), ``max_tokens`` ("length"), the backend
 #: gave up on it ("abort"), or it was never generated because its request failed ("error": a prompt
@@ -104,8 +113,11 @@ class Engine(abc.ABC):
     model needs it); engines tokenize them **without** adding special tokens.
     """
 
-    #: short backend name recorded in provenance ("transformers", "vllm", "openai")
+    #: short backend name recorded in provenance ("transformers", "vllm", "openai", "openai-chat")
     name: str = "base"
+    #: whether the engine completes raw text prompts; False for a chat endpoint, which applies the
+    #: model's chat template itself (it can answer conversations, not continue a pre-query template)
+    raw_prompts: ClassVar[bool] = True
 
     def __init__(self, config: "EngineConfig") -> None:
         self.config = config
@@ -117,7 +129,66 @@ class Engine(abc.ABC):
     @property
     @abc.abstractmethod
     def tokenizer(self) -> Any:
-        """The model's Hugging Face tokenizer (used for chat-template arithmetic)."""
+        """The model's Hugging Face tokenizer (used for chat-template arithmetic); None for a chat
+        endpoint that runs a model we have no tokenizer for (a hosted API)."""
+
+    def context_length(self) -> int | None:
+        """The most tokens (prompt + completion) the model takes, when the backend knows it; else None."""
+        return None
+
+    def require_raw_prompts(self, step: str, why: str) -> None:
+        """Refuse (with the way out) a step that needs raw text completions on a chat-only engine."""
+        if self.raw_prompts:
+            return
+        raise ValueError(
+            f"{step} needs raw text completions: {why}. The engine {self.config.describe()!r} "
+            f"(backend={self.name!r}) talks to a /v1/chat/completions endpoint, which applies the chat "
+            "template itself and cannot do that. Use the completions engine for this step: "
+            f"EngineConfig(model=..., backend='openai', base_url={self.config.base_url or 'http://HOST:PORT/v1'!r}) "
+            "against the same server's /v1/completions (vllm serve, SGLang, llama-server), or backend='vllm' "
+            "or 'transformers'."
+        )
+
+    def chat_templates(self, chat_template_kwargs: dict[str, Any] | None = None) -> "ChatTemplates | None":
+        """The chat-template pieces derived from :attr:`tokenizer` with ``chat_template_kwargs`` (once per
+        engine and options); None for a chat endpoint, which applies its template itself."""
+        if not self.raw_prompts:
+            return None
+        import json
+
+        key = json.dumps(chat_template_kwargs or {}, sort_keys=True)
+        cache = self.__dict__.setdefault("_derived_templates", {})
+        if key not in cache:
+            from magpie_hf.templates import derive_templates
+
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"The engine {self.config.describe()!r} has no tokenizer to render chat prompts with; "
+                    "set EngineConfig.tokenizer to the model's Hugging Face tokenizer."
+                )
+            cache[key] = derive_templates(self.tokenizer, chat_template_kwargs=chat_template_kwargs)
+        return cache[key]
+
+    def generate_chat(
+        self,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        sampling: SamplingConfig,
+        *,
+        templates: "ChatTemplates | None" = None,
+        seeds: Sequence[int] | None = None,
+        progress: Any = None,
+    ) -> list[list[Completion]]:
+        """Answer each conversation (a list of ``{role, content}`` messages) as the assistant.
+
+        Same contract as :meth:`generate` (``n`` completions per conversation, one seed each). Engines
+        that complete raw text render every conversation with ``templates.response_prompt`` (the
+        step's templates, carrying its system prompt; without them, the ones derived from the engine's
+        tokenizer) and call :meth:`generate`; a chat endpoint sends the messages as they are.
+        """
+        if templates is None:
+            templates = self.chat_templates()
+        prompts = [templates.response_prompt(list(conversation)) for conversation in conversations]
+        return self.generate(prompts, sampling, seeds=seeds, progress=progress)
 
     def generate(
         self,

@@ -146,7 +146,8 @@ class BaseResponses(Step):
     Writes ``base_output`` (the answer, cut before the next ``# User:`` block),
     ``base_output_generator`` (the model), ``base_output_finish_reason`` (``stop``/``length``) and
     ``base_output_num_tokens``. Empty answers are kept as ``""`` and counted in
-    ``stats["empty_base_output"]``.
+    ``stats["empty_base_output"]``; an answer the engine could not generate is null (finish reason
+    ``error``/``abort``), counted in ``stats["failed_base_output"]``.
 
     Example:
         >>> from magpie_hf.engines import EngineConfig
@@ -173,6 +174,9 @@ class BaseResponses(Step):
 
     def load(self) -> None:
         self._engine = resolve_engine(self.engine)
+        self._engine.require_raw_prompts(
+            type(self).__name__, "a base model continues a raw few-shot (URIAL) prompt that has no chat template"
+        )
         tokenizer = self._engine.tokenizer
         if self.add_bos is None:
             self._bos = bos_prefix(tokenizer)
@@ -210,9 +214,13 @@ class BaseResponses(Step):
         texts, reasons, counts = [], [], []
         for (completion,) in completions:
             self.stats["generated_tokens"] += completion.num_tokens
-            text = self.template.clean(completion.text)
-            if not text:
-                self.stats["empty_base_output"] += 1
+            if not completion.ok:  # never generated (a server's 400 for this prompt): null, its finish reason says so
+                text = None
+                self.stats["failed_base_output"] += 1
+            else:
+                text = self.template.clean(completion.text)
+                if not text:
+                    self.stats["empty_base_output"] += 1
             texts.append(text)
             reasons.append(completion.finish_reason)
             counts.append(completion.num_tokens)

@@ -119,9 +119,23 @@ class ChatTemplateMixin:
     _templates: "ChatTemplates | None"
 
     def _load_engine_and_templates(self, **template_kwargs: Any) -> None:
-        from magpie_hf.templates import derive_templates
+        from magpie_hf.templates import ChatTemplates, derive_templates
 
         self._engine = resolve_engine(self.engine)
+        if not self._engine.raw_prompts:
+            # a chat endpoint applies the model's template and ends the turn itself: only the system
+            # prompt travels (as a message), and no template arithmetic (or tokenizer) is needed
+            if not self.keep_default_system_prompt and self.system_prompt is None:
+                raise ValueError(
+                    f"{type(self).__name__}(keep_default_system_prompt=False) removes the system block the chat "
+                    f"template injects, which only works on raw prompts; the engine {self._model_name()!r} is a "
+                    "chat endpoint that applies the template itself. Use keep_default_system_prompt=True, give "
+                    "system_prompt=..., or use a completions engine (backend='openai', 'vllm' or 'transformers')."
+                )
+            self._templates = ChatTemplates(
+                pre_query="", stop_strings=[], stop_token_ids=[], system_prompt=self.system_prompt, source="server"
+            )
+            return
         self._templates = derive_templates(
             self._engine.tokenizer,
             system_prompt=self.system_prompt,
@@ -185,6 +199,11 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
         return self._templates.to_record() if self._templates is not None else {}
 
     def load(self) -> None:
+        resolve_engine(self.engine).require_raw_prompts(
+            type(self).__name__,
+            "Magpie step 1 lets the model continue the raw pre-query text of its chat template (everything "
+            "up to where the user's words start)",
+        )
         self._load_engine_and_templates(pre_query_template=self.pre_query_template)
         self._assignment = assign_settings(self.mixture, self.num_rows, self.seed)
 
@@ -214,12 +233,17 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
             )
             samplings[setting_index] = sampling
             outs = self._engine.generate([templates.pre_query], sampling, progress=self.progress_callback)[0]
+            if not any(c.ok for c in outs):  # the pre-query prompt is every row's: a refusal is the settings'
+                raise RuntimeError(f"The engine could not sample any instruction from the pre-query template: {outs[0].error}")
             completions.update(zip(members, outs))
 
         batch: Batch = {name: [] for name in self.outputs}
         for row in rows:
             completion = completions[row]
             self.stats["generated_tokens"] += completion.num_tokens
+            if not completion.ok:
+                self.stats["failed_instruction"] += 1
+                continue
             text = templates.clean(completion.text)
             if self.drop_empty and not text:
                 self.stats["dropped_empty_instruction"] += 1
@@ -250,7 +274,12 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
 
 @dataclasses.dataclass(kw_only=True)
 class Responses(Step, ChatTemplateMixin):
-    """Magpie step 2: answer each instruction with the model's normal chat template (greedy by default)."""
+    """Magpie step 2: answer each instruction with the model's normal chat template (greedy by default).
+
+    A response the engine could not generate (a server's 400 for that prompt, a prompt longer than the
+    context) leaves ``response`` and ``conversations`` null, its reason in ``response_error``, and is
+    counted in ``stats["failed_response"]``; the rest of the batch is answered.
+    """
 
     inputs = ("instruction",)
 
@@ -282,6 +311,7 @@ class Responses(Step, ChatTemplateMixin):
             "gen_response_configs": GEN_RESPONSE_CONFIGS,
             "response_num_tokens": INT,
             "response_finish_reason": STRING,
+            "response_error": STRING,
         }
 
     def load(self) -> None:
@@ -296,21 +326,28 @@ class Responses(Step, ChatTemplateMixin):
         sampling = self._sampling.replace(
             seed=seed, stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids
         )
-        prompts = [templates.response_prompt([{"role": "user", "content": q}]) for q in batch["instruction"]]
-        outs = self._engine.generate(prompts, sampling, progress=self.progress_callback)
+        conversations = [[{"role": "user", "content": q}] for q in batch["instruction"]]
+        outs = self._engine.generate_chat(conversations, sampling, templates=templates, progress=self.progress_callback)
         keep: list[bool] = []
         new: Batch = {name: [] for name in self.outputs}
         for instruction, (completion,) in zip(batch["instruction"], outs):
             self.stats["generated_tokens"] += completion.num_tokens
-            text = templates.clean(completion.text)
-            drop = (self.drop_empty and not text) or (self.drop_truncated and completion.finish_reason == "length")
-            if drop:
-                self.stats["dropped_empty_response" if not text else "dropped_truncated_response"] += 1
-            keep.append(not drop)
-            new["response"].append(text)
-            new["conversations"].append(
-                [{"role": "user", "content": instruction}, {"role": "assistant", "content": text}]
-            )
+            if not completion.ok:  # null + reason for this row only
+                self.stats["failed_response"] += 1
+                keep.append(True)
+                new["response"].append(None)
+                new["conversations"].append(None)
+            else:
+                text = templates.clean(completion.text)
+                drop = (self.drop_empty and not text) or (self.drop_truncated and completion.finish_reason == "length")
+                if drop:
+                    self.stats["dropped_empty_response" if not text else "dropped_truncated_response"] += 1
+                keep.append(not drop)
+                new["response"].append(text)
+                new["conversations"].append(
+                    [{"role": "user", "content": instruction}, {"role": "assistant", "content": text}]
+                )
+            new["response_error"].append(completion.error)
             new["gen_response_configs"].append(
                 {
                     "output_generator": self._model_name(),

@@ -23,13 +23,11 @@ import json
 import logging
 from typing import Any, ClassVar, Sequence
 
-from tqdm.auto import tqdm
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
 from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES, TASK_CATEGORIES
 from magpie_hf.steps.base import STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
-from magpie_hf.templates import render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -166,18 +164,21 @@ class JudgeStep(Step):
         for i in set(range(n)) - set(todo):
             errors[i] = "empty or missing input"
             self.stats["empty_input"] += 1
-        tokenizer = self._engine.tokenizer
-        prompts = [
-            render_chat(tokenizer, [{"role": "user", "content": self.prompt(items[i])}],
-                        chat_template_kwargs=self.chat_template_kwargs)
-            for i in todo
-        ]
+        # the rubric as one user message, rendered with the judge's chat template (or sent as a message to a chat endpoint)
+        conversations = [[{"role": "user", "content": self.prompt(items[i])}] for i in todo]
         sampling = self.sampling().replace(seed=seed)
-        with tqdm(total=len(prompts), desc=self.name, unit="row", disable=len(prompts) < 64, leave=False) as bar:
-            outputs = self._engine.generate(prompts, sampling, progress=lambda k, _t: bar.update(k)) if prompts else []
+        outputs = (
+            self._engine.generate_chat(conversations, sampling, templates=self._engine.chat_templates(self.chat_template_kwargs),
+                                       progress=self.progress_callback)
+            if conversations
+            else []
+        )
         for i, completions in zip(todo, outputs):
             parsed, problems = [], []
             for completion in completions:
+                if not completion.ok:  # never generated (a server's 400 for this prompt): its reason
+                    problems.append(completion.error or f"no answer (finish reason {completion.finish_reason})")
+                    continue
                 try:
                     parsed.append(self._parse_completion(completion))
                 except JudgeError as err:
@@ -187,7 +188,7 @@ class JudgeStep(Step):
                 self.stats["parsed"] += 1
             else:
                 errors[i] = problems[0]
-                self.stats["unparseable"] += 1
+                self.stats["failed" if not any(c.ok for c in completions) else "unparseable"] += 1
         out = dict(batch)
         for column in self.value_columns:
             out[column] = [v[column] for v in values]

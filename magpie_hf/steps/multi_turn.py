@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
 from magpie_hf.postprocess import InstructionFilter, apply_filters
-from magpie_hf.steps.base import INT, MESSAGES, STRING, Batch, Features, Step, select_rows
+from magpie_hf.steps.base import INT, MESSAGES, STRING, Batch, Features, Step, resolve_engine, select_rows
 from magpie_hf.steps.generate import ChatTemplateMixin
 
 if TYPE_CHECKING:
@@ -131,6 +131,12 @@ class MultiTurn(Step, ChatTemplateMixin):
     def load(self) -> None:
         from magpie_hf.templates import ChatTemplateError
 
+        if self.n_turns > 1:
+            resolve_engine(self.engine).require_raw_prompts(
+                type(self).__name__,
+                "follow-up queries are sampled by letting the model continue the raw conversation text cut "
+                "where the next user message starts",
+            )
         self._load_engine_and_templates()
         assert self._templates is not None
         if self.mt_system_prompt is not None and self.n_turns > 1:
@@ -203,8 +209,8 @@ class MultiTurn(Step, ChatTemplateMixin):
                 continue
             # ... and one for their replies (normal template: the multi-turn prompt is not shown)
             sampling = self._response_sampling.replace(seed=seed + 2 * turn + 1, **stops)
-            outs = self._engine.generate(
-                [self.response_prompt(conversations[i]) for i in asked], sampling, progress=self.progress_callback
+            outs = self._engine.generate_chat(
+                [conversations[i] for i in asked], sampling, templates=templates, progress=self.progress_callback
             )
             for i, (completion,) in zip(asked, outs):
                 reply, why = self._accept(completion, kind="response")
@@ -245,6 +251,8 @@ class MultiTurn(Step, ChatTemplateMixin):
         """Clean a completion; return ``(text, None)`` or ``("", reason)`` when the turn failed."""
         assert self._templates is not None
         self.stats["generated_tokens"] += completion.num_tokens
+        if not completion.ok:  # the engine could not generate it (a server's 400 for this prompt)
+            return "", f"failed_{kind}"
         text = self._templates.clean(completion.text)
         if not text:
             return "", f"empty_{kind}"

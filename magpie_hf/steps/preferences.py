@@ -115,8 +115,9 @@ class InstructVsBasePairs(Step):
 class MultiResponses(Step, ChatTemplateMixin):
     """Sample ``n`` answers per ``instruction`` with the chat template (for best-of-n pairs).
 
-    Writes ``responses`` (list of ``n`` strings, cleaned of end-of-turn text),
-    ``responses_finish_reasons``, ``responses_num_tokens`` and ``gen_multi_response_configs``.
+    Writes ``responses`` (list of ``n`` strings, cleaned of end-of-turn text; null for an answer the
+    engine could not generate, counted in ``stats["failed_response"]``), ``responses_finish_reasons``,
+    ``responses_num_tokens`` and ``gen_multi_response_configs``.
 
     Example:
         >>> from magpie_hf.engines import EngineConfig
@@ -170,15 +171,20 @@ class MultiResponses(Step, ChatTemplateMixin):
         assert self._engine is not None and self._templates is not None, "call load() first"
         templates = self._templates
         sampling = self._sampling.replace(seed=seed, stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids)
-        prompts = [templates.response_prompt([{"role": "user", "content": q}]) for q in batch["instruction"]]
-        outs = self._engine.generate(prompts, sampling, progress=getattr(self, "progress_callback", None))
+        conversations = [[{"role": "user", "content": q}] for q in batch["instruction"]]
+        outs = self._engine.generate_chat(
+            conversations, sampling, templates=templates, progress=getattr(self, "progress_callback", None)
+        )
         new: Batch = {name: [] for name in self.outputs}
         record = {"output_generator": self._model_name(), "engine": self._engine.name, "n": self.n,
                   "system_prompt": self.system_prompt, "chat_template_kwargs": self._template_kwargs_record(),
                   **sampling.to_record()}
         for completions in outs:
             self.stats["generated_tokens"] += sum(c.num_tokens for c in completions)
-            new["responses"].append([templates.clean(c.text) for c in completions])
+            # an answer the engine could not generate is null (its reason: finish reason "error"/"abort")
+            new["responses"].append([templates.clean(c.text) if c.ok else None for c in completions])
+            if not all(c.ok for c in completions):
+                self.stats["failed_response"] += sum(not c.ok for c in completions)
             new["responses_finish_reasons"].append([c.finish_reason for c in completions])
             new["responses_num_tokens"].append([c.num_tokens for c in completions])
             new["gen_multi_response_configs"].append(record)

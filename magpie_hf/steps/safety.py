@@ -21,12 +21,10 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from tqdm.auto import tqdm
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
 from magpie_hf.steps.base import BOOL, STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
-from magpie_hf.templates import render_chat
 
 PAPER_GUARD_MODEL = "meta-llama/Meta-Llama-Guard-2-8B"
 
@@ -144,15 +142,23 @@ class LlamaGuard(Step):
         config = engine.config if isinstance(engine, Engine) else engine
         return guess_taxonomy(f"{config.model} {config.alias or ''}")
 
-    def prompt(self, instruction: str, response: str | None) -> str:
-        """The guard's moderation prompt, built by its own chat template."""
-        assert self._engine is not None
+    @staticmethod
+    def conversation(instruction: str, response: str | None) -> list[dict[str, Any]]:
+        """The conversation the guard moderates: the instruction, and the response when there is one."""
         messages: list[dict[str, Any]] = [{"role": "user", "content": instruction}]
         if response:
             messages.append({"role": "assistant", "content": response})
-        # Llama Guard templates end with the cue for the verdict themselves (as in the model cards)
-        return render_chat(self._engine.tokenizer, messages, add_generation_prompt=False,
-                           chat_template_kwargs=self.chat_template_kwargs)
+        return messages
+
+    def prompt(self, instruction: str, response: str | None) -> str:
+        """The guard's moderation prompt as a raw-text engine sees it, built by the guard's own chat template.
+
+        Llama Guard templates render the whole moderation prompt, the cue for the verdict included, and
+        ignore ``add_generation_prompt`` (as in the model cards), so a chat endpoint that applies the same
+        template to :meth:`conversation` builds the same prompt.
+        """
+        assert self._engine is not None
+        return self._engine.chat_templates(self.chat_template_kwargs).response_prompt(self.conversation(instruction, response))
 
     def process(self, batch: Batch, *, seed: int) -> Batch:
         if self._engine is None:
@@ -169,12 +175,20 @@ class LlamaGuard(Step):
         for i in set(range(n)) - set(todo):
             errors[i] = f"empty {self.instruction_column}"
             self.stats["empty_input"] += 1
-        prompts = [self.prompt(instructions[i], responses[i]) for i in todo]
+        conversations = [self.conversation(instructions[i], responses[i]) for i in todo]
         sampling = SamplingConfig(temperature=0.0, max_tokens=self.max_tokens)
         taxonomy = self.resolved_taxonomy()
-        with tqdm(total=len(prompts), desc=self.name, unit="row", disable=len(prompts) < 64, leave=False) as bar:
-            outputs = self._engine.generate(prompts, sampling, progress=lambda k, _t: bar.update(k)) if prompts else []
+        outputs = (
+            self._engine.generate_chat(conversations, sampling, templates=self._engine.chat_templates(self.chat_template_kwargs),
+                                       progress=self.progress_callback)
+            if conversations
+            else []
+        )
         for i, completions in zip(todo, outputs):
+            if not completions[0].ok:  # never generated (a server's 400 for this prompt): null + reason
+                errors[i] = completions[0].error or f"no verdict (finish reason {completions[0].finish_reason})"
+                self.stats["failed"] += 1
+                continue
             raw[i] = completions[0].text.strip()
             try:
                 safe[i], cats[i] = parse_guard_verdict(raw[i], taxonomy)
