@@ -194,6 +194,7 @@ class RecipeConfig:
             quantization=e.quantization,
             tensor_parallel_size=(e.tagging_tensor_parallel_size if tagging else e.tensor_parallel_size) or 1,
             base_url=e.base_url if backend in ("openai", "openai-chat") else None,
+            max_n_per_request=e.max_n_per_request,
             trust_remote_code=e.trust_remote_code,
         )
         if e.batch_size:
