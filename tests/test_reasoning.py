@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from magpie_hf.engines import Completion, Engine, EngineConfig
+from magpie_hf.config import ReasoningArguments
 from magpie_hf.pipeline import Pipeline
 from magpie_hf.steps.base import INT, STRING
 from magpie_hf.steps.reasoning import ReasoningResponses, split_reasoning
@@ -181,6 +182,47 @@ def test_typed_columns_and_counts_through_the_pipeline(reasoning_tokenizer, tmp_
     assert schema.field("reasoning").type == STRING
 
 
+def test_reasoning_recipe_configuration(tmp_path):
+    from magpie_hf.recipe import generation_steps, parse_recipe
+    from tests.test_config import load_recipe
+
+    recipe = load_recipe("magpie_reasoning").REASONING
+    paper = parse_recipe(recipe, [])
+    assert (paper.instructions.model, paper.responses.response_model) == (
+        "meta-llama/Llama-3.3-70B-Instruct", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B")
+    assert paper.instructions.task == "reasoning" and paper.responses.response_max_tokens == 28_672 + 4_096
+    first, responses = generation_steps(paper)
+    assert first.task.keys == ["reasoning"]
+    assert isinstance(responses, ReasoningResponses) and responses.max_tokens == 32_768
+    assert (responses.temperature, responses.top_p, responses.chat_template_kwargs) == (0.6, 0.95, None)
+
+    cpu = parse_recipe(recipe, ["--preset", "cpu", "--thinking_budget", "100", "--answer_budget", "20",
+                                "--reasoning_tags", "<reasoning>,</reasoning>"])
+    assert cpu.responses.response_model == "embedded" and cpu.responses.response_max_tokens == 120
+    responses = generation_steps(cpu)[-1]
+    assert responses.reasoning_tags == ("<reasoning>", "</reasoning>") and responses.max_tokens == 120
+    assert cpu.response_engine() == cpu.instruction_engine()
+
+    # one model, a template option per side; a separate response model gets only its own options
+    qwen = parse_recipe(recipe, ["--model", "Qwen/Qwen3-8B", "--response_model", "Qwen/Qwen3-8B",
+                                 "--chat_template_kwargs", '{"enable_thinking": false}',
+                                 "--response_chat_template_kwargs", '{"enable_thinking": true}'])
+    first, responses = generation_steps(qwen)
+    assert first.chat_template_kwargs == {"enable_thinking": False}
+    assert responses.chat_template_kwargs == {"enable_thinking": True}
+    other = parse_recipe(recipe, ["--chat_template_kwargs", '{"enable_thinking": false}'])
+    assert generation_steps(other)[-1].chat_template_kwargs is None  # R1 is not the instruction model
+    config_file = tmp_path / "tags.yaml"
+    config_file.write_text("reasoning_tags: ['<seed:think>', '</seed:think>']\n")
+    tags = parse_recipe(recipe, ["--config", str(config_file)]).section(ReasoningArguments).tags()
+    assert tags == ("<seed:think>", "</seed:think>")
+    for argv, message in ((["--reasoning_tags", "<think>"], "two different"),
+                          (["--answer_budget", "0"], "answer_budget must be >= 1"),
+                          (["--response_chat_template_kwargs", "{enable"], "response_chat_template_kwargs must be a JSON")):
+        with pytest.raises(SystemExit, match=message):
+            parse_recipe(recipe, argv)
+
+
 @pytest.mark.slow
 def test_reasoning_recipe_cpu_end_to_end(tmp_path):
     """``recipes/magpie_reasoning.py --preset cpu``: the embedded model on both sides; its answers carry no
@@ -189,7 +231,7 @@ def test_reasoning_recipe_cpu_end_to_end(tmp_path):
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "magpie_reasoning.py"), "--preset", "cpu", "--num_rows", "6",
-         "--stages", "language", "--output_dir", str(out)],
+         "--thinking_budget", "32", "--answer_budget", "64", "--stages", "language", "--output_dir", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     print(f"magpie_reasoning --preset cpu, 6 rows: {time.perf_counter() - started:.1f} s")
@@ -204,6 +246,6 @@ def test_reasoning_recipe_cpu_end_to_end(tmp_path):
         assert row["system_prompt_key"] == "reasoning"
     run = json.loads((out / "dataset" / "magpie_run.json").read_text())["run_info"]
     assert run["reasoning"]["without_reasoning"] == len(ds) and run["reasoning"]["tags_from"] == "default"
-    assert run["reasoning"]["max_tokens"] == 256 == run["response_sampling"]["max_tokens"]
+    assert run["reasoning"]["max_tokens"] == 96 == run["response_sampling"]["max_tokens"]
     card = (out / "dataset" / "README.md").read_text()
     assert "### Reasoning" in card
