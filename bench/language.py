@@ -9,7 +9,8 @@ into its chat template, as ``--language CODE`` does. The unsteered rows are one 
 measured on (its prompt does not depend on the target). Sampling: the ``--preset cpu`` step-1 setting
 (T=0.9, top_p=0.95), one seed for all conditions. Every non-empty sampled instruction counts, length-cut ones
 too (lingua reads what is there). Detection: lingua over all languages in low-accuracy mode, as the
-``Language`` step does. The last line is ``CODE=SHARE_WITHOUT/SHARE_WITH ...``.
+``Language`` step does; it judges the language, not whether the text makes sense (read the examples the
+``--json`` file keeps). The last line is ``CODE=SHARE_WITHOUT/SHARE_WITH ...``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def main() -> None:
         without = sum(t == code for t in plain_tags) / max(1, len(plain_tags))
         with_ = sum(t == code for t in steered) / max(1, len(steered))
         result["by_language"][code] = {"without": round(without, 3), "with": round(with_, 3), "rows_with": len(texts),
-                                       "languages_with": dict(collections.Counter(steered)), "examples": texts[:5]}
+                                       "languages_with": dict(collections.Counter(steered)), "examples": texts[:5],
+                                       "examples_in_language": [t for t, c in zip(texts, steered) if c == code][:5]}
         print(f"{code:>12}: {without:6.1%} without -> {with_:6.1%} with steering ({len(texts)} instructions, "
               f"{tokens} tokens in {seconds:.0f} s); languages {dict(collections.Counter(steered).most_common(4))}",
               flush=True)
