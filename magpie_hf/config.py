@@ -8,8 +8,11 @@ turns every field into a flag (``--response_temperature 0.6`` or ``--response-te
 - :class:`RunArguments`: preset, sizes, seed, output folder, which stages run, ``--dry-run``;
 - :class:`InstructionArguments`: the step-1 model and its sampling (a Table 6 mixture or one
   temperature/top_p), system prompt, pre-query template, newline stop, sanitize, the first-token
-  rules, chat-template options and task control;
-- :class:`ResponseArguments`: the step-2 model (another model than step 1 if you like) and its sampling;
+  rules, chat-template options, task control and language targeting (``--language``);
+- :class:`ResponseArguments`: the step-2 model (another model than step 1 if you like), its sampling and
+  chat-template options;
+- :class:`ReasoningArguments`: thinking and answer budgets and thinking tags of a reasoning response model
+  (``recipes/magpie_reasoning.py``);
 - :class:`TaggingArguments`: the judge, guard, reward, embedding and base models;
 - :class:`EngineArguments`: backend, dtype, GPU memory, context length, quantization, tensor
   parallelism, server URL;

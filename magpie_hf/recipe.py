@@ -316,6 +316,9 @@ def _resolve(config: RecipeConfig) -> None:
     i.decoding_mixture()
     i.template_kwargs()
     r.template_kwargs()
+    if i.target_language() is not None and i.pre_query_template is not None:
+        raise ValueError("--language puts a system prompt in the chat template, which an explicit --pre_query_template "
+                         "bypasses; drop --pre_query_template (or write the language's system block into it and drop --language).")
     config.instruction_system_prompt()
     config.task_mix()
     config.stages()

@@ -131,6 +131,7 @@ def test_language_flag_steers_step_one_tags_and_filters():
     (["--keep_language_only"], "needs --language"),
     (["--language", "xx"], "ISO 639-1"),
     (["--language", "ko"], "No built-in system prompt"),
+    (["--language", "de", "--pre_query_template", "<|im_start|>user\n"], "bypasses"),
 ])
 def test_bad_language_settings_stop_before_loading(argv, message):
     from magpie_hf.recipe import parse_recipe

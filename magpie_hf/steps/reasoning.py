@@ -15,6 +15,10 @@ every completion at the block's tags:
 - a closed block longer than ``thinking_budget`` tokens: dropped, ``dropped_reasoning_over_budget``;
 - a closed block and no answer after it: dropped, ``dropped_empty_answer``.
 
+With ``drop_truncated=True`` (off by default, as in :class:`Responses`) every completion cut by the length
+limit is dropped before the split and counted as ``dropped_truncated_response``; a response whose thinking
+closed but whose answer was cut is otherwise kept, with ``response_finish_reason == "length"``.
+
 The tags come from the response model's derived chat template (:attr:`ChatTemplates.reasoning
 <magpie_hf.templates.ChatTemplates>`), or ``reasoning_tags=(open, close)`` sets them; a template with no
 tags (the embedded SmolLM2) falls back to ``<think>``/``</think>``. Whether the prompt opens the block is
