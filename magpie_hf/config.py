@@ -8,8 +8,11 @@ turns every field into a flag (``--response_temperature 0.6`` or ``--response-te
 - :class:`RunArguments`: preset, sizes, seed, output folder, which stages run, ``--dry-run``;
 - :class:`InstructionArguments`: the step-1 model and its sampling (a Table 6 mixture or one
   temperature/top_p), system prompt, pre-query template, newline stop, sanitize, the first-token
-  rules, chat-template options and task control;
-- :class:`ResponseArguments`: the step-2 model (another model than step 1 if you like) and its sampling;
+  rules, chat-template options, task control and language targeting (``--language``);
+- :class:`ResponseArguments`: the step-2 model (another model than step 1 if you like), its sampling and
+  chat-template options;
+- :class:`ReasoningArguments`: thinking and answer budgets and thinking tags of a reasoning response model
+  (``recipes/magpie_reasoning.py``);
 - :class:`TaggingArguments`: the judge, guard, reward, embedding and base models;
 - :class:`EngineArguments`: backend, dtype, GPU memory, context length, quantization, tensor
   parallelism, server URL;
@@ -111,6 +114,12 @@ class InstructionArguments:
                                                   "(the official Qwen2.5-Math runs: 1.2).")
     chat_template_kwargs: str | None = _field(None, "JSON options for the chat template, e.g. "
                                               "'{\"enable_thinking\": false}' (Qwen3); they reach every rendering.")
+    language: str | None = _field(None, "Steer step 1 toward a language (ISO 639-1, e.g. de, zh): a system prompt in that "
+                                  "language (the language's own task prompts with --task), the share of rows lingua "
+                                  "tags as that language in the report and card. Languages with a built-in prompt: "
+                                  "see magpie_hf.languages; others need --system_prompt written in the language.")
+    keep_language_only: bool = _field(False, "With --language: keep only the instructions lingua tags as that language "
+                                      "(before the responses are generated); the rest are removed and counted.")
     task: str | None = _field(None, "Steer every instruction with one task-control system prompt (paper A.2), e.g. math.")
     task_mix: str | None = _field(None, "A weighted mixture of task prompts summing to 1, e.g. math=0.5,coding=0.5.")
     task_prompts: str | None = _field(None, "A JSON file {key: system prompt} adding (or replacing) task prompts.")
@@ -138,6 +147,22 @@ class InstructionArguments:
         """``--chat_template_kwargs`` as a dict (or None)."""
         return parse_json_object(self.chat_template_kwargs, "--chat_template_kwargs")
 
+    def target_language(self) -> str | None:
+        """``--language`` as a lower-case ISO 639-1 code that lingua knows (or None); ``--keep_language_only``
+        needs it.
+
+        Example:
+            >>> InstructionArguments(language="DE").target_language()
+            'de'
+        """
+        if self.language is None:
+            if self.keep_language_only:
+                raise ValueError("--keep_language_only needs --language CODE (e.g. --language de)")
+            return None
+        from magpie_hf.languages import check_language
+
+        return check_language(self.language)
+
 
 @dataclasses.dataclass
 class ResponseArguments:
@@ -149,7 +174,44 @@ class ResponseArguments:
     response_temperature: float = _field(0.0, "Sampling temperature of the responses (0: greedy, the paper's).")
     response_top_p: float = _field(1.0, "Nucleus sampling of the responses.")
     response_repetition_penalty: float = _field(1.0, "Repetition penalty of the responses.")
-    response_max_tokens: int = _field(4096, "Token limit of a response.")
+    response_max_tokens: int = _field(4096, "Token limit of a response (magpie_reasoning: thinking_budget + answer_budget).")
+    response_chat_template_kwargs: str | None = _field(None, "JSON options for the response model's chat template, e.g. "
+                                                       "'{\"enable_thinking\": true}' for Qwen3 answers (default: "
+                                                       "--chat_template_kwargs when the response model is the "
+                                                       "instruction model, else none).")
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """``--response_chat_template_kwargs`` as a dict (or None)."""
+        return parse_json_object(self.response_chat_template_kwargs, "--response_chat_template_kwargs")
+
+
+@dataclasses.dataclass
+class ReasoningArguments:
+    """Responses from a reasoning model (magpie_reasoning): the thinking block goes to ``reasoning``."""
+
+    thinking_budget: int = _field(8192, "Most tokens of a thinking block; a longer one (or one still open at the "
+                                  "length limit) is dropped and counted.")
+    answer_budget: int = _field(2048, "Tokens for the answer after the thinking; a response may use "
+                                "thinking_budget + answer_budget tokens in all (this sets --response_max_tokens).")
+    reasoning_tags: str | None = _field(None, "The thinking block's tags as 'OPEN,CLOSE' (in YAML a list), instead of "
+                                        "those derived from the response model's chat template (default <think>,</think> "
+                                        "when the template names none).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reasoning_tags, (list, tuple)):
+            self.reasoning_tags = ",".join(self.reasoning_tags)
+
+    def tags(self) -> tuple[str, str] | None:
+        from magpie_hf.steps.reasoning import parse_reasoning_tags
+
+        return parse_reasoning_tags(self.reasoning_tags)
+
+    def max_tokens(self) -> int:
+        """What a response may use in all: thinking plus answer."""
+        for name in ("thinking_budget", "answer_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        return self.thinking_budget + self.answer_budget
 
 
 @dataclasses.dataclass

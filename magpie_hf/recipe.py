@@ -35,6 +35,7 @@ from magpie_hf.config import (
     HubArguments,
     InstructionArguments,
     RayArguments,
+    ReasoningArguments,
     ResponseArguments,
     RunArguments,
     TaggingArguments,
@@ -220,7 +221,8 @@ class RecipeConfig:
         return self.engine_config(self.tagging.base_model or EMBEDDED, tagging=True)
 
     def task_mix(self) -> "TaskMix | None":
-        """The task-control mixture asked for (``--task`` / ``--task_mix`` / ``--task_prompts``), or None."""
+        """The task-control mixture asked for (``--task`` / ``--task_mix`` / ``--task_prompts``), or None;
+        under ``--language`` its prompts are the language's own (:func:`magpie_hf.languages.localize_task_prompts`)."""
         from magpie_hf.task_prompts import TaskMix
 
         i = self.instructions
@@ -231,7 +233,24 @@ class RecipeConfig:
             if i.task_prompts is not None:
                 raise ValueError("--task_prompts needs --task KEY or --task_mix KEY=W,... to choose among them")
             return None
-        return TaskMix.from_spec(spec, prompts=read_task_prompts(i.task_prompts))
+        mix = TaskMix.from_spec(spec, prompts=read_task_prompts(i.task_prompts))
+        language = i.target_language()
+        if language is None:
+            return mix
+        from magpie_hf.languages import localize_task_prompts
+
+        return TaskMix(mix.weights, localize_task_prompts(mix.prompts, language))
+
+    def instruction_system_prompt(self) -> str | None:
+        """Step 1's system prompt: ``--system_prompt``, else under ``--language`` (and no task control) the
+        language's prompt (:data:`magpie_hf.languages.LANGUAGE_SYSTEM_PROMPTS`), else none (the paper's)."""
+        i = self.instructions
+        language = i.target_language()
+        if i.system_prompt is not None or language is None or i.task or i.task_mix:
+            return i.system_prompt
+        from magpie_hf.languages import language_system_prompt
+
+        return language_system_prompt(language)
 
     def to_yaml(self) -> str:
         """The resolved configuration as a file that ``--config`` reads back."""
@@ -290,9 +309,18 @@ def _resolve(config: RecipeConfig) -> None:
     if FilterArguments in config.extra:
         f = config.section(FilterArguments)
         f.filter = f.filter or (EMBEDDED_FILTER if i.model == EMBEDDED else DEFAULT_FILTER)
+    if ReasoningArguments in config.extra:
+        reasoning = config.section(ReasoningArguments)
+        reasoning.tags()
+        r.response_max_tokens = reasoning.max_tokens()  # what a response may use in all
     # validations: each raises ValueError with the flag to change
     i.decoding_mixture()
     i.template_kwargs()
+    r.template_kwargs()
+    if i.target_language() is not None and i.pre_query_template is not None:
+        raise ValueError("--language puts a system prompt in the chat template, which an explicit --pre_query_template "
+                         "bypasses; drop --pre_query_template (or write the language's system block into it and drop --language).")
+    config.instruction_system_prompt()
     config.task_mix()
     config.stages()
     config.hub.check()
@@ -354,7 +382,7 @@ def instruction_step(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -
         num_rows=config.run.num_rows,
         mixture=i.decoding_mixture(),
         max_tokens=i.instruction_max_tokens,
-        system_prompt=i.system_prompt,
+        system_prompt=config.instruction_system_prompt(),
         keep_default_system_prompt=i.keep_default_system_prompt,
         pre_query_template=i.pre_query_template,
         chat_template_kwargs=i.template_kwargs(),
@@ -369,25 +397,55 @@ def instruction_step(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -
     return MagpieInstructions(**kwargs)
 
 
+def response_chat_template_kwargs(config: RecipeConfig) -> dict[str, Any] | None:
+    """``--response_chat_template_kwargs``; else ``--chat_template_kwargs`` when one model writes both sides."""
+    r = config.responses
+    if r.response_chat_template_kwargs is not None:
+        return r.template_kwargs()
+    return config.instructions.template_kwargs() if r.response_model == config.instructions.model else None
+
+
 def response_step(config: RecipeConfig) -> Step:
-    """Magpie step 2 with the run's response model and sampling."""
+    """Magpie step 2 with the run's response model and sampling; a reasoning recipe (one with
+    :class:`~magpie_hf.config.ReasoningArguments`) splits the thinking off (:class:`~magpie_hf.steps.reasoning.ReasoningResponses`)."""
     from magpie_hf.steps import Responses
 
     r = config.responses
-    return Responses(
+    kwargs: dict[str, Any] = dict(
         engine=config.response_engine(),
         temperature=r.response_temperature,
         top_p=r.response_top_p,
         repetition_penalty=r.response_repetition_penalty,
-        max_tokens=r.response_max_tokens,
-        chat_template_kwargs=config.instructions.template_kwargs() if r.response_model == config.instructions.model else None,
+        chat_template_kwargs=response_chat_template_kwargs(config),
     )
+    if ReasoningArguments in config.extra:
+        from magpie_hf.steps.reasoning import ReasoningResponses
+
+        reasoning = config.section(ReasoningArguments)
+        return ReasoningResponses(thinking_budget=reasoning.thinking_budget, answer_budget=reasoning.answer_budget,
+                                  reasoning_tags=reasoning.tags(), **kwargs)
+    return Responses(max_tokens=r.response_max_tokens, **kwargs)
 
 
-def generation_steps(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -> StepChain:
-    """Magpie steps 1 and 2 (step 1 alone with ``--instructions_only``)."""
-    chain = StepChain([instruction_step(config, postprocess=postprocess)])
-    return chain if config.run.instructions_only else chain >> response_step(config)
+def language_steps(config: RecipeConfig) -> StepChain:
+    """Under ``--language``: tag the instructions' language (counting the target's rows), and with
+    ``--keep_language_only`` keep only the target's rows, before any response is generated."""
+    from magpie_hf.steps import Condition, Filter, Language
+
+    language = config.instructions.target_language()
+    if language is None:
+        return StepChain()
+    chain = StepChain([Language(target=language)])
+    if config.instructions.keep_language_only:
+        chain = chain >> Filter(conditions=[Condition("language", "==", language)], name="keep_language")
+    return chain
+
+
+def generation_steps(config: RecipeConfig, *, postprocess: Sequence[Any] = (), responses: bool = True) -> StepChain:
+    """Magpie step 1, the ``--language`` tag (and filter), and step 2 (not with ``--instructions_only`` or
+    ``responses=False``)."""
+    chain = StepChain([instruction_step(config, postprocess=postprocess)]) >> language_steps(config)
+    return chain if config.run.instructions_only or not responses else chain >> response_step(config)
 
 
 def tagging_steps(config: RecipeConfig, *, reward_difference: bool = False) -> StepChain:
@@ -416,7 +474,7 @@ def tagging_steps(config: RecipeConfig, *, reward_difference: bool = False) -> S
         chain = chain >> Difficulty(engine=config.judge_engine(), **judge_tokens)
     if "safety" in stages:
         chain = chain >> LlamaGuard(engine=config.guard_engine(), taxonomy="llama-guard-2")
-    if "language" in stages:
+    if "language" in stages and config.instructions.language is None:  # --language tags right after step 1
         chain = chain >> Language()
     if "reward" in stages or reward_difference:
         chain = chain >> reward_step(config, name="instruct_reward")
@@ -507,6 +565,37 @@ def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = N
     return 0
 
 
+def language_report(config: RecipeConfig, stages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Under ``--language``: the target, its system prompt and the share of step-1 rows lingua tagged as
+    it (from the first ``Language`` stage), and how many rows ``--keep_language_only`` removed."""
+    i = config.instructions
+    language = i.target_language()
+    if language is None:
+        return None
+    report: dict[str, Any] = {"language": language, "system_prompt": config.instruction_system_prompt(),
+                              "keep_language_only": i.keep_language_only}
+    tagged = next((s for s in stages if s.get("step") == "Language"), None)
+    if tagged is not None:
+        rows, hits = tagged.get("rows_in", 0), tagged.get("stats", {}).get("target_language_rows", 0)
+        report.update(rows_tagged=rows, rows_in_language=hits, share=round(hits / rows, 4) if rows else None)
+    kept = next((s for s in stages if s.get("stage", "").endswith("keep_language")), None)
+    if kept is not None:
+        report["rows_removed"] = kept.get("rows_in", 0) - kept.get("rows_out", 0)
+    return report
+
+
+def reasoning_report(stages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """For a reasoning run: the thinking tags and budgets, and how many responses had, lacked or lost a
+    thinking block (from the ``ReasoningResponses`` stage)."""
+    stage = next((s for s in stages if s.get("step") == "ReasoningResponses"), None)
+    if stage is None:
+        return None
+    counts = stage.get("stats", {})
+    keys = ("with_reasoning", "without_reasoning", "dropped_cut_reasoning", "dropped_unclosed_reasoning",
+            "dropped_reasoning_over_budget", "dropped_empty_answer")
+    return {**(stage.get("provenance") or {}).get("reasoning", {}), **{k: counts.get(k, 0) for k in keys}}
+
+
 def _rows(dataset: Any) -> int:
     return sum(len(split) for split in dataset.values()) if isinstance(dataset, dict) else len(dataset)
 
@@ -558,6 +647,12 @@ def run_info(config: RecipeConfig, manifest: dict[str, Any], **extra: Any) -> di
         r = config.responses
         info["response_sampling"] = {"temperature": r.response_temperature, "top_p": r.response_top_p,
                                      "repetition_penalty": r.response_repetition_penalty, "max_tokens": r.response_max_tokens}
+    language = language_report(config, stages)
+    if language is not None:
+        info["language_target"] = language
+    reasoning = reasoning_report(stages)
+    if reasoning is not None:
+        info["reasoning"] = reasoning
     task = config.task_mix()
     if task is not None:
         info["task_control"] = {"weights": dict(task.weights), "prompts": dict(task.prompts)}

@@ -56,10 +56,10 @@ def pair_steps(config: RecipeConfig) -> StepChain:
             >> RewardDifference()
             >> InstructVsBasePairs(tau=po.tau)
         )
-    instructions = generation_steps(config)[0]  # best-of-n samples its own answers
+    instructions = generation_steps(config, responses=False)  # best-of-n samples its own answers
     r = config.responses
     return (
-        StepChain([instructions])
+        instructions
         >> MultiResponses(engine=config.response_engine(), n=po.num_responses, temperature=po.sampling_temperature,
                           top_p=r.response_top_p, max_tokens=r.response_max_tokens)
         >> MultiResponseRewards(reward=reward_step(config, name="response_reward"))

@@ -59,6 +59,8 @@ KNOWN_RUN_KEYS = (
     "stage_stats",
     "filter_report",
     "preset",
+    "language_target",
+    "reasoning",
 )
 _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
 _TOKEN_FLAG = re.compile(r"(--(?:hf[-_])?token[= ])(\S+)")

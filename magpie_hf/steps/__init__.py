@@ -24,6 +24,7 @@ _LAZY = {
         "InstructVsBasePairs", "MultiResponses", "MultiResponseRewards", "BestOfNPairs", "split_preferences",
     ),
     "magpie_hf.steps.multi_turn": ("MultiTurn",),
+    "magpie_hf.steps.reasoning": ("ReasoningResponses", "split_reasoning"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 

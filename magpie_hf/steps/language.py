@@ -4,6 +4,10 @@
 when lingua cannot decide (counted in ``step.stats["undetected"]``). The published Magpie datasets
 use upper case (``"EN"``); pass ``uppercase=True`` for their filter code.
 
+With ``target="de"`` (language-targeted generation, ``--language de``) the step also counts the rows
+tagged as the target in ``stats["target_language_rows"]``; the stage report's ``rows_in`` is the
+denominator of the target-language share that the dataset card shows.
+
 Example:
     >>> from magpie_hf.steps.language import Language
     >>> step = Language()
@@ -34,11 +38,17 @@ class Language(Step):
     languages: Sequence[str] | None = None
     low_accuracy: bool = True
     uppercase: bool = False
+    #: ISO 639-1 code whose rows are counted in ``stats["target_language_rows"]``
+    target: str | None = None
     batch_size: int = 1000
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._detector: Any = None
+        if self.target is not None:
+            from magpie_hf.languages import check_language
+
+            self.target = check_language(self.target)
 
     @property
     def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -80,4 +90,6 @@ class Language(Step):
             code = language.iso_code_639_1.name
             codes[i] = code if self.uppercase else code.lower()
         self.stats["empty_input"] += len(texts) - len(todo)
+        if self.target is not None:
+            self.stats["target_language_rows"] += sum(1 for c in codes if c is not None and c.lower() == self.target)
         return {**batch, self.output_column: codes}

@@ -1,0 +1,71 @@
+"""Magpie-Reasoning: instructions from an instruct model steered to reasoning tasks, responses from a
+reasoning model whose thinking block is kept apart (`reasoning`) from its final answer (`response`,
+`conversations`), as the Magpie-Reasoning-V2 "CoT-Deepseek-R1-Llama-70B" datasets.
+
+Paper-scale defaults: instructions from meta-llama/Llama-3.3-70B-Instruct with the `reasoning` task prompt
+(--task reasoning; any --task / --task_mix works), responses from deepseek-ai/DeepSeek-R1-Distill-Llama-70B at
+its recommended sampling (temperature 0.6, top_p 0.95), a thinking budget of 28,672 and an answer budget of
+4,096 tokens (32,768 in all, DeepSeek-R1's generation length); 250K rows; tagged with task category, input
+quality, difficulty and language as the published sets are. A response whose thinking block is cut by the
+length limit, never closed or over its budget is dropped and counted (see the card's "Reasoning" section).
+
+Writes OUTPUT_DIR/dataset/ with one config, `raw`.
+
+    python recipes/magpie_reasoning.py --preset cpu              # embedded SmolLM2 on both sides (its answers carry no thinking)
+    python recipes/magpie_reasoning.py --config recipes/configs/magpie_reasoning/paper-v2-deepseek-r1-llama-70b.yaml
+    python recipes/magpie_reasoning.py --config recipes/configs/magpie_reasoning/qwen3-32b-thinking.yaml --num_rows 10000
+    python recipes/magpie_reasoning.py --response_model Qwen/QwQ-32B --thinking_budget 16384 --answer_budget 2048
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from magpie_hf.config import ReasoningArguments
+from magpie_hf.recipe import Recipe, generation_steps, parse_recipe, run_recipe, tagging_steps
+
+REASONING = Recipe(
+    name="magpie_reasoning",
+    description=__doc__,
+    paper={
+        "model": "meta-llama/Llama-3.3-70B-Instruct",
+        "mixture": None,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "sanitize": True,  # the official Llama-3.3 runs' post-processing
+        "task": "reasoning",
+        "response_model": "deepseek-ai/DeepSeek-R1-Distill-Llama-70B",
+        # DeepSeek-R1 model card, "Usage Recommendations": temperature 0.6, top_p 0.95, no system prompt
+        "response_temperature": 0.6,
+        "response_top_p": 0.95,
+        "thinking_budget": 28_672,
+        "answer_budget": 4_096,
+        "num_rows": 250_000,
+        "tensor_parallel_size": 4,
+    },
+    cpu={
+        "response_model": None,  # the embedded model answers too
+        "response_temperature": 0.0,
+        "response_top_p": 1.0,
+        "sanitize": False,
+        "thinking_budget": 128,
+        "answer_budget": 128,
+    },
+    sections=(ReasoningArguments,),
+    stages=("task_category", "input_quality", "difficulty", "language"),
+    source_model_license="llama3.3",
+)
+
+
+def main(argv: list[str] | None = None, recipe: Recipe = REASONING) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = parse_recipe(recipe, argv)
+    steps = generation_steps(config)
+    if not config.run.instructions_only:
+        steps = steps >> tagging_steps(config)
+    return run_recipe(config, steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
