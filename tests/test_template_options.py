@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import types
 
 import datasets
 import pytest
@@ -134,9 +133,10 @@ def test_judges_guard_and_reward_model(qwen3, glm46):
     assert engine.prompts[0].endswith(QWEN3_EMPTY_THINK)
     assert json.loads(json.dumps(judge.config_record()))["chat_template_kwargs"] == OFF
 
+    # rendered as a chat endpoint would (Llama Guard templates ignore the generation prompt)
     guard = _loaded_guard(glm46, chat_template_kwargs=OFF)
-    assert guard.prompt("Hi", "Hello") == "[gMASK]<sop><|user|>\nHi/nothink<|assistant|>\n<think></think>\nHello"
-    assert _loaded_guard(glm46).prompt("Hi", "Hello") == "[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nHello"
+    assert guard.prompt("Hi", "Hello").startswith("[gMASK]<sop><|user|>\nHi/nothink<|assistant|>\n<think></think>\nHello")
+    assert _loaded_guard(glm46).prompt("Hi", "Hello").startswith("[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nHello")
 
     scorer = RewardModelScorer("a-reward-model", chat_template_kwargs=OFF)
     scorer._tokenizer, scorer._limit = glm46, 4096  # what load() sets; only the tokenizer is used here
@@ -162,11 +162,10 @@ def test_run_info_and_card(tmp_path):
         ],
         "stages": [],
     }
-    settings = types.SimpleNamespace(
-        name="magpie_pro", preset=None, command="python recipes/magpie_pro.py", seed=0, num_rows=2,
-        engine=EngineConfig(model="m"), mixture=(),
-    )
-    info = run_info(settings, manifest)
+    from magpie_hf.recipe import Recipe, parse_recipe
+
+    config = parse_recipe(Recipe(name="magpie_pro", description=""), ["--preset", "cpu", "--num_rows", "2"])
+    info = run_info(config, manifest)
     assert info["chat_template_kwargs"] == {"magpie_instructions": OFF, "task_category": {"thinking": True}}
     rows = datasets.Dataset.from_list([{"instruction": "q", "response": "a"}] * 2)
     folder = save_dataset_folder(tmp_path / "ds", {"raw": rows}, info, license="apache-2.0", embedding_map=False)
@@ -175,4 +174,4 @@ def test_run_info_and_card(tmp_path):
     assert '| magpie_instructions | `{"enable_thinking": false}` |' in card
     assert '| task_category | `{"thinking": true}` |' in card
     assert "`chat_template_kwargs`" not in card  # rendered in its own section, not under "Other settings"
-    assert "chat_template_kwargs" not in run_info(settings, {"steps": manifest["steps"][1:2], "stages": []})
+    assert "chat_template_kwargs" not in run_info(config, {"steps": manifest["steps"][1:2], "stages": []})

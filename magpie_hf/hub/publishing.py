@@ -106,10 +106,11 @@ def push_later_hint(folder: str | os.PathLike, repo_id: str, tag: str) -> str:
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors of huggingface_hub's HTTP client (httpx since huggingface_hub 1.0), plus offline mode."""
-    import httpx
+    """Connection-level errors of huggingface_hub's HTTP client (httpx2 since huggingface_hub 2.0, the floor in
+    pyproject.toml), plus offline mode."""
+    import httpx2
 
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, httpx.TransportError]
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, httpx2.TransportError]
     try:
         from huggingface_hub.errors import OfflineModeIsEnabled
 
