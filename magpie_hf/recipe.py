@@ -224,7 +224,13 @@ def resolve_settings(args: argparse.Namespace, defaults: RecipeDefaults) -> Reci
 
 
 def _check_hardware(engine: EngineConfig, defaults: RecipeDefaults) -> None:
-    if engine.backend == "vllm" or (engine.backend == "auto" and engine.gguf_file is None and not engine.base_url and _has_cuda()):
+    from magpie_hf.engines import resolve_backend
+
+    try:  # the auto rule lives in resolve_backend only; it also refuses GGUF with vLLM
+        backend = resolve_backend(engine)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if backend == "vllm":
         if not _has_cuda():
             raise SystemExit(
                 f"This recipe's paper settings run {engine.model} with vLLM on "

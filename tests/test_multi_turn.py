@@ -40,7 +40,7 @@ class _Scripted(Engine):
     def tokenizer(self):
         return self._tok
 
-    def _generate(self, prompts, sampling, progress=None):
+    def _generate(self, prompts, sampling, seeds=None, progress=None):
         outs = []
         kind = "query" if MULTI_TURN_SYSTEM_PROMPT in prompts[0] else "response"
         self.calls.append((kind, len(prompts)))

@@ -7,6 +7,7 @@ import torch
 
 from magpie_hf.engines.base import Completion, Engine
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.reward import PAPER_REWARD_MODEL, JudgeReward, RewardModel, RewardModelScorer
 
 
@@ -95,9 +96,9 @@ class ScriptedEngine(Engine):
     def tokenizer(self):
         return self._tok
 
-    def _generate(self, prompts, sampling, progress=None):
+    def _generate(self, prompts, sampling, seeds=None, progress=None):
         self.prompts.extend(prompts)
-        self.sampling = sampling
+        self.sampling, self.seeds = sampling, seeds
         return [[Completion(self.answers.pop(0), 5, "stop") for _ in range(sampling.n)] for _ in prompts]
 
 
@@ -125,7 +126,8 @@ def test_judge_reward_averages_sampled_ratings(embedded_tokenizer):
     engine = ScriptedEngine(answers, embedded_tokenizer)
     step = JudgeReward(engine=engine, num_samples=3, temperature=0.7)
     out = step.process({"instruction": ["q1", "q2"], "response": ["a1", "a2"]}, seed=4)
-    assert engine.sampling.n == 3 and engine.sampling.temperature == 0.7 and engine.sampling.seed == 4
+    assert engine.sampling.n == 3 and engine.sampling.temperature == 0.7
+    assert engine.seeds == row_seeds(4, 2)  # each row's own seed; its samples draw from seed + j
     # row 1: the mean of the ratings that parse; row 2: none parses -> null with the first reason
     assert out["instruct_reward"] == [9.0, None]
     assert "1-10" in out["instruct_reward_error"][1]

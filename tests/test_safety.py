@@ -48,7 +48,7 @@ class StandInGuard(Engine):
     def tokenizer(self):
         return self._tok
 
-    def _generate(self, prompts, sampling, progress=None):
+    def _generate(self, prompts, sampling, seeds=None, progress=None):
         self.prompts.extend(prompts)
         return self._engine.generate(prompts, sampling, progress=progress)
 

@@ -138,7 +138,7 @@ class _TokenizerOnly(Engine):
     def tokenizer(self):
         return self._tok
 
-    def _generate(self, prompts, sampling, progress=None):
+    def _generate(self, prompts, sampling, seeds=None, progress=None):
         raise AssertionError("not expected to generate")
 
 

@@ -18,7 +18,10 @@ from magpie_hf.engines.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Completion", "Engine", "EngineConfig", "SamplingConfig", "load_engine", "loaded_engine_configs", "resolve_backend", "release_engines"]
+__all__ = [
+    "Completion", "Engine", "EngineConfig", "SamplingConfig", "check_backend", "load_engine", "loaded_engine_configs",
+    "resolve_backend", "release_engines",
+]
 
 # Engines stay loaded while consecutive pipeline stages use the same config.
 _LOADED: dict[EngineConfig, Engine] = {}
@@ -33,9 +36,31 @@ def _cuda_available() -> bool:
         return False
 
 
+def check_backend(config: EngineConfig, backend: str) -> None:
+    """Refuse, before anything loads, a config that ``backend`` cannot run.
+
+    vLLM (0.34) has no GGUF loader any more (``vllm/model_executor/model_loader/__init__.py:33-66``
+    lists the load formats; ``gguf`` is not one), so a GGUF file with ``backend="vllm"`` would fail
+    deep inside vLLM's config parsing.
+    """
+    if backend == "vllm" and config.gguf_file:
+        raise ValueError(
+            f"vLLM cannot load GGUF weights ({config.gguf_file}): it has no GGUF loader. Use the transformers "
+            "engine (backend='transformers', CLI --engine transformers), which dequantizes GGUF, or give vLLM "
+            "a folder of safetensors weights (the original model, or the GGUF dequantized with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir, gguf_file=...).save_pretrained(out))."
+        )
+
+
 def resolve_backend(config: EngineConfig) -> str:
-    """The concrete backend ``config`` asks for; ``auto`` picks vLLM when CUDA and vllm exist."""
+    """The concrete backend ``config`` asks for; ``auto`` picks vLLM when CUDA and vllm exist and the
+    weights are not GGUF. This is the one place the ``auto`` rule lives.
+
+    Raises:
+        ValueError: the config asks for a backend that cannot run it (GGUF with vLLM).
+    """
     if config.backend != "auto":
+        check_backend(config, config.backend)
         return config.backend
     if config.base_url:
         choice, why = "openai", "a base_url was given"

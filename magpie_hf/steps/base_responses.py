@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import Batch, Step, batch_len, resolve_engine
 
 #: the paper's base model for ``base_output`` (URIAL-prompted)
@@ -149,7 +150,9 @@ class BaseResponses(Step):
     Writes ``base_output`` (the answer, cut before the next ``# User:`` block),
     ``base_output_generator`` (the model), ``base_output_finish_reason`` (``stop``/``length``) and
     ``base_output_num_tokens``. Empty answers are kept as ``""`` and counted in
-    ``stats["empty_base_output"]``.
+    ``stats["empty_base_output"]``. An answer that could not be generated (the prompt does not fit in
+    the base model's context, an abort) is null, with the reason in ``base_output_error`` (null
+    otherwise), and counted in ``stats``.
 
     Example:
         >>> from magpie_hf.engines import EngineConfig
@@ -163,6 +166,7 @@ class BaseResponses(Step):
         "base_output_generator",
         "base_output_finish_reason",
         "base_output_num_tokens",
+        "base_output_error",
     )
 
     engine: Engine | EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(model=PAPER_BASE_MODEL))
@@ -207,21 +211,29 @@ class BaseResponses(Step):
         if n == 0:
             return {**batch, **{c: [] for c in self.outputs}}
         prompts = [self.prompt(i or "") for i in batch["instruction"]]
-        completions = self._engine.generate(prompts, self.sampling(), progress=getattr(self, "progress_callback", None))
-        texts, reasons, counts = [], [], []
+        completions = self._engine.generate(
+            prompts, self.sampling(), seeds=row_seeds(seed, n), progress=getattr(self, "progress_callback", None)
+        )
+        texts, reasons, counts, errors = [], [], [], []
         for (completion,) in completions:
             self.stats["generated_tokens"] += completion.num_tokens
-            text = self.template.clean(completion.text)
-            if not text:
-                self.stats["empty_base_output"] += 1
+            if completion.failure:  # not generated (prompt too long, aborted): null + reason
+                self.stats[completion.failure] += 1
+                text = None
+            else:
+                text = self.template.clean(completion.text)
+                if not text:
+                    self.stats["empty_base_output"] += 1
             texts.append(text)
             reasons.append(completion.finish_reason)
             counts.append(completion.num_tokens)
+            errors.append(completion.error if completion.failure else None)
         out = dict(batch)
         out["base_output"] = texts
         out["base_output_generator"] = [self.generator_name] * n
         out["base_output_finish_reason"] = reasons
         out["base_output_num_tokens"] = counts
+        out["base_output_error"] = errors
         return out
 
 

@@ -10,13 +10,17 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import Batch, GeneratorStep, Step, resolve_engine
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from magpie_hf.templates import ChatTemplates
@@ -128,7 +132,7 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
     pre_query_template: str | None = None
     drop_empty: bool = True
     drop_truncated: bool = True
-    #: seeds the row ids and the mixture assignment; per-shard sampling seeds come from the pipeline
+    #: seeds the row ids and the mixture assignment; sampling seeds derive from the ``seed`` given to generate()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -150,34 +154,49 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
         self._engine = None
 
     def generate(self, *, offset: int, num_rows: int, seed: int) -> Batch:
+        """Rows ``[offset, offset + num_rows)``; row ``offset + i`` samples from seed ``row_seed(seed, i)``."""
         assert self._engine is not None and self._templates is not None and self._assignment is not None, "call load() first"
-        templates = self._templates
-        rows = range(offset, min(offset + num_rows, self.num_rows))
+        rows = list(range(offset, min(offset + num_rows, self.num_rows)))
+        return self._sample_rows(rows, dict(zip(rows, row_seeds(seed, len(rows)))), self._templates, self.system_prompt)
+
+    def _sample_rows(
+        self, rows: list[int], seeds: dict[int, int], templates: "ChatTemplates", system_prompt: str | None
+    ) -> Batch:
+        """Sample the instructions of ``rows`` (global row indices) from ``templates``' pre-query prompt.
+
+        One engine request per row with the row's own seed (its mixture setting's sampling), so no
+        two rows share a sample's seed; the identical prompts cost one prefill (vLLM prefix caching,
+        the transformers engine's shared prefill).
+        """
+        assert self._engine is not None and self._assignment is not None
         by_setting: dict[int, list[int]] = {}
         for row in rows:
             by_setting.setdefault(int(self._assignment[row]), []).append(row)
-
         completions: dict[int, Any] = {}
         samplings: dict[int, SamplingConfig] = {}
-        for k, (setting_index, members) in enumerate(sorted(by_setting.items())):
+        for setting_index, members in sorted(by_setting.items()):
             setting = self.mixture[setting_index]
-            sampling = SamplingConfig(
+            samplings[setting_index] = sampling = SamplingConfig(
                 temperature=setting.temperature,
                 top_p=setting.top_p,
                 max_tokens=self.max_tokens,
-                n=len(members),
-                seed=seed + k,
                 stop=templates.stop_strings,
                 stop_token_ids=templates.stop_token_ids,
             )
-            samplings[setting_index] = sampling
-            outs = self._engine.generate([templates.pre_query], sampling, progress=self.progress_callback)[0]
-            completions.update(zip(members, outs))
+            outs = self._engine.generate(
+                [templates.pre_query] * len(members), sampling, seeds=[seeds[r] for r in members],
+                progress=self.progress_callback,
+            )
+            completions.update((row, c) for row, (c,) in zip(members, outs))
 
-        batch: Batch = {name: [] for name in self.outputs}
+        batch: Batch = {name: [] for name in MagpieInstructions.outputs}
         for row in rows:
             completion = completions[row]
             self.stats["generated_tokens"] += completion.num_tokens
+            if completion.failure:
+                self.stats[f"dropped_{completion.failure}_instruction"] += 1
+                logger.warning("instruction of row %d dropped: %s", row, completion.error)
+                continue
             text = templates.clean(completion.text)
             if self.drop_empty and not text:
                 self.stats["dropped_empty_instruction"] += 1
@@ -193,11 +212,12 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
                     "input_generator": self._model_name(),
                     "engine": self._engine.name,
                     "pre_query_template": templates.pre_query,
-                    "system_prompt": self.system_prompt,
+                    "system_prompt": system_prompt,
                     "temperature": sampling.temperature,
                     "top_p": sampling.top_p,
                     "max_tokens": sampling.max_tokens,
-                    "seed": sampling.seed,
+                    # the row's own seed: re-draw it alone with generate([pre_query], sampling, seeds=[seed])
+                    "seed": seeds[row],
                 }
             )
             batch["instruction_num_tokens"].append(completion.num_tokens)
@@ -207,7 +227,13 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
 
 @dataclasses.dataclass(kw_only=True)
 class Responses(Step, ChatTemplateMixin):
-    """Magpie step 2: answer each instruction with the model's normal chat template (greedy by default)."""
+    """Magpie step 2: answer each instruction with the model's normal chat template (greedy by default).
+
+    Row ``i`` of a batch samples from its own seed (recorded in ``gen_response_configs["seed"]``). A
+    row whose prompt does not fit in the model's context (or whose request the engine aborted) is
+    kept with ``response`` and ``conversations`` null and the reason in ``response_error`` (null for
+    the other rows), and is counted in ``stats`` (``prompt_too_long``, ``aborted``, ``failed``).
+    """
 
     inputs = ("instruction",)
     outputs = (
@@ -216,6 +242,7 @@ class Responses(Step, ChatTemplateMixin):
         "gen_response_configs",
         "response_num_tokens",
         "response_finish_reason",
+        "response_error",
     )
 
     engine: Engine | EngineConfig
@@ -246,23 +273,27 @@ class Responses(Step, ChatTemplateMixin):
     def process(self, batch: Batch, *, seed: int) -> Batch:
         assert self._engine is not None and self._templates is not None, "call load() first"
         templates = self._templates
-        sampling = self._sampling.replace(
-            seed=seed, stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids
-        )
+        sampling = self._sampling.replace(stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids)
         prompts = [templates.response_prompt([{"role": "user", "content": q}]) for q in batch["instruction"]]
-        outs = self._engine.generate(prompts, sampling, progress=self.progress_callback)
+        seeds = row_seeds(seed, len(prompts))
+        outs = self._engine.generate(prompts, sampling, seeds=seeds, progress=self.progress_callback)
         keep: list[bool] = []
         new: Batch = {name: [] for name in self.outputs}
-        for instruction, (completion,) in zip(batch["instruction"], outs):
+        for instruction, row_seed_, (completion,) in zip(batch["instruction"], seeds, outs):
             self.stats["generated_tokens"] += completion.num_tokens
-            text = templates.clean(completion.text)
-            drop = (self.drop_empty and not text) or (self.drop_truncated and completion.finish_reason == "length")
-            if drop:
-                self.stats["dropped_empty_response" if not text else "dropped_truncated_response"] += 1
+            failure = completion.failure
+            text = None if failure else templates.clean(completion.text)
+            if failure:  # kept, with a null response and the reason; the rest of the batch goes on
+                self.stats[failure] += 1
+                drop = False
+            else:
+                drop = (self.drop_empty and not text) or (self.drop_truncated and completion.finish_reason == "length")
+                if drop:
+                    self.stats["dropped_empty_response" if not text else "dropped_truncated_response"] += 1
             keep.append(not drop)
             new["response"].append(text)
             new["conversations"].append(
-                [{"role": "user", "content": instruction}, {"role": "assistant", "content": text}]
+                None if failure else [{"role": "user", "content": instruction}, {"role": "assistant", "content": text}]
             )
             new["gen_response_configs"].append(
                 {
@@ -270,9 +301,11 @@ class Responses(Step, ChatTemplateMixin):
                     "engine": self._engine.name,
                     "system_prompt": self.system_prompt,
                     **sampling.to_record(),
+                    "seed": row_seed_,
                 }
             )
             new["response_num_tokens"].append(completion.num_tokens)
             new["response_finish_reason"].append(completion.finish_reason)
+            new["response_error"].append(completion.error if failure else None)
         merged = {**batch, **new}
         return {k: [v for v, m in zip(col, keep) if m] for k, col in merged.items()}

@@ -24,10 +24,9 @@ import logging
 import weakref
 from typing import Any, ClassVar, Sequence
 
-from tqdm.auto import tqdm
-
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import Batch, Step, batch_len, resolve_engine
 
 logger = logging.getLogger(__name__)
@@ -193,6 +192,10 @@ class JudgeStep(Step):
         )
 
     def process(self, batch: Batch, *, seed: int) -> Batch:
+        return self.judge(batch, row_seeds(seed, batch_len(batch)))
+
+    def judge(self, batch: Batch, seeds: Sequence[int]) -> Batch:
+        """:meth:`process` with each row's seed given (row ``i``'s samples draw from ``seeds[i] + j``)."""
         if self._engine is None:
             self.load()
         assert self._engine is not None
@@ -206,9 +209,9 @@ class JudgeStep(Step):
             self.stats["empty_input"] += 1
         tokenizer = self._engine.tokenizer
         prompts = [render_chat(tokenizer, [{"role": "user", "content": self.prompt(items[i])}]) for i in todo]
-        sampling = self.sampling().replace(seed=seed)
-        with tqdm(total=len(prompts), desc=self.name, unit="row", disable=len(prompts) < 64, leave=False) as bar:
-            outputs = self._engine.generate(prompts, sampling, progress=lambda k, _t: bar.update(k)) if prompts else []
+        outputs = self._engine.generate(
+            prompts, self.sampling(), seeds=[seeds[i] for i in todo], progress=self.progress_callback
+        ) if prompts else []
         for i, completions in zip(todo, outputs):
             parsed, problems = [], []
             for completion in completions:
@@ -219,6 +222,9 @@ class JudgeStep(Step):
             if parsed:
                 values[i] = self.combine(parsed)
                 self.stats["parsed"] += 1
+            elif completions[0].failure:  # not generated (prompt too long, aborted): null + reason
+                errors[i] = completions[0].error
+                self.stats[completions[0].failure] += 1
             else:
                 errors[i] = problems[0]
                 self.stats["unparseable"] += 1
@@ -234,6 +240,8 @@ class JudgeStep(Step):
         return parsed[0]
 
     def _parse_completion(self, completion: Any) -> dict[str, Any]:
+        if completion.failure:
+            raise JudgeError(completion.error or completion.failure)
         answer = extract_json_object(completion.text)
         if answer is None:
             suffix = " (hit max_tokens)" if completion.finish_reason == "length" else ""

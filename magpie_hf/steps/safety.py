@@ -21,10 +21,9 @@ import dataclasses
 import re
 from typing import Any, ClassVar, Literal
 
-from tqdm.auto import tqdm
-
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import Batch, Step, batch_len, resolve_engine
 from magpie_hf.steps.judges import render_chat
 
@@ -164,9 +163,15 @@ class LlamaGuard(Step):
         prompts = [self.prompt(instructions[i], responses[i]) for i in todo]
         sampling = SamplingConfig(temperature=0.0, max_tokens=self.max_tokens)
         taxonomy = self.resolved_taxonomy()
-        with tqdm(total=len(prompts), desc=self.name, unit="row", disable=len(prompts) < 64, leave=False) as bar:
-            outputs = self._engine.generate(prompts, sampling, progress=lambda k, _t: bar.update(k)) if prompts else []
+        seeds = row_seeds(seed, n)  # one per row, as everywhere (greedy: they change nothing)
+        outputs = self._engine.generate(
+            prompts, sampling, seeds=[seeds[i] for i in todo], progress=self.progress_callback
+        ) if prompts else []
         for i, completions in zip(todo, outputs):
+            if completions[0].failure:  # not generated (prompt too long, aborted): null + reason
+                errors[i] = completions[0].error
+                self.stats[completions[0].failure] += 1
+                continue
             raw[i] = completions[0].text.strip()
             try:
                 safe[i], cats[i] = parse_guard_verdict(raw[i], taxonomy)
