@@ -109,6 +109,7 @@ class LLM:
         self.model_config = _ModelConfig(kwargs.get("max_model_len") or LLM.max_model_len)
         self.llm_engine = types.SimpleNamespace(engine_core=_EngineCore())
         self.calls: list[list[tuple[list[int], SamplingParams]]] = []
+        self.returned: list[RequestOutput] = []
         #: every sample drawn: (prompt ids, seed, temperature, top_p)
         self.draws: list[tuple[tuple[int, ...], int | None, float, float]] = []
         LLM.instances.append(self)
@@ -133,6 +134,7 @@ class LLM:
             ids = list(prompt["prompt_token_ids"])
             children = [self._sample(ids, sp, j) for j in range(sp.n)]
             outputs.append(RequestOutput(str(number), ids, children))
+        self.returned.extend(outputs)
         return outputs
 
     # -- one child of a request ----------------------------------------------------------------
