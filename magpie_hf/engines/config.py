@@ -30,6 +30,8 @@ class EngineConfig:
     # vllm
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    #: the context (prompt + completion tokens); vLLM's ``max_model_len``, and for the transformers
+    #: engine an override of the model's ``max_position_embeddings``. Longer prompts fail alone.
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     # openai-compatible server

@@ -9,6 +9,12 @@ decoded tail of each row only. Models whose cache is not a plain full-attention 
 ``SamplingConfig.json_schema`` constrains every row to that schema in both paths
 (:mod:`magpie_hf.constrained`, xgrammar).
 
+Sampling is per completion in both paths: the ``j``-th sample of prompt ``i`` draws its noise from
+its own ``torch.Generator`` seeded ``seeds[i] + j`` (:class:`_RowSampler`), so a row gives the same
+text whichever rows share its batch, and a row can be re-drawn alone from its recorded seed. A
+completion stops with ``"length"`` at ``max_tokens`` or where the model's context ends
+(:meth:`TransformersEngine.context_length`, ``EngineConfig.max_model_len`` overrides it).
+
 Example:
     >>> from magpie_hf.engines import EngineConfig, SamplingConfig, load_engine
     >>> engine = load_engine(EngineConfig.embedded())  # doctest: +SKIP
