@@ -1,6 +1,7 @@
 """JSON-schema constrained decoding for ``transformers`` ``generate`` (xgrammar under the hood).
 
-vLLM maps ``SamplingConfig.json_schema`` to its own structured outputs. For the transformers
+vLLM maps ``SamplingConfig.json_schema`` to its own structured outputs, with the same grammar
+settings (:data:`JSON_GRAMMAR`). For the transformers
 backend this module gives a :class:`transformers.LogitsProcessor` that masks, at every step and for
 every row, the tokens that would break the schema. It uses `xgrammar <https://github.com/mlc-ai/xgrammar>`_,
 the grammar engine vLLM uses, so both backends accept the same schemas.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from transformers import LogitsProcessor
@@ -27,6 +29,8 @@ from transformers import LogitsProcessor
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "JSON_GRAMMAR",
+    "JSONGrammarSettings",
     "JSONRowState",
     "JSONSchemaConstraint",
     "JSONSchemaLogitsProcessor",
@@ -39,6 +43,51 @@ _INSTALL_HINT = (
     "`pip install xgrammar` (on a CPU-only machine `pip install --no-deps xgrammar apache-tvm-ffi` "
     "avoids pulling triton)."
 )
+
+
+@dataclass(frozen=True)
+class JSONGrammarSettings:
+    """How a JSON schema becomes a grammar, the same on every backend that constrains decoding.
+
+    Compact JSON, no free whitespace: with free whitespace a model (small ones especially) can pad
+    an answer with spaces and newlines up to ``max_tokens`` and end unparseable. The transformers
+    engine compiles schemas with :meth:`xgrammar_kwargs`; the vLLM engine passes
+    :meth:`vllm_structured_outputs_config` as ``LLM(structured_outputs_config=...)``: vLLM reads the
+    whitespace setting only from its engine-level config (vllm 0.34 ``v1/structured_output/
+    backend_xgrammar.py:39-41``; ``StructuredOutputsParams.disable_any_whitespace`` of a request is
+    not read there) and then compiles with ``any_whitespace=False, separators=(",", ":")``
+    (``backend_xgrammar.py:144-155``), which is what :meth:`xgrammar_kwargs` gives xgrammar here.
+
+    Example:
+        >>> JSON_GRAMMAR.xgrammar_kwargs()
+        {'any_whitespace': False, 'separators': (',', ':')}
+        >>> JSON_GRAMMAR.vllm_structured_outputs_config()
+        {'backend': 'xgrammar', 'disable_any_whitespace': True}
+    """
+
+    #: the grammar engine (vLLM's ``StructuredOutputsConfig.backend``; the transformers engine always uses xgrammar)
+    backend: str = "xgrammar"
+    any_whitespace: bool = False
+    #: item and key separators of compact JSON
+    separators: tuple[str, str] = (",", ":")
+
+    def xgrammar_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``xgrammar.GrammarCompiler.compile_json_schema``."""
+        return {"any_whitespace": self.any_whitespace, "separators": self.separators}
+
+    def vllm_structured_outputs_config(self) -> dict[str, Any]:
+        """``vllm.LLM(structured_outputs_config=...)`` (fields of vLLM's ``StructuredOutputsConfig``,
+        vllm 0.34 ``config/structured_outputs.py:18-35``)."""
+        if self.backend != "xgrammar" or (not self.any_whitespace and self.separators != (",", ":")):
+            raise ValueError(
+                "vLLM compiles whitespace-free JSON with xgrammar and separators (',', ':') only; "
+                f"{self} cannot be given to vLLM."
+            )
+        return {"backend": self.backend, "disable_any_whitespace": not self.any_whitespace}
+
+
+#: the one JSON grammar setting both backends are built from
+JSON_GRAMMAR = JSONGrammarSettings()
 
 
 def constrained_decoding_available() -> bool:
@@ -74,7 +123,7 @@ def _compiled_schema(tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int,
         cache[key] = xgr.GrammarCompiler(info)
     if (*key, schema_json) not in cache:
         # compact JSON (no free whitespace): small models otherwise loop on spaces and newlines
-        cache[(*key, schema_json)] = cache[key].compile_json_schema(schema_json, any_whitespace=False)
+        cache[(*key, schema_json)] = cache[key].compile_json_schema(schema_json, **JSON_GRAMMAR.xgrammar_kwargs())
     return cache[(*key, schema_json)]
 
 

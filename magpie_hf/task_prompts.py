@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.postprocess import InstructionFilter, apply_filters
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import STRING, Batch, Features, select_rows
 from magpie_hf.steps.generate import MagpieInstructions, conversation_id
 
@@ -295,7 +296,8 @@ class TaskControlledInstructions(MagpieInstructions):
 
     ``task`` (a :class:`TaskMix`, a key such as ``"math"``, a ``"math=0.5,coding=0.5"`` string or a weight
     mapping) picks each row's system prompt; the rows of one key share one derived chat template and
-    one engine call per decoding setting. The chosen key is written to ``system_prompt_key`` and the
+    one engine call per decoding setting, and every row samples from its own seed (the same seed it
+    would have without task control). The chosen key is written to ``system_prompt_key`` and the
     prompt itself to ``gen_input_configs.system_prompt``. Bad weights or keys fail at construction,
     before any model loads. Templates that reject a system message (Gemma) fail at ``load()`` with a
     clear error. ``task=None`` gives plain Magpie instructions.
@@ -363,47 +365,24 @@ class TaskControlledInstructions(MagpieInstructions):
             batch["system_prompt_key"] = [None] * len(batch["conversation_id"])
             context = self.system_prompt if self.system_prompt is not None else self._default_block()
             return self._postprocess(batch, [context] * len(batch["conversation_id"]))
-        rows = range(offset, min(offset + num_rows, self.num_rows))
+        assert self._engine is not None and self._assignment is not None, "call load() first"
+        rows = list(range(offset, min(offset + num_rows, self.num_rows)))
+        seeds = dict(zip(rows, row_seeds(seed, len(rows))))  # a row's seed does not depend on its task key
         groups: dict[str, list[int]] = {}
         for row in rows:
             groups.setdefault(self.task.key_for_row(row, self.seed), []).append(row)
-        by_row: dict[int, dict[str, Any]] = {}
-        for number, (key, members) in enumerate(sorted(groups.items())):
-            part = self._generate_group(key, members, seed=seed + 7919 * number)
-            local_rows = {conversation_id(self.seed, i): row for i, row in enumerate(members)}
+        by_row: dict[str, dict[str, Any]] = {}
+        for key, members in sorted(groups.items()):
+            part = self._sample_rows(members, seeds, self._key_templates[key], self.task.prompts[key])
             for values in zip(*part.values()):
                 record = dict(zip(part, values))
-                row = local_rows[record["conversation_id"]]
-                record["conversation_id"] = conversation_id(self.seed, row)
                 record["system_prompt_key"] = key
-                by_row[row] = record
-        batch: Batch = {name: [by_row[r][name] for r in sorted(by_row)] for name in self.outputs}
+                by_row[record["conversation_id"]] = record
+        order = [conversation_id(self.seed, row) for row in rows]
+        batch: Batch = {name: [by_row[i][name] for i in order if i in by_row] for name in self.outputs}
         return self._postprocess(batch, [self.task.prompts[k] for k in batch["system_prompt_key"]])
 
     # -- internals -----------------------------------------------------------------------------
-    def _generate_group(self, key: str, members: list[int], *, seed: int) -> Batch:
-        """Run the parent's sampling code over the rows of one task key, with that key's template."""
-        assert self._engine is not None and self._assignment is not None and isinstance(self.task, TaskMix)
-        group = MagpieInstructions(
-            engine=self._engine,
-            num_rows=len(members),
-            mixture=self.mixture,
-            max_tokens=self.max_tokens,
-            system_prompt=self.task.prompts[key],
-            keep_default_system_prompt=self.keep_default_system_prompt,
-            chat_template_kwargs=self.chat_template_kwargs,
-            drop_empty=self.drop_empty,
-            drop_truncated=self.drop_truncated,
-            seed=self.seed,
-        )
-        group._engine = self._engine
-        group._templates = self._key_templates[key]
-        group._assignment = self._assignment[members]
-        group.progress_callback = self.progress_callback
-        part = group.generate(offset=0, num_rows=len(members), seed=seed)
-        self.stats.update(group.stats)
-        return part
-
     def _default_block(self) -> str | None:
         return self._templates.default_system_block or None if self._templates is not None else None
 

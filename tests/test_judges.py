@@ -126,7 +126,8 @@ def test_json_schema_processor_masks_per_row(embedded_tokenizer):
     tok = embedded_tokenizer
     step = Difficulty(max_field_chars=60)
     answer = {"intent": "The user wants to add numbers.", "knowledge": "Arithmetic.", "difficulty": "very easy"}
-    ids = tok(json.dumps(answer), add_special_tokens=False)["input_ids"]
+    compact = json.dumps(answer, separators=(",", ":"))  # JSON_GRAMMAR: no free whitespace, as on vLLM
+    ids = tok(compact, add_special_tokens=False)["input_ids"]
     vocab = len(tok)
     processor = json_schema_logits_processor(tok, step.schema(), vocab_size=vocab, stop_token_ids=[tok.eos_token_id])
     seq = torch.zeros(2, 1, dtype=torch.long)
@@ -138,7 +139,7 @@ def test_json_schema_processor_masks_per_row(embedded_tokenizer):
             assert torch.isinf(scores[:, tok.eos_token_id]).all()  # no stop before the JSON is complete
         seq = torch.cat([seq, torch.full((2, 1), token)], dim=1)
     # an out-of-set label is masked at the point where the enum value starts
-    prefix = json.dumps(answer)[: json.dumps(answer).index("very easy")]
+    prefix = compact[: compact.index("very easy")]
     fresh = json_schema_logits_processor(tok, step.schema(), vocab_size=vocab, stop_token_ids=[tok.eos_token_id])
     seq = torch.zeros(1, 1, dtype=torch.long)
     for token in tok(prefix, add_special_tokens=False)["input_ids"]:

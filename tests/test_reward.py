@@ -7,6 +7,7 @@ import torch
 
 from magpie_hf.engines.base import Completion, Engine
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.reward import PAPER_REWARD_MODEL, JudgeReward, RewardModel, RewardModelScorer
 
 
@@ -98,7 +99,7 @@ class ScriptedEngine(Engine):
 
     def _generate(self, prompts, sampling, seeds, progress):
         self.prompts.extend(prompts)
-        self.sampling = sampling
+        self.sampling, self.seeds = sampling, seeds
         return [[Completion(self.answers.pop(0), 5, "stop") for _ in range(sampling.n)] for _ in prompts]
 
 
@@ -126,7 +127,8 @@ def test_judge_reward_averages_sampled_ratings(embedded_tokenizer):
     engine = ScriptedEngine(answers, embedded_tokenizer)
     step = JudgeReward(engine=engine, num_samples=3, temperature=0.7)
     out = step.process({"instruction": ["q1", "q2"], "response": ["a1", "a2"]}, seed=4)
-    assert engine.sampling.n == 3 and engine.sampling.temperature == 0.7 and engine.sampling.seed == 4
+    assert engine.sampling.n == 3 and engine.sampling.temperature == 0.7
+    assert engine.seeds == row_seeds(4, 2)  # each row's own seed; its samples draw from seed + j
     # row 1: the mean of the ratings that parse; row 2: none parses -> null with the first reason
     assert out["instruct_reward"] == [9.0, None]
     assert "1-10" in out["instruct_reward_error"][1]
@@ -141,3 +143,33 @@ def test_judge_reward_on_embedded_model(embedded_engine):
     out = step.process({"instruction": ["What is 2+2?", "Name a fruit."], "response": ["4", "An apple."]}, seed=0)
     for value, error in zip(out["instruct_reward"], out["instruct_reward_error"]):
         assert (value is not None and 1.0 <= value <= 10.0 and error is None) or (value is None and error)
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_other_pad_dir(tmp_path_factory, embedded_tokenizer):
+    """A tiny RM whose config pad id (0, <|endoftext|>) differs from its tokenizer's (2, <|im_end|>)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny_rm_other_pad")
+    tok = embedded_tokenizer
+    assert tok.pad_token_id != 0
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, num_labels=1, pad_token_id=0,
+    )
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_batch_scores_equal_single_scores_when_pad_ids_differ(tiny_rm_other_pad_dir):
+    """transformers pools the rightmost token that is not config.pad_token_id (modeling_layers.py:174-190);
+    padding with the tokenizer's different pad id made padded rows pool a pad position."""
+    convs = [_conv(f"Question {i}?", "answer " * (1 + 9 * i)) for i in range(8)]  # 1 to 64 words
+    seen = []
+    batched = RewardModelScorer(tiny_rm_other_pad_dir, batch_size=8).score(convs, progress=lambda k, t: seen.append((k, t)))
+    single = RewardModelScorer(tiny_rm_other_pad_dir, batch_size=1)
+    alone = [single.score([c])[0] for c in convs]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    assert sum(k for k, _ in seen) == 8 and sum(t for _, t in seen) == sum(len(single.encode(c)) for c in convs)

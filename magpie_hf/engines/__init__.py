@@ -23,6 +23,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "SamplingConfig",
+    "check_backend",
     "engine_resources",
     "load_engine",
     "loaded_engine_configs",
@@ -34,6 +35,22 @@ __all__ = [
 _LOADED: dict[EngineConfig, Engine] = {}
 
 
+def check_backend(config: EngineConfig, backend: str) -> None:
+    """Refuse, before anything loads, a config that ``backend`` cannot run.
+
+    vLLM (0.34) has no GGUF loader any more (``vllm/model_executor/model_loader/__init__.py:33-66``
+    lists the load formats; ``gguf`` is not one), so a GGUF file with ``backend="vllm"`` would fail
+    deep inside vLLM's config parsing.
+    """
+    if backend == "vllm" and config.gguf_file:
+        raise ValueError(
+            f"vLLM cannot load GGUF weights ({config.gguf_file}): it has no GGUF loader. Use the transformers "
+            "engine (backend='transformers', CLI --engine transformers), which dequantizes GGUF, or give vLLM "
+            "a folder of safetensors weights (the original model, or the GGUF dequantized with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir, gguf_file=...).save_pretrained(out))."
+        )
+
+
 def resolve_backend(config: EngineConfig, hardware: Hardware | None = None, *, log: bool = True) -> str:
     """The concrete backend ``config`` asks for on ``hardware`` (default: this machine).
 
@@ -41,8 +58,12 @@ def resolve_backend(config: EngineConfig, hardware: Hardware | None = None, *, l
     given, else vLLM when CUDA and vllm are both there and the weights are not GGUF, else
     transformers. The chat-completions backend (``openai-chat``, for hosted APIs and answer/judge steps) is never
     picked by ``auto``: ask for it by name.
+
+    Raises:
+        ValueError: the config asks for a backend that cannot run it (GGUF with vLLM).
     """
     if config.backend != "auto":
+        check_backend(config, config.backend)
         return config.backend
     hardware = hardware or Hardware.local()
     if config.base_url:

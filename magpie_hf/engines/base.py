@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 #: longer than the model's context, a server's 400 for that prompt); the last two carry ``error``
 FinishReason = Literal["stop", "length", "abort", "error"]
 
+#: the highest temperature every backend accepts (vLLM and OpenAI-compatible servers: [0, 2])
+MAX_TEMPERATURE = 2.0
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -50,8 +53,13 @@ class SamplingConfig:
     json_schema: dict | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        # vLLM's SamplingParams refuses temperatures outside [0, 2] (vllm 0.34 sampling_params.py:660-677),
+        # and so do OpenAI-compatible servers: refuse them here, before any model loads
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be between 0 and {MAX_TEMPERATURE:g} (the range every backend accepts), "
+                f"got {self.temperature}; 0 means greedy."
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
@@ -105,12 +113,64 @@ class Completion:
         """A completion that was not generated, and why."""
         return cls("", 0, finish_reason, reason)
 
+    @property
+    def failure(self) -> str | None:
+        """The ``step.stats`` key that counts this completion when it failed, else None:
+        ``prompt_too_long`` (its prompt did not fit in the model's context), ``aborted`` or ``failed``.
+
+        Example:
+            >>> Completion.failed(too_long_reason(9000, 8192)).failure
+            'prompt_too_long'
+            >>> Completion("Hi", 1, "stop").failure is None
+            True
+        """
+        if self.ok:
+            return None
+        if (self.error or "").startswith(_TOO_LONG):
+            return "prompt_too_long"
+        return "aborted" if self.finish_reason == "abort" else "failed"
+
+
+_TOO_LONG = "prompt is "
+
+
+def too_long_reason(prompt_tokens: int, context: int) -> str:
+    """The reason recorded for a prompt that does not fit in the model's context."""
+    return (
+        f"{_TOO_LONG}{prompt_tokens} tokens, the model's context is {context}; shorten the prompt "
+        "(fewer turns, a lower max_tokens upstream) or raise the context (max_model_len)"
+    )
+
+
+def count_text_tokens(tokenizer: Any, token_ids: Sequence[int], text: str) -> int:
+    """How many of ``token_ids`` make up ``text``, a completion cut before a stop string or a stop token.
+
+    The tokens at the end that only complete a stop string (or are the end-of-turn token) do not
+    count: the result is the shortest prefix of ``token_ids`` that decodes to at least ``len(text)``
+    characters. A token that is partly text and partly stop string counts.
+
+    Example:
+        >>> class Chars:  # a toy tokenizer: one token per character
+        ...     def decode(self, ids, skip_special_tokens=False): return "".join(map(chr, ids))
+        >>> count_text_tokens(Chars(), [ord(c) for c in "Hi!<END>"], "Hi!")
+        3
+    """
+    k = len(token_ids)
+    while k > 0 and len(tokenizer.decode(list(token_ids[: k - 1]), skip_special_tokens=False)) >= len(text):
+        k -= 1
+    return k
+
 
 class Engine(abc.ABC):
     """A loaded text-generation backend.
 
     Prompts are complete raw text (chat template already applied, BOS included where the
     model needs it); engines tokenize them **without** adding special tokens.
+
+    :meth:`generate` does what every backend shares, once: it checks the arguments, answers a
+    greedy request for ``n > 1`` samples with one completion reused ``n`` times (vLLM refuses
+    greedy with ``n > 1``), and fails, for that prompt only, every prompt that does not fit in
+    :meth:`context_length`. Backends implement :meth:`_generate` for the rest.
     """
 
     #: short backend name recorded in provenance ("transformers", "vllm", "openai", "openai-chat")
@@ -118,6 +178,8 @@ class Engine(abc.ABC):
     #: whether the engine completes raw text prompts; False for a chat endpoint, which applies the
     #: model's chat template itself (it can answer conversations, not continue a pre-query template)
     raw_prompts: ClassVar[bool] = True
+    #: token ids of the prompts of the generate() call in progress (see prompt_token_ids)
+    _call_token_ids: dict[str, list[int]] | None = None
 
     def __init__(self, config: "EngineConfig") -> None:
         self.config = config
@@ -131,10 +193,6 @@ class Engine(abc.ABC):
     def tokenizer(self) -> Any:
         """The model's Hugging Face tokenizer (used for chat-template arithmetic); None for a chat
         endpoint that runs a model we have no tokenizer for (a hosted API)."""
-
-    def context_length(self) -> int | None:
-        """The most tokens (prompt + completion) the model takes, when the backend knows it; else None."""
-        return None
 
     def require_raw_prompts(self, step: str, why: str) -> None:
         """Refuse (with the way out) a step that needs raw text completions on a chat-only engine."""
@@ -190,6 +248,29 @@ class Engine(abc.ABC):
         prompts = [templates.response_prompt(list(conversation)) for conversation in conversations]
         return self.generate(prompts, sampling, seeds=seeds, progress=progress)
 
+    def context_length(self) -> int | None:
+        """Tokens the model can attend to (prompt plus generated text), or None when unknown.
+
+        :meth:`generate` fails a prompt of ``context_length()`` tokens or more, and backends stop a
+        completion with ``"length"`` when prompt plus completion reach it (what vLLM does:
+        ``vllm/v1/core/sched/utils.py:114-119``). None skips the check (a hosted API that says nothing).
+        """
+        return None
+
+    def prompt_token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of ``prompts`` as the engine sends them (tokenized without special tokens).
+
+        Inside :meth:`generate` the ids counted for the context check are reused, so a backend
+        that calls this from :meth:`_generate` does not tokenize a prompt twice.
+        """
+        cache = getattr(self, "_call_token_ids", None)
+        if cache is None:  # outside generate(): nothing to reuse
+            cache = {}
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            cache.update(zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]))
+        return [cache[p] for p in prompts]
+
     def generate(
         self,
         prompts: Sequence[str],
@@ -206,6 +287,11 @@ class Engine(abc.ABC):
         ``seeds``, prompt ``i`` gets ``sampling.seed + i * n`` (or no seed when ``sampling.seed`` is
         None).
 
+        A prompt of :meth:`context_length` tokens or more gets ``n`` failed completions
+        (``finish_reason="error"``, the reason in ``error``) and the other prompts are generated.
+        A greedy request (``temperature=0``) for ``n > 1`` samples is generated once and its
+        completion repeated ``n`` times.
+
         ``progress`` is an optional callback ``progress(num_finished_completions, num_new_tokens)``
         the engine calls as completions finish, for progress bars.
         """
@@ -213,18 +299,50 @@ class Engine(abc.ABC):
             raise TypeError("generate() takes a list of prompts, not a single string")
         if not prompts:
             return []
+        n = sampling.n
         if seeds is None:
-            seeds = None if sampling.seed is None else [sampling.seed + i * sampling.n for i in range(len(prompts))]
+            seeds = None if sampling.seed is None else [sampling.seed + i * n for i in range(len(prompts))]
         elif len(seeds) != len(prompts):
             raise ValueError(f"generate() got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
-        return self._generate(list(prompts), sampling, None if seeds is None else [int(s) for s in seeds], progress)
+        prompts = list(prompts)
+        seeds = None if seeds is None else [int(s) for s in seeds]
+        if sampling.greedy and n > 1:
+            # every greedy sample is the same; vLLM refuses greedy with n > 1 (vllm 0.34
+            # sampling_params.py:773-777), so ask once and reuse the answer
+            once = self.generate(prompts, sampling.replace(n=1), seeds=seeds, progress=progress)
+            if progress is not None:
+                progress(len(prompts) * (n - 1), 0)
+            return [[c] * n for (c,) in once]
+        self._call_token_ids = {}
+        try:
+            limit = self.context_length()
+            fits = list(range(len(prompts)))
+            results: list[list[Completion] | None] = [None] * len(prompts)
+            if limit is not None:
+                lengths = [len(ids) for ids in self.prompt_token_ids(prompts)]
+                fits = [i for i, length in enumerate(lengths) if length < limit]
+                for i in set(range(len(prompts))) - set(fits):
+                    # vLLM raises for the whole call on such a prompt (prompt_len >= max_model_len:
+                    # vllm 0.34 v1/engine/input_processor.py:583-600) and aborts what it had added
+                    results[i] = [Completion.failed(too_long_reason(lengths[i], limit))] * n
+                if progress is not None and len(fits) < len(prompts):
+                    progress((len(prompts) - len(fits)) * n, 0)
+            if fits:
+                done = self._generate(
+                    [prompts[i] for i in fits], sampling, None if seeds is None else [seeds[i] for i in fits], progress
+                )
+                for i, completions in zip(fits, done):
+                    results[i] = completions
+            return results  # type: ignore[return-value]
+        finally:
+            self._call_token_ids = None
 
     @abc.abstractmethod
     def _generate(
         self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None, progress: Any
     ) -> list[list[Completion]]:
-        """:meth:`generate` for a non-empty list of prompts with one seed per prompt (or none):
-        what each backend implements."""
+        """:meth:`generate` for a non-empty list of prompts that fit in the context, with one seed per
+        prompt (or none): what each backend implements. Greedy requests come with ``n == 1``."""
 
     def close(self) -> None:
         """Free the model and any accelerator memory it holds."""

@@ -49,6 +49,8 @@ class EngineConfig:
     # vllm
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    #: the context (prompt + completion tokens); vLLM's ``max_model_len``, and for the transformers
+    #: engine an override of the model's ``max_position_embeddings``. Longer prompts fail alone.
     max_model_len: int | None = None
     #: vLLM quantization method (``awq``, ``gptq``, ``fp8``, ...); None: the checkpoint's own
     quantization: str | None = None

@@ -9,6 +9,12 @@ decoded tail of each row only. Models whose cache is not a plain full-attention 
 ``SamplingConfig.json_schema`` constrains every row to that schema in both paths
 (:mod:`magpie_hf.constrained`, xgrammar).
 
+Sampling is per completion in both paths: the ``j``-th sample of prompt ``i`` draws its noise from
+its own ``torch.Generator`` seeded ``seeds[i] + j`` (:class:`_RowSampler`), so a row gives the same
+text whichever rows share its batch, and a row can be re-drawn alone from its recorded seed. A
+completion stops with ``"length"`` at ``max_tokens`` or where the model's context ends
+(:meth:`TransformersEngine.context_length`, ``EngineConfig.max_model_len`` overrides it).
+
 Example:
     >>> from magpie_hf.engines import EngineConfig, SamplingConfig, load_engine
     >>> engine = load_engine(EngineConfig.embedded())  # doctest: +SKIP
@@ -22,7 +28,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from magpie_hf.engines.base import Completion, Engine, SamplingConfig
+from transformers import LogitsProcessor
+
+from magpie_hf.engines.base import Completion, Engine, SamplingConfig, count_text_tokens
 from magpie_hf.engines.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -40,8 +48,56 @@ class _Row:
 
     slot: int  # index into the flat list of requested completions
     prompt: int  # index into the list of distinct prompt token lists
+    limit: int  # most tokens this completion may generate (max_tokens, or less near the context end)
+    generator: Any = None  # the completion's own torch.Generator (seeds[i] + j), None when unseeded
     tokens: list[int] = field(default_factory=list)
     json: Any = None  # grammar state (JSONRowState) when decoding is constrained to a JSON schema
+
+
+class _RowSampler:
+    """Samples one token per row, each row from its own random stream.
+
+    A seeded row draws its noise from its own ``torch.Generator`` (seeded ``seeds[i] + j``): one
+    ``exponential_`` call per row and step on a preallocated buffer, so its tokens do not depend on
+    which other rows share the batch (a row re-drawn alone gives the same text). Unseeded rows
+    share one call on the global generator.
+    """
+
+    def __init__(self, sampling: SamplingConfig) -> None:
+        from transformers.generation.logits_process import TopPLogitsWarper
+
+        self.temperature = sampling.temperature
+        self.top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1 else None
+        self._noise: Any = None  # [rows, vocab] buffer, grown as needed
+
+    def choose(self, scores: Any, generators: Sequence[Any]) -> Any:
+        """Next token of every row of ``scores`` (float32 ``[rows, vocab]``, already penalised/masked)."""
+        import torch
+
+        scores = scores / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(None, scores)
+        probs = torch.softmax(scores, dim=-1)
+        rows, vocab = probs.shape
+        if self._noise is None or self._noise.shape[0] < rows or self._noise.shape[1] != vocab:
+            self._noise = torch.empty((rows, vocab), dtype=torch.float32, device=probs.device)
+        noise = self._noise[:rows]
+        if all(g is None for g in generators):
+            noise.exponential_(1.0)
+        else:
+            for r, generator in enumerate(generators):
+                noise[r].exponential_(1.0, generator=generator)
+        # exponential race: argmax(p / E) with E ~ Exp(1) samples from p, faster than multinomial
+        return (probs / noise).argmax(dim=-1)
+
+
+def _generators(seeds: Sequence[int] | None, num_prompts: int, n: int, device: str) -> list[Any]:
+    """One ``torch.Generator`` per completion (prompt-major), seeded ``seeds[i] + j``; None when unseeded."""
+    import torch
+
+    if seeds is None:
+        return [None] * (num_prompts * n)
+    return [torch.Generator(device=device).manual_seed(int(seed) + j) for seed in seeds for j in range(n)]
 
 
 class TransformersEngine(Engine):
@@ -117,16 +173,45 @@ class TransformersEngine(Engine):
         return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
     # ------------------------------------------------------------------ generation
+    def context_length(self) -> int | None:
+        """``config.max_model_len`` when given, else the model's ``max_position_embeddings``
+        (the tokenizer's ``model_max_length`` is often a placeholder such as 1e30 and only counts
+        when it is smaller)."""
+        if self.config.max_model_len is not None:
+            return int(self.config.max_model_len)
+        limits = [
+            getattr(self.model.config.get_text_config(), "max_position_embeddings", None),
+            getattr(self._tokenizer, "model_max_length", None),
+        ]
+        usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 10_000_000]
+        return min(usable) if usable else None
+
     def _generate(
         self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None, progress: Any
     ) -> list[list[Completion]]:
-        sampling = sampling.replace(seed=None if seeds is None else seeds[0])
+        generators = _generators(seeds, len(prompts), sampling.n, self.device)
         if self._supports_loop:
-            flat = self._generate_loop(prompts, sampling, progress)
+            flat = self._generate_loop(prompts, sampling, generators, progress)
         else:
-            flat = self._generate_hf(prompts, sampling, progress)
+            flat = self._generate_hf(prompts, sampling, generators, progress)
         n = sampling.n
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _limits(self, prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> list[int]:
+        """Per prompt, the most tokens it may generate: ``max_tokens``, or what is left of the context
+        (vLLM stops there with "length" too: vllm 0.34 ``v1/core/sched/utils.py:114-119``)."""
+        context = self.context_length()
+        if context is None:
+            return [max_tokens] * len(prompt_ids)
+        return [max(1, min(max_tokens, context - len(ids))) for ids in prompt_ids]
+
+    def _completion(self, tokens: list[int], stops: Sequence[str], stopped: bool) -> Completion:
+        """The completion of generated ``tokens`` (end-of-turn token already left out): text cut at the
+        first stop string, ``num_tokens`` counting only the tokens that make up that text."""
+        text = self._tokenizer.decode(tokens, skip_special_tokens=False)
+        text, hit = _truncate_at_stop(text, stops)
+        num_tokens = count_text_tokens(self._tokenizer, tokens, text) if hit else len(tokens)
+        return Completion(text, num_tokens, "stop" if (hit or stopped) else "length")
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
@@ -142,18 +227,26 @@ class TransformersEngine(Engine):
         return JSONSchemaConstraint(self._tokenizer, sampling.json_schema, vocab_size=vocab_size, stop_token_ids=stops)
 
     # ------------------------------------------------------------------ continuous batching loop
-    def _generate_loop(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[Completion]:
+    def _generate_loop(
+        self, prompts: list[str], sampling: SamplingConfig, generators: list[Any], progress: Any
+    ) -> list[Completion]:
         import torch
-        from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
+        from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
         tok = self._tokenizer
         distinct = list(dict.fromkeys(prompts))
         index_of = {p: i for i, p in enumerate(distinct)}
-        prompt_ids: list[list[int]] = tok(distinct, add_special_tokens=False)["input_ids"]
+        prompt_ids = self.prompt_token_ids(distinct)
         for text, ids in zip(distinct, prompt_ids):
             if not ids:
                 raise ValueError(f"Prompt {text!r} tokenizes to nothing; give at least one token of text.")
-        waiting = [_Row(slot=i * sampling.n + k, prompt=index_of[p]) for i, p in enumerate(prompts) for k in range(sampling.n)]
+        limits = self._limits(prompt_ids, sampling.max_tokens)
+        n = sampling.n
+        waiting = [
+            _Row(slot=i * n + k, prompt=index_of[p], limit=limits[index_of[p]], generator=generators[i * n + k])
+            for i, p in enumerate(prompts)
+            for k in range(n)
+        ]
         waiting.reverse()  # pop() from the end keeps the requested order
         results: list[Completion | None] = [None] * len(waiting)
 
@@ -162,16 +255,12 @@ class TransformersEngine(Engine):
         # enough trailing tokens to contain any stop string (every token decodes to >= 1 char, plus slack
         # for tokens that decode to partial UTF-8)
         tail_tokens = max((len(s) for s in stops), default=0) + 4
-        top_p = TopPLogitsWarper(sampling.top_p) if not sampling.greedy and sampling.top_p < 1 else None
         penalty = (
             RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty) if sampling.repetition_penalty != 1 else None
         )
         constraint = self._json_constraint(sampling)
-        generator = None
-        if sampling.seed is not None and not sampling.greedy:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-
         batch_size = max(1, self.batch_size)
+        sampler = None if sampling.greedy else _RowSampler(sampling)
         # refill when a quarter of the slots are free: prefill and cache merges are not free
         refill_at = max(1, batch_size // 4)
         device = self.device
@@ -182,11 +271,9 @@ class TransformersEngine(Engine):
         mask = ids_seen = positions = logits = None
 
         def finish(row: _Row, reason: str) -> None:
-            text = tok.decode(row.tokens, skip_special_tokens=False)
-            text, hit = _truncate_at_stop(text, stops)
-            results[row.slot] = Completion(text, len(row.tokens), "stop" if (hit or reason == "stop") else reason)
+            results[row.slot] = completion = self._completion(row.tokens, stops, reason == "stop")
             if progress is not None:
-                progress(1, len(row.tokens))
+                progress(1, completion.num_tokens)
 
         with torch.inference_mode():
             while active or waiting:
@@ -212,16 +299,10 @@ class TransformersEngine(Engine):
                     scores = penalty(ids_seen, scores)
                 if constraint is not None:
                     scores = constraint.mask(scores, [row.json for row in active])
-                if sampling.greedy:
+                if sampler is None:
                     next_tokens = scores.argmax(dim=-1)
                 else:
-                    scores = scores / sampling.temperature
-                    if top_p is not None:
-                        scores = top_p(ids_seen, scores)
-                    probs = torch.softmax(scores, dim=-1)
-                    # exponential race: argmax(p / E) with E ~ Exp(1) samples from p, faster than multinomial
-                    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-                    next_tokens = (probs / race).argmax(dim=-1)
+                    next_tokens = sampler.choose(scores, [row.generator for row in active])
                 chosen = next_tokens.tolist()
 
                 keep: list[int] = []
@@ -248,7 +329,7 @@ class TransformersEngine(Engine):
                         for i in stopped:
                             finish(active[i], "stop")
                         keep = [i for i in keep if i not in stopped]
-                done_by_length = {i for i in keep if len(active[i].tokens) >= sampling.max_tokens}
+                done_by_length = {i for i in keep if len(active[i].tokens) >= active[i].limit}
                 for i in done_by_length:
                     finish(active[i], "length")
                 if done_by_length:
@@ -325,39 +406,57 @@ class TransformersEngine(Engine):
         return cache, mask, positions, logits, ids_seen
 
     # ------------------------------------------------------------------ fallback: model.generate
-    def _generate_hf(self, prompts: list[str], sampling: SamplingConfig, progress: Any) -> list[Completion]:
+    def _generate_hf(
+        self, prompts: list[str], sampling: SamplingConfig, generators: list[Any], progress: Any
+    ) -> list[Completion]:
+        """Batched ``model.generate`` with the same per-completion sampling as the loop.
+
+        ``generate`` runs greedy over scores in which :class:`_SampledTokenProcessor` (the last
+        processor, after the repetition penalty and the JSON mask) left only the token it sampled
+        from each row's own generator. Completions are batched by how many tokens they may
+        generate, so a prompt near the end of the context never shortens another one.
+        """
         import torch
 
-        expanded = [p for p in prompts for _ in range(sampling.n)]
+        n = sampling.n
+        expanded = [p for p in prompts for _ in range(n)]
+        limits = [limit for limit in self._limits(self.prompt_token_ids(prompts), sampling.max_tokens) for _ in range(n)]
         eos_ids = sorted(self._eos_ids | set(sampling.stop_token_ids))
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        constraint = self._json_constraint(sampling)
-        results: list[Completion] = []
-        bs = self.batch_size
-        for start in range(0, len(expanded), bs):
-            chunk = expanded[start : start + bs]
-            enc = self._tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            gen_kwargs: dict[str, Any] = {
-                "max_new_tokens": sampling.max_tokens,
-                "eos_token_id": eos_ids,
-                "pad_token_id": self._tokenizer.pad_token_id,
-                "repetition_penalty": sampling.repetition_penalty,
-            }
-            if sampling.greedy:
-                gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                gen_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-            if sampling.stop:
-                gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self._tokenizer)
+        stops = [s for s in sampling.stop if s]
+        results: list[Completion | None] = [None] * len(expanded)
+        by_limit: dict[int, list[int]] = {}
+        for slot, limit in enumerate(limits):
+            by_limit.setdefault(limit, []).append(slot)
+        bs = max(1, self.batch_size)
+        chunks = [(limit, slots[i : i + bs]) for limit, slots in sorted(by_limit.items(), reverse=True) for i in range(0, len(slots), bs)]
+        for limit, slots in chunks:
+            enc = self._tokenizer([expanded[s] for s in slots], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(self.device)
+            processors: list[Any] = []
+            constraint = self._json_constraint(sampling)
             if constraint is not None:
                 from magpie_hf.constrained import JSONSchemaLogitsProcessor
 
-                gen_kwargs["logits_processor"] = [JSONSchemaLogitsProcessor(constraint)]
+                processors.append(JSONSchemaLogitsProcessor(constraint))
+            if not sampling.greedy:
+                processors.append(_SampledTokenProcessor(_RowSampler(sampling), [generators[s] for s in slots]))
+            gen_kwargs: dict[str, Any] = {
+                "max_new_tokens": limit,
+                "eos_token_id": eos_ids,
+                "pad_token_id": self._tokenizer.pad_token_id,
+                "repetition_penalty": sampling.repetition_penalty,
+                "do_sample": False,
+                "temperature": None,
+                "top_p": None,
+                "top_k": None,
+                "logits_processor": processors,
+            }
+            if stops:
+                gen_kwargs.update(stop_strings=stops, tokenizer=self._tokenizer)
             with torch.inference_mode():
                 out = self.model.generate(**enc, **gen_kwargs)
             new = out[:, enc["input_ids"].shape[1] :]
-            for row in new.tolist():
+            for slot, row in zip(slots, new.tolist()):
                 tokens: list[int] = []
                 stopped = False
                 for t in row:
@@ -365,13 +464,27 @@ class TransformersEngine(Engine):
                         stopped = True
                         break
                     tokens.append(t)
-                text = self._tokenizer.decode(tokens, skip_special_tokens=False)
-                text, hit = _truncate_at_stop(text, sampling.stop)
-                stopped = stopped or hit
-                results.append(Completion(text, len(tokens), "stop" if stopped else "length"))
+                results[slot] = completion = self._completion(tokens, stops, stopped)
                 if progress is not None:
-                    progress(1, len(tokens))
-        return results
+                    progress(1, completion.num_tokens)
+        return results  # type: ignore[return-value]
+
+
+class _SampledTokenProcessor(LogitsProcessor):
+    """A ``generate`` logits processor that samples each row with its own generator (:class:`_RowSampler`)
+    and leaves only the sampled token finite, so greedy ``generate`` takes it."""
+
+    def __init__(self, sampler: _RowSampler, generators: list[Any]) -> None:
+        self.sampler = sampler
+        self.generators = generators
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        chosen = self.sampler.choose(scores.float(), self.generators)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen[:, None], 0.0)
+        return out
 
 
 # ---------------------------------------------------------------------- cache surgery

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import FLOAT, INT, STRING, Batch, Features, Step, batch_len, resolve_engine
 from magpie_hf.templates import tokenizer_adds_bos
 
@@ -146,8 +147,9 @@ class BaseResponses(Step):
     Writes ``base_output`` (the answer, cut before the next ``# User:`` block),
     ``base_output_generator`` (the model), ``base_output_finish_reason`` (``stop``/``length``) and
     ``base_output_num_tokens``. Empty answers are kept as ``""`` and counted in
-    ``stats["empty_base_output"]``; an answer the engine could not generate is null (finish reason
-    ``error``/``abort``), counted in ``stats["failed_base_output"]``.
+    ``stats["empty_base_output"]``. An answer that could not be generated (the prompt does not fit in
+    the base model's context, an abort) is null, with the reason in ``base_output_error`` (null
+    otherwise), and counted in ``stats``.
 
     Example:
         >>> from magpie_hf.engines import EngineConfig
@@ -170,6 +172,7 @@ class BaseResponses(Step):
             "base_output_generator": STRING,
             "base_output_finish_reason": STRING,
             "base_output_num_tokens": INT,
+            "base_output_error": STRING,
         }
 
     def load(self) -> None:
@@ -210,13 +213,15 @@ class BaseResponses(Step):
         if n == 0:
             return {**batch, **{c: [] for c in self.outputs}}
         prompts = [self.prompt(i or "") for i in batch["instruction"]]
-        completions = self._engine.generate(prompts, self.sampling(), progress=getattr(self, "progress_callback", None))
-        texts, reasons, counts = [], [], []
+        completions = self._engine.generate(
+            prompts, self.sampling(), seeds=row_seeds(seed, n), progress=getattr(self, "progress_callback", None)
+        )
+        texts, reasons, counts, errors = [], [], [], []
         for (completion,) in completions:
             self.stats["generated_tokens"] += completion.num_tokens
-            if not completion.ok:  # never generated (a server's 400 for this prompt): null, its finish reason says so
+            if completion.failure:  # not generated (prompt too long, aborted): null + reason
+                self.stats[completion.failure] += 1
                 text = None
-                self.stats["failed_base_output"] += 1
             else:
                 text = self.template.clean(completion.text)
                 if not text:
@@ -224,11 +229,13 @@ class BaseResponses(Step):
             texts.append(text)
             reasons.append(completion.finish_reason)
             counts.append(completion.num_tokens)
+            errors.append(completion.error if completion.failure else None)
         out = dict(batch)
         out["base_output"] = texts
         out["base_output_generator"] = [self.generator_name] * n
         out["base_output_finish_reason"] = reasons
         out["base_output_num_tokens"] = counts
+        out["base_output_error"] = errors
         return out
 
 

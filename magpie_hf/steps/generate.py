@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import FLOAT, INT, MESSAGES, STRING, Batch, Features, GeneratorStep, Step, resolve_engine, select_rows, struct
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from magpie_hf.templates import ChatTemplates
@@ -174,7 +178,7 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
     chat_template_kwargs: dict[str, Any] | None = None
     drop_empty: bool = True
     drop_truncated: bool = True
-    #: seeds the row ids and the mixture assignment; per-shard sampling seeds come from the pipeline
+    #: seeds the row ids and the mixture assignment; sampling seeds derive from the ``seed`` given to generate()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -213,38 +217,52 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
         self._engine = None
 
     def generate(self, *, offset: int, num_rows: int, seed: int) -> Batch:
+        """Rows ``[offset, offset + num_rows)``; row ``offset + i`` samples from seed ``row_seed(seed, i)``."""
         assert self._engine is not None and self._templates is not None and self._assignment is not None, "call load() first"
-        templates = self._templates
-        rows = range(offset, min(offset + num_rows, self.num_rows))
+        rows = list(range(offset, min(offset + num_rows, self.num_rows)))
+        return self._sample_rows(rows, dict(zip(rows, row_seeds(seed, len(rows)))), self._templates, self.system_prompt)
+
+    def _sample_rows(
+        self, rows: list[int], seeds: dict[int, int], templates: "ChatTemplates", system_prompt: str | None
+    ) -> Batch:
+        """Sample the instructions of ``rows`` (global row indices) from ``templates``' pre-query prompt.
+
+        One engine request per row with the row's own seed (its mixture setting's sampling), so no
+        two rows share a sample's seed; the identical prompts cost one prefill (vLLM prefix caching,
+        the transformers engine's shared prefill).
+        """
+        assert self._engine is not None and self._assignment is not None
         by_setting: dict[int, list[int]] = {}
         for row in rows:
             by_setting.setdefault(int(self._assignment[row]), []).append(row)
-
         completions: dict[int, Any] = {}
         samplings: dict[int, SamplingConfig] = {}
-        for k, (setting_index, members) in enumerate(sorted(by_setting.items())):
+        for setting_index, members in sorted(by_setting.items()):
             setting = self.mixture[setting_index]
-            sampling = SamplingConfig(
+            samplings[setting_index] = sampling = SamplingConfig(
                 temperature=setting.temperature,
                 top_p=setting.top_p,
                 max_tokens=self.max_tokens,
-                n=len(members),
-                seed=seed + k,
                 stop=templates.stop_strings,
                 stop_token_ids=templates.stop_token_ids,
             )
-            samplings[setting_index] = sampling
-            outs = self._engine.generate([templates.pre_query], sampling, progress=self.progress_callback)[0]
-            if not any(c.ok for c in outs):  # the pre-query prompt is every row's: a refusal is the settings'
-                raise RuntimeError(f"The engine could not sample any instruction from the pre-query template: {outs[0].error}")
-            completions.update(zip(members, outs))
+            outs = self._engine.generate(
+                [templates.pre_query] * len(members), sampling, seeds=[seeds[r] for r in members],
+                progress=self.progress_callback,
+            )
+            completions.update((row, c) for row, (c,) in zip(members, outs))
+        if completions and all(c.failure for c in completions.values()):
+            # every row's prompt is the same pre-query text: refusing all of them is the settings' fault
+            first = next(iter(completions.values()))
+            raise RuntimeError(f"The engine could not sample any instruction from the pre-query template: {first.error}")
 
-        batch: Batch = {name: [] for name in self.outputs}
+        batch: Batch = {name: [] for name in MagpieInstructions.output_features(self)}
         for row in rows:
             completion = completions[row]
             self.stats["generated_tokens"] += completion.num_tokens
-            if not completion.ok:
-                self.stats["failed_instruction"] += 1
+            if completion.failure:
+                self.stats[f"dropped_{completion.failure}_instruction"] += 1
+                logger.warning("instruction of row %d dropped: %s", row, completion.error)
                 continue
             text = templates.clean(completion.text)
             if self.drop_empty and not text:
@@ -261,12 +279,13 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
                     "input_generator": self._model_name(),
                     "engine": self._engine.name,
                     "pre_query_template": templates.pre_query,
-                    "system_prompt": self.system_prompt,
+                    "system_prompt": system_prompt,
                     "chat_template_kwargs": self._template_kwargs_record(),
                     "temperature": sampling.temperature,
                     "top_p": sampling.top_p,
                     "max_tokens": sampling.max_tokens,
-                    "seed": sampling.seed,
+                    # the row's own seed: re-draw it alone with generate([pre_query], sampling, seeds=[seed])
+                    "seed": seeds[row],
                 }
             )
             batch["instruction_num_tokens"].append(completion.num_tokens)
@@ -278,9 +297,10 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
 class Responses(Step, ChatTemplateMixin):
     """Magpie step 2: answer each instruction with the model's normal chat template (greedy by default).
 
-    A response the engine could not generate (a server's 400 for that prompt, a prompt longer than the
-    context) leaves ``response`` and ``conversations`` null, its reason in ``response_error``, and is
-    counted in ``stats["failed_response"]``; the rest of the batch is answered.
+    Row ``i`` of a batch samples from its own seed (recorded in ``gen_response_configs["seed"]``). A
+    row whose prompt does not fit in the model's context (or whose request the engine aborted) is
+    kept with ``response`` and ``conversations`` null and the reason in ``response_error`` (null for
+    the other rows), and is counted in ``stats`` (``prompt_too_long``, ``aborted``, ``failed``).
     """
 
     inputs = ("instruction",)
@@ -325,31 +345,29 @@ class Responses(Step, ChatTemplateMixin):
     def process(self, batch: Batch, *, seed: int) -> Batch:
         assert self._engine is not None and self._templates is not None, "call load() first"
         templates = self._templates
-        sampling = self._sampling.replace(
-            seed=seed, stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids
-        )
+        sampling = self._sampling.replace(stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids)
         conversations = [[{"role": "user", "content": q}] for q in batch["instruction"]]
-        outs = self._engine.generate_chat(conversations, sampling, templates=templates, progress=self.progress_callback)
+        seeds = row_seeds(seed, len(conversations))
+        outs = self._engine.generate_chat(conversations, sampling, templates=templates, seeds=seeds,
+                                          progress=self.progress_callback)
         keep: list[bool] = []
         new: Batch = {name: [] for name in self.outputs}
-        for instruction, (completion,) in zip(batch["instruction"], outs):
+        for instruction, row_seed_, (completion,) in zip(batch["instruction"], seeds, outs):
             self.stats["generated_tokens"] += completion.num_tokens
-            if not completion.ok:  # null + reason for this row only
-                self.stats["failed_response"] += 1
-                keep.append(True)
-                new["response"].append(None)
-                new["conversations"].append(None)
+            failure = completion.failure
+            text = None if failure else templates.clean(completion.text)
+            if failure:  # kept, with a null response and the reason; the rest of the batch goes on
+                self.stats[failure] += 1
+                drop = False
             else:
-                text = templates.clean(completion.text)
                 drop = (self.drop_empty and not text) or (self.drop_truncated and completion.finish_reason == "length")
                 if drop:
                     self.stats["dropped_empty_response" if not text else "dropped_truncated_response"] += 1
-                keep.append(not drop)
-                new["response"].append(text)
-                new["conversations"].append(
-                    [{"role": "user", "content": instruction}, {"role": "assistant", "content": text}]
-                )
-            new["response_error"].append(completion.error)
+            keep.append(not drop)
+            new["response"].append(text)
+            new["conversations"].append(
+                None if failure else [{"role": "user", "content": instruction}, {"role": "assistant", "content": text}]
+            )
             new["gen_response_configs"].append(
                 {
                     "output_generator": self._model_name(),
@@ -357,8 +375,10 @@ class Responses(Step, ChatTemplateMixin):
                     "system_prompt": self.system_prompt,
                     "chat_template_kwargs": self._template_kwargs_record(),
                     **sampling.to_record(),
+                    "seed": row_seed_,
                 }
             )
             new["response_num_tokens"].append(completion.num_tokens)
             new["response_finish_reason"].append(completion.finish_reason)
+            new["response_error"].append(completion.error if failure else None)
         return select_rows({**batch, **new}, keep)

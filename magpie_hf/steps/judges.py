@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Sequence
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES, TASK_CATEGORIES
 from magpie_hf.steps.base import STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
 
@@ -153,6 +154,10 @@ class JudgeStep(Step):
         )
 
     def process(self, batch: Batch, *, seed: int) -> Batch:
+        return self.judge(batch, row_seeds(seed, batch_len(batch)))
+
+    def judge(self, batch: Batch, seeds: Sequence[int]) -> Batch:
+        """:meth:`process` with each row's seed given (row ``i``'s samples draw from ``seeds[i] + j``)."""
         if self._engine is None:
             self.load()
         assert self._engine is not None
@@ -166,13 +171,10 @@ class JudgeStep(Step):
             self.stats["empty_input"] += 1
         # the rubric as one user message, rendered with the judge's chat template (or sent as a message to a chat endpoint)
         conversations = [[{"role": "user", "content": self.prompt(items[i])}] for i in todo]
-        sampling = self.sampling().replace(seed=seed)
-        outputs = (
-            self._engine.generate_chat(conversations, sampling, templates=self._engine.chat_templates(self.chat_template_kwargs),
-                                       progress=self.progress_callback)
-            if conversations
-            else []
-        )
+        outputs = self._engine.generate_chat(
+            conversations, self.sampling(), templates=self._engine.chat_templates(self.chat_template_kwargs),
+            seeds=[seeds[i] for i in todo], progress=self.progress_callback,
+        ) if conversations else []
         for i, completions in zip(todo, outputs):
             parsed, problems = [], []
             for completion in completions:
@@ -186,6 +188,9 @@ class JudgeStep(Step):
             if parsed:
                 values[i] = self.combine(parsed)
                 self.stats["parsed"] += 1
+            elif completions[0].failure:  # not generated (prompt too long, aborted): null + reason
+                errors[i] = completions[0].error
+                self.stats[completions[0].failure] += 1
             else:
                 errors[i] = problems[0]
                 self.stats["failed" if not any(c.ok for c in completions) else "unparseable"] += 1
@@ -201,6 +206,8 @@ class JudgeStep(Step):
         return parsed[0]
 
     def _parse_completion(self, completion: Any) -> dict[str, Any]:
+        if completion.failure:
+            raise JudgeError(completion.error or completion.failure)
         answer = extract_json_object(completion.text)
         if answer is None:
             suffix = " (hit max_tokens)" if completion.finish_reason == "length" else ""

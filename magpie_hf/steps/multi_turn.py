@@ -5,10 +5,12 @@ the next user query is sampled from the chat template's own rendering of the con
 by the user header (``ChatTemplates.query_prompt(history)``). While sampling queries, a multi-turn system
 prompt reminds the model that it is writing the user's next message in a multi-round conversation; the
 replies are then generated with the normal template, without it. Every turn's queries of a batch go to the
-engine in one call, and so do its responses.
+engine in one call, and so do its responses; row ``i``'s turn ``t`` samples its query from seed
+``row_seed + 2(t - 2)`` and its reply from the next one.
 
-A conversation whose next query or response comes out empty, cut by ``max_tokens``, or rejected by a
-post-processing filter stops before that turn: ``conversations`` always alternates user/assistant, with
+A conversation whose next query or response comes out empty, cut by ``max_tokens``, rejected by a
+post-processing filter, or not generated at all (the conversation no longer fits in the model's
+context: ``prompt_too_long_query@3``) stops before that turn: ``conversations`` always alternates user/assistant, with
 no empty message, and ``num_turns`` says how many user turns it kept (``multi_turn_end_reason`` why it
 stopped early). Columns ``instruction_2``, ``response_2``, ... follow the published Magpie-MT datasets
 (``instruction``/``response`` stay turn 1); turns a conversation did not reach are null.
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
 from magpie_hf.postprocess import InstructionFilter, apply_filters
+from magpie_hf.seeds import SEEDS_PER_ROW, row_seeds
 from magpie_hf.steps.base import INT, MESSAGES, STRING, Batch, Features, Step, resolve_engine, select_rows
 from magpie_hf.steps.generate import ChatTemplateMixin
 
@@ -107,6 +110,11 @@ class MultiTurn(Step, ChatTemplateMixin):
         super().__post_init__()
         if self.n_turns < 1:
             raise ValueError(f"n_turns must be >= 1, got {self.n_turns}")
+        if 2 * (self.n_turns - 1) > SEEDS_PER_ROW:
+            raise ValueError(
+                f"n_turns={self.n_turns} needs {2 * (self.n_turns - 1)} seeds per row (a query and a reply per "
+                f"turn) and a row owns {SEEDS_PER_ROW}; use at most {SEEDS_PER_ROW // 2 + 1} turns."
+            )
         if not 1 <= self.min_turns <= self.n_turns:
             raise ValueError(f"min_turns must be between 1 and n_turns={self.n_turns}, got {self.min_turns}")
         self.postprocess = tuple(self.postprocess)
@@ -185,14 +193,16 @@ class MultiTurn(Step, ChatTemplateMixin):
             if why:
                 self.stats["ended_early_truncated_response"] += 1
 
+        seeds = row_seeds(seed, rows)
         for turn in range(2, self.n_turns + 1):
             active = [i for i in range(rows) if keep_row[i] and ended[i] is None]
             if not active:
                 break
-            # one engine call for this turn's queries ...
-            sampling = self._query_sampling.replace(seed=seed + 2 * turn, **stops)
+            # one engine call for this turn's queries ... (row i's turn t: query seeds[i] + 2(t-2), reply + 1)
+            sampling = self._query_sampling.replace(**stops)
             outs = self._engine.generate(
-                [self.query_prompt(conversations[i]) for i in active], sampling, progress=self.progress_callback
+                [self.query_prompt(conversations[i]) for i in active], sampling,
+                seeds=[seeds[i] + 2 * (turn - 2) for i in active], progress=self.progress_callback,
             )
             asked = []
             for i, (completion,) in zip(active, outs):
@@ -208,9 +218,10 @@ class MultiTurn(Step, ChatTemplateMixin):
             if not asked:
                 continue
             # ... and one for their replies (normal template: the multi-turn prompt is not shown)
-            sampling = self._response_sampling.replace(seed=seed + 2 * turn + 1, **stops)
+            sampling = self._response_sampling.replace(**stops)
             outs = self._engine.generate_chat(
-                [conversations[i] for i in asked], sampling, templates=templates, progress=self.progress_callback
+                [conversations[i] for i in asked], sampling, templates=templates,
+                seeds=[seeds[i] + 2 * (turn - 2) + 1 for i in asked], progress=self.progress_callback,
             )
             for i, (completion,) in zip(asked, outs):
                 reply, why = self._accept(completion, kind="response")
@@ -251,8 +262,9 @@ class MultiTurn(Step, ChatTemplateMixin):
         """Clean a completion; return ``(text, None)`` or ``("", reason)`` when the turn failed."""
         assert self._templates is not None
         self.stats["generated_tokens"] += completion.num_tokens
-        if not completion.ok:  # the engine could not generate it (a server's 400 for this prompt)
-            return "", f"failed_{kind}"
+        if completion.failure:  # not generated (the conversation outgrew the context, an abort)
+            self.stats[completion.failure] += 1
+            return "", f"{completion.failure}_{kind}"
         text = self._templates.clean(completion.text)
         if not text:
             return "", f"empty_{kind}"

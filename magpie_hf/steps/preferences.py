@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
 from magpie_hf.hardware import Hardware, Resources
+from magpie_hf.seeds import check_samples_per_row, row_seeds
 from magpie_hf.steps.base import FLOAT, FLOATS, INT, MESSAGES, STRING, STRINGS, Batch, Features, Step, struct
 from magpie_hf.steps.generate import ChatTemplateMixin
 
@@ -115,9 +116,12 @@ class InstructVsBasePairs(Step):
 class MultiResponses(Step, ChatTemplateMixin):
     """Sample ``n`` answers per ``instruction`` with the chat template (for best-of-n pairs).
 
-    Writes ``responses`` (list of ``n`` strings, cleaned of end-of-turn text; null for an answer the
-    engine could not generate, counted in ``stats["failed_response"]``), ``responses_finish_reasons``,
-    ``responses_num_tokens`` and ``gen_multi_response_configs``.
+    Writes ``responses`` (list of ``n`` strings, cleaned of end-of-turn text),
+    ``responses_finish_reasons``, ``responses_num_tokens`` and ``gen_multi_response_configs`` (with
+    the row's seed: its ``j``-th answer drew from ``seed + j``). An answer that could not be generated
+    (the prompt does not fit in the model's context, the engine aborted it) is null in ``responses``,
+    the first such reason of the row is in ``responses_error`` (null when all answers are there), and
+    it is counted in ``stats``.
 
     Example:
         >>> from magpie_hf.engines import EngineConfig
@@ -143,6 +147,7 @@ class MultiResponses(Step, ChatTemplateMixin):
             raise ValueError(f"MultiResponses needs n >= 2 answers per instruction to make pairs, got n={self.n}")
         if self.temperature == 0:
             raise ValueError("MultiResponses with temperature 0 (greedy) gives n identical answers; use temperature > 0.")
+        check_samples_per_row(self.n)
         self._engine = None
         self._templates = None
         self._sampling = SamplingConfig(
@@ -155,8 +160,10 @@ class MultiResponses(Step, ChatTemplateMixin):
             "responses": STRINGS,
             "responses_finish_reasons": STRINGS,
             "responses_num_tokens": pa.list_(INT),
+            "responses_error": STRING,
             "gen_multi_response_configs": struct(
-                output_generator=STRING, engine=STRING, n=INT, system_prompt=STRING, temperature=FLOAT,
+                output_generator=STRING, engine=STRING, n=INT, system_prompt=STRING, chat_template_kwargs=STRING,
+                temperature=FLOAT,
                 top_p=FLOAT, max_tokens=INT, repetition_penalty=FLOAT, seed=INT,
             ),
         }
@@ -170,24 +177,26 @@ class MultiResponses(Step, ChatTemplateMixin):
     def process(self, batch: Batch, *, seed: int) -> Batch:
         assert self._engine is not None and self._templates is not None, "call load() first"
         templates = self._templates
-        sampling = self._sampling.replace(seed=seed, stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids)
+        sampling = self._sampling.replace(stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids)
         conversations = [[{"role": "user", "content": q}] for q in batch["instruction"]]
-        outs = self._engine.generate_chat(
-            conversations, sampling, templates=templates, progress=getattr(self, "progress_callback", None)
-        )
+        # row i's j-th answer draws from row_seed(seed, i) + j
+        seeds = row_seeds(seed, len(conversations))
+        outs = self._engine.generate_chat(conversations, sampling, templates=templates, seeds=seeds,
+                                          progress=getattr(self, "progress_callback", None))
         new: Batch = {name: [] for name in self.outputs}
         record = {"output_generator": self._model_name(), "engine": self._engine.name, "n": self.n,
                   "system_prompt": self.system_prompt, "chat_template_kwargs": self._template_kwargs_record(),
                   **sampling.to_record()}
-        for completions in outs:
+        for row_seed_, completions in zip(seeds, outs):
             self.stats["generated_tokens"] += sum(c.num_tokens for c in completions)
-            # an answer the engine could not generate is null (its reason: finish reason "error"/"abort")
-            new["responses"].append([templates.clean(c.text) if c.ok else None for c in completions])
-            if not all(c.ok for c in completions):
-                self.stats["failed_response"] += sum(not c.ok for c in completions)
+            failures = [c for c in completions if c.failure]
+            for c in failures:
+                self.stats[c.failure] += 1
+            new["responses"].append([None if c.failure else templates.clean(c.text) for c in completions])
             new["responses_finish_reasons"].append([c.finish_reason for c in completions])
             new["responses_num_tokens"].append([c.num_tokens for c in completions])
-            new["gen_multi_response_configs"].append(record)
+            new["responses_error"].append(failures[0].error if failures else None)
+            new["gen_multi_response_configs"].append({**record, "seed": row_seed_})
         return {**batch, **new}
 
 
@@ -241,15 +250,29 @@ class MultiResponseRewards(Step):
         self.reward.unload()
 
     def process(self, batch: Batch, *, seed: int) -> Batch:
+        from magpie_hf.steps.judges import JudgeStep
+
         owners, flat = [], {"instruction": [], "response": []}
-        for row, (instruction, responses) in enumerate(zip(batch["instruction"], batch["responses"])):
-            for response in responses or []:
+        # a judge's sampled ratings of row i's j-th answer draw from row_seed(seed, i) + j * samples + k
+        samples = int(getattr(self.reward, "num_samples", 1))
+        seeds: list[int] = []
+        for row, (instruction, responses, first) in enumerate(
+            zip(batch["instruction"], batch["responses"], row_seeds(seed, len(batch["instruction"])))
+        ):
+            check_samples_per_row(len(responses or []) * samples)
+            for j, response in enumerate(responses or []):
                 owners.append(row)
+                seeds.append(first + j * samples)
                 flat["instruction"].append(instruction)
                 flat["response"].append(response if response and response.strip() else None)
         before = collections.Counter(self.reward.stats)
         self.reward.progress_callback = getattr(self, "progress_callback", None)
-        scored = self.reward.process(flat, seed=seed) if owners else {}
+        if not owners:
+            scored: Batch = {}
+        elif isinstance(self.reward, JudgeStep):
+            scored = self.reward.judge(flat, seeds)
+        else:
+            scored = self.reward.process(flat, seed=seed)
         self.stats.update(self.reward.stats - before)
         rewards: list[list[float | None]] = [[] for _ in range(len(batch["instruction"]))]
         for row, value in zip(owners, scored.get(self.reward.output_column, [])):

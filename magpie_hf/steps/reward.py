@@ -25,12 +25,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Sequence
-
-from tqdm.auto import tqdm
+from typing import Any, Callable, Sequence
 
 from magpie_hf.engines import SamplingConfig
 from magpie_hf.hardware import Hardware, Resources
+from magpie_hf.seeds import check_samples_per_row
 from magpie_hf.steps.base import FLOAT, STRING, Batch, Features, Step, batch_len
 from magpie_hf.steps.judges import JudgeError, JudgeStep, quote_text
 from magpie_hf.templates import render_chat
@@ -66,7 +65,6 @@ class RewardModelScorer:
     #: token limit; None = the smaller of the tokenizer's and the model's limits
     max_length: int | None = None
     trust_remote_code: bool = False
-    show_progress: bool = True
     #: template variables for the reward model's chat template
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -101,9 +99,8 @@ class RewardModelScorer:
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         model = AutoModelForSequenceClassification.from_pretrained(self.model, dtype=dtype, **kwargs).to(device).eval()
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
         self._model, self._tokenizer, self._device = model, tokenizer, device
+        self._pad_id = self._agree_on_pad_id()
         self._limit = self._resolve_max_length()
 
     def close(self) -> None:
@@ -113,6 +110,29 @@ class RewardModelScorer:
     @property
     def name(self) -> str:
         return self.model
+
+    def _agree_on_pad_id(self) -> int:
+        """The id padded rows are filled with: the one the model's pooling skips.
+
+        transformers' sequence-classification heads pool the rightmost token that is not
+        ``config.pad_token_id`` and ignore the attention mask (transformers 5.24
+        ``modeling_layers.py:174-190``, ``GenericForSequenceClassification.forward``, which
+        ``LlamaForSequenceClassification`` uses). Padding with the tokenizer's pad id when the config's
+        differs makes a padded row pool a pad position, so a row's score would depend on its batch.
+        Pad with the config's id; when it has none (or one outside the vocabulary), set it to the
+        tokenizer's.
+        """
+        config = self._model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        pad_id = getattr(text_config, "pad_token_id", None)
+        vocab = getattr(text_config, "vocab_size", None)
+        if isinstance(pad_id, int) and 0 <= pad_id and (vocab is None or pad_id < vocab):
+            return pad_id
+        pad_id = int(self._tokenizer.pad_token_id)
+        text_config.pad_token_id = pad_id
+        if text_config is not config:
+            config.pad_token_id = pad_id
+        return pad_id
 
     def _resolve_max_length(self) -> int:
         if self.max_length:
@@ -139,18 +159,22 @@ class RewardModelScorer:
         head = tok(text[:cut], add_special_tokens=False)["input_ids"]
         return head[: self._limit - len(tail)] + tail
 
-    def score(self, conversations: Sequence[Conversation]) -> list[float]:
-        """One reward per conversation (a list of ``{role, content}``), in input order."""
+    def score(
+        self, conversations: Sequence[Conversation], *, progress: Callable[[int, int], None] | None = None
+    ) -> list[float]:
+        """One reward per conversation (a list of ``{role, content}``), in input order.
+
+        ``progress(rows_done, tokens)`` is called after every forward batch (rows scored, their tokens).
+        A row's score does not depend on the rows it is batched with (see :meth:`_agree_on_pad_id`).
+        """
         import torch
 
         self.load()
         encoded = [self.encode(c) for c in conversations]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
         rewards: list[float] = [0.0] * len(encoded)
-        pad_id = self._tokenizer.pad_token_id
-        bar = tqdm(total=len(encoded), desc=f"reward {self.model.split('/')[-1]}", unit="row",
-                   disable=not self.show_progress or len(encoded) < 64, leave=False)
-        with bar, torch.inference_mode():
+        pad_id = self._pad_id
+        with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 rows = order[start : start + self.batch_size]
                 width = max(len(encoded[i]) for i in rows)
@@ -163,7 +187,8 @@ class RewardModelScorer:
                 values = _reward_values(out, mask)
                 for r, i in enumerate(rows):
                     rewards[i] = float(values[r])
-                bar.update(len(rows))
+                if progress is not None:
+                    progress(len(rows), sum(len(encoded[i]) for i in rows))
         return rewards
 
 
@@ -255,7 +280,7 @@ class RewardModel(Step):
             [{"role": "user", "content": instructions[i]}, {"role": "assistant", "content": responses[i]}] for i in todo
         ]
         truncated_before = self._scorer.stats["truncated"]
-        scores = self._scorer.score(conversations) if conversations else []
+        scores = self._scorer.score(conversations, progress=self.progress_callback) if conversations else []
         self.stats["truncated"] += self._scorer.stats["truncated"] - truncated_before
         rewards: list[float | None] = [None] * n
         for i, s in zip(todo, scores):
@@ -295,6 +320,8 @@ class JudgeReward(JudgeStep):
         super().__post_init__()
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        check_samples_per_row(self.num_samples)
+        SamplingConfig(temperature=self.temperature)  # a temperature no backend takes fails here, not at load
 
     def sampling(self) -> SamplingConfig:
         greedy = super().sampling()

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import BOOL, STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
 
 PAPER_GUARD_MODEL = "meta-llama/Meta-Llama-Guard-2-8B"
@@ -178,16 +179,17 @@ class LlamaGuard(Step):
         conversations = [self.conversation(instructions[i], responses[i]) for i in todo]
         sampling = SamplingConfig(temperature=0.0, max_tokens=self.max_tokens)
         taxonomy = self.resolved_taxonomy()
+        seeds = row_seeds(seed, n)  # one per row, as everywhere (greedy: they change nothing)
         outputs = (
             self._engine.generate_chat(conversations, sampling, templates=self._engine.chat_templates(self.chat_template_kwargs),
-                                       progress=self.progress_callback)
+                                       seeds=[seeds[i] for i in todo], progress=self.progress_callback)
             if conversations
             else []
         )
         for i, completions in zip(todo, outputs):
-            if not completions[0].ok:  # never generated (a server's 400 for this prompt): null + reason
+            if completions[0].failure:  # not generated (prompt too long, a server's 400, aborted): null + reason
                 errors[i] = completions[0].error or f"no verdict (finish reason {completions[0].finish_reason})"
-                self.stats["failed"] += 1
+                self.stats[completions[0].failure] += 1
                 continue
             raw[i] = completions[0].text.strip()
             try:

@@ -50,8 +50,35 @@ def test_n_seed_stop_and_length(engine):
             assert c.num_tokens == 32
 
 
-def test_json_schema_is_enforced(engine):
-    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+def test_json_schema_is_enforced_and_compact(engine):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}, "why": {"type": "string", "maxLength": 40}},
+              "required": ["answer", "why"]}
     prompt = "<|im_start|>user\nWhat is 2+2? Reply in JSON.<|im_end|>\n<|im_start|>assistant\n"
-    out = engine.generate([prompt], SamplingConfig(temperature=0, max_tokens=32, json_schema=schema))[0][0]
+    out = engine.generate([prompt], SamplingConfig(temperature=0, max_tokens=64, json_schema=schema))[0][0]
     assert isinstance(json.loads(out.text)["answer"], int)
+    assert "\n" not in out.text and '": ' not in out.text  # JSON_GRAMMAR: no free whitespace, as on transformers
+
+
+def test_seeds_per_prompt_and_greedy_n(engine):
+    sampling = SamplingConfig(temperature=1.0, max_tokens=24, stop=("<|im_end|>",))
+    together = engine.generate([PRE_QUERY] * 4, sampling, seeds=[0, 64, 128, 192])
+    assert len({c[0].text for c in together}) > 1
+    # vLLM refuses greedy with n > 1: the base class asks once and repeats the answer
+    greedy = engine.generate([PRE_QUERY], SamplingConfig(temperature=0, max_tokens=16, n=3))[0]
+    assert greedy[0] == greedy[1] == greedy[2]
+
+
+def test_prompt_past_the_context_fails_alone(engine):
+    assert engine.context_length() == 2048
+    long = PRE_QUERY + "word " * 3000
+    out = engine.generate([long, PRE_QUERY], SamplingConfig(temperature=0, max_tokens=8))
+    assert out[0][0].failure == "prompt_too_long" and out[1][0].ok
+
+
+def test_stop_string_tokens_are_not_counted(engine):
+    tok = engine.tokenizer
+    free = engine.generate(["Once upon a time"], SamplingConfig(temperature=0, max_tokens=20))[0][0]
+    word = " " + free.text.split()[3]
+    out = engine.generate(["Once upon a time"], SamplingConfig(temperature=0, max_tokens=20, stop=(word,)))[0][0]
+    assert out.finish_reason == "stop" and word not in out.text
+    assert out.num_tokens == len(tok(out.text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,220 @@
+"""The vLLM adapter against a stand-in ``vllm`` (tests/vllm_standin.py) that follows vLLM 0.34.0's source.
+
+vLLM cannot run without a GPU; these tests pin what :class:`VLLMEngine` sends to ``vllm.LLM`` and how
+it reads what vLLM documents it returns or raises. ``tests/gpu/test_vllm.py`` runs the real vLLM.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+import magpie_hf.engines.vllm as vllm_adapter
+from magpie_hf.constrained import JSON_GRAMMAR, JSONSchemaConstraint
+from magpie_hf.engines import EngineConfig, SamplingConfig, resolve_backend
+from magpie_hf.engines.vllm import VLLMEngine
+from magpie_hf.seeds import row_seed, row_seeds, stage_seed
+from magpie_hf.steps import MagpieInstructions, Responses
+from magpie_hf.steps.generate import PRO_MIXTURE
+from magpie_hf.steps.multi_turn import MultiTurn
+from magpie_hf.steps.preferences import MultiResponses
+from magpie_hf.steps.reward import JudgeReward
+from magpie_hf.task_prompts import TaskControlledInstructions
+from tests import vllm_standin
+
+PROMPT = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture
+def standin(monkeypatch, embedded_tokenizer):
+    module = vllm_standin.module(embedded_tokenizer)
+    monkeypatch.setattr(vllm_adapter, "_import_vllm", lambda: module)
+    return module
+
+
+@pytest.fixture
+def engine(standin):
+    return VLLMEngine(EngineConfig("org/chat-model", backend="vllm", max_model_len=256))
+
+
+def _draw_keys(engine):
+    return [(prompt, seed) for prompt, seed, _t, _p in engine.llm.draws]
+
+
+def test_pro_mixture_draws_every_sample_from_its_own_seed(engine):
+    """256 rows of the Table 6 Pro mixture, in 4 shards: no (prompt, seed) pair is drawn twice.
+
+    With one request per mixture setting (n = its rows, seed = shard seed + k), setting k's child j+1
+    and setting k+1's child j shared a seed and drew the same instruction (171 duplicates of 256).
+    """
+    step = MagpieInstructions(engine=engine, num_rows=256, mixture=PRO_MIXTURE, max_tokens=64,
+                              drop_empty=False, drop_truncated=False, seed=7)
+    step.load()
+    first = stage_seed(7, 0)
+    rows = collections.defaultdict(list)
+    for offset in range(0, 256, 64):
+        batch = step.generate(offset=offset, num_rows=64, seed=row_seed(first, offset))
+        for column, values in batch.items():
+            rows[column].extend(values)
+    keys = _draw_keys(engine)
+    assert len(keys) == 256 and len(set(keys)) == 256
+    recorded = [c["seed"] for c in rows["gen_input_configs"]]
+    assert recorded == row_seeds(first, 256)  # each row's own seed, in its provenance
+    assert len(set(rows["instruction"])) > 250
+    # one row re-drawn alone from its recorded settings gives the same instruction
+    config = rows["gen_input_configs"][100]
+    sampling = SamplingConfig(temperature=config["temperature"], top_p=config["top_p"], max_tokens=config["max_tokens"],
+                              stop=step._templates.stop_strings, stop_token_ids=step._templates.stop_token_ids)
+    [[again]] = engine.generate([config["pre_query_template"]], sampling, seeds=[config["seed"]])
+    assert step._templates.clean(again.text) == rows["instruction"][100]
+
+
+def test_requests_are_token_ids_with_one_seed_per_prompt(engine, embedded_tokenizer):
+    prompts = [PROMPT, "<|im_start|>user\n", PROMPT]
+    out = engine.generate(prompts, SamplingConfig(temperature=1.0, max_tokens=16, n=2), seeds=[10, 74, 138])
+    [call] = engine.llm.calls
+    assert [ids for ids, _ in call] == [embedded_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert [sp.seed for _, sp in call] == [10, 74, 138] and all(sp.n == 2 for _, sp in call)
+    assert all(sp.skip_special_tokens is False for _, sp in call)
+    assert [seed for _, seed in _draw_keys(engine)] == [10, 11, 74, 75, 138, 139]  # child j: seed + j
+    assert out[0] != out[2]  # the same prompt with another seed
+
+
+def test_prompt_longer_than_the_context_fails_alone(engine):
+    """vLLM fails the whole call for one over-long prompt; the adapter sends only those that fit."""
+    instructions = [f"Question number {i}: what is {i} plus {i}?" for i in range(16)]
+    instructions[5] = "Repeat after me: " + "lorem ipsum dolor " * 150
+    step = Responses(engine=engine, max_tokens=32)
+    step.load()
+    out = step.process({"instruction": instructions}, seed=row_seed(stage_seed(0, 1), 0))
+    assert len(out["response"]) == 16
+    assert [i for i, r in enumerate(out["response"]) if r is None] == [5]
+    assert out["conversations"][5] is None and out["response_finish_reason"][5] == "error"
+    assert "the model's context is 256" in out["response_error"][5]
+    assert out["response_error"][:5] + out["response_error"][6:] == [None] * 15
+    assert step.stats["prompt_too_long"] == 1
+    assert len(engine.llm.calls[0]) == 15
+    with pytest.raises(ValueError, match="maximum model length"):  # what vLLM itself would have done
+        engine.llm.generate([{"prompt_token_ids": [1] * 300}], [vllm_standin.SamplingParams()])
+
+
+def test_prompt_plus_max_tokens_past_the_context_ends_with_length(engine, embedded_tokenizer):
+    prompt = "Repeat after me:"
+    while (length := len(embedded_tokenizer(prompt, add_special_tokens=False)["input_ids"])) < 250:
+        prompt += " lorem"
+    assert length < 256
+    [[out]] = engine.generate([prompt], SamplingConfig(temperature=0, max_tokens=100))
+    assert engine.context_length() == 256
+    assert out.finish_reason == "length" and out.num_tokens <= 256 - length
+
+
+def test_finish_reasons_and_token_counts(engine, standin, embedded_tokenizer):
+    tok = embedded_tokenizer
+    # EOS: the id stays in token_ids, not in the text, and is not counted
+    [[eos]] = engine.generate([PROMPT], SamplingConfig(temperature=0, max_tokens=64))
+    assert eos.finish_reason == "stop" and eos.ok
+    assert eos.num_tokens == len(tok(eos.text, add_special_tokens=False)["input_ids"])
+    # max_tokens
+    [[cut]] = engine.generate([PROMPT], SamplingConfig(temperature=0, max_tokens=3))
+    assert (cut.finish_reason, cut.num_tokens) == ("length", 3)
+    # a stop string: the text ends before it and the tokens that only complete it are not counted
+    [[stopped]] = engine.generate([PROMPT], SamplingConfig(temperature=0, max_tokens=64, stop=("###",)))
+    returned = engine.llm.returned[-1].outputs[0]
+    assert returned.stop_reason == "###" and stopped.finish_reason == "stop" and "###" not in stopped.text
+    assert stopped.num_tokens == len(tok(stopped.text, add_special_tokens=False)["input_ids"]) < len(returned.token_ids)
+    # abort and error are failures with a reason, never "stop"
+    standin.LLM.forced = {0: "abort", 1: "error"}
+    [[aborted, errored]] = engine.generate([PROMPT], SamplingConfig(temperature=1.0, max_tokens=8, n=2), seeds=[0])
+    assert (aborted.finish_reason, aborted.failure, aborted.error) == ("abort", "aborted", "vLLM aborted the request")
+    assert (errored.finish_reason, errored.failure) == ("error", "failed") and "vLLM failed" in errored.error
+
+
+def test_greedy_with_n_is_asked_once_and_high_temperatures_are_refused(engine):
+    out = engine.generate([PROMPT], SamplingConfig(temperature=0, max_tokens=8, n=3), seeds=[5])
+    assert len(out[0]) == 3 and out[0][0] == out[0][1] == out[0][2]
+    assert [sp.n for _, sp in engine.llm.calls[0]] == [1]  # vLLM refuses greedy with n > 1
+    with pytest.raises(ValueError, match="between 0 and 2"):
+        SamplingConfig(temperature=2.5)
+    with pytest.raises(ValueError, match="between 0 and 2"):
+        JudgeReward(engine=engine, num_samples=3, temperature=3.0)
+    judge = JudgeReward(engine=engine, num_samples=3, temperature=0)
+    result = judge.process({"instruction": ["q1", "q2"], "response": ["a1", "a2"]}, seed=0)
+    assert all(isinstance(r, float) for r in result["instruct_reward"])
+
+
+def test_gguf_is_refused_before_anything_loads(standin):
+    config = EngineConfig("org/model-gguf", backend="vllm", gguf_file="model.Q4_K_M.gguf")
+    with pytest.raises(ValueError, match="transformers"):
+        resolve_backend(config)
+    with pytest.raises(ValueError, match="GGUF"):
+        VLLMEngine(config)
+    assert standin.LLM.instances == []
+    # auto never picks vLLM for GGUF weights
+    assert resolve_backend(EngineConfig("org/model-gguf", gguf_file="model.gguf")) == "transformers"
+
+
+def test_both_backends_compile_the_same_json_grammar(engine, embedded_tokenizer):
+    """One setting (JSON_GRAMMAR) feeds the transformers constraint and vLLM's engine config."""
+    sent = engine.llm.kwargs["structured_outputs_config"]
+    assert sent == JSON_GRAMMAR.vllm_structured_outputs_config() == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert vllm_standin.vllm_xgrammar_compile_kwargs(sent) == JSON_GRAMMAR.xgrammar_kwargs()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}
+    params = engine.sampling_params(SamplingConfig(temperature=0, json_schema=schema))
+    assert params.structured_outputs.json == schema
+    # the transformers engine's grammar takes compact JSON and refuses free whitespace
+    constraint = JSONSchemaConstraint(embedded_tokenizer, schema, stop_token_ids=[embedded_tokenizer.eos_token_id])
+
+    def accepts(text):
+        row = constraint.new_row()
+        return all(row.accept(t) for t in embedded_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    assert accepts(json.dumps({"a": 1, "b": 2}, separators=(",", ":")))
+    assert not accepts(json.dumps({"a": 1, "b": 2}))
+
+
+def test_context_length_and_close(engine):
+    assert engine.context_length() == 256
+    engine.llm.model_config.max_model_len = 128  # vLLM may lower it after sizing the KV cache
+    assert engine.context_length() == 128
+    core = engine.llm.llm_engine.engine_core
+    engine.close()
+    assert core.shut_down and engine.llm is None
+
+
+def test_every_step_gives_every_sample_its_own_seed(standin):
+    """MultiResponses, JudgeReward samples, multi-turn queries/replies and task control: no (prompt,
+    seed) pair twice, and the seeds are the rows' own."""
+    engine = VLLMEngine(EngineConfig("org/chat-model", backend="vllm", max_model_len=4096))
+    first = row_seed(stage_seed(3, 2), 128)
+    questions = ["Name a fruit."] * 4  # identical prompts: only the seeds keep their samples apart
+    multi = MultiResponses(engine=engine, n=5, temperature=0.8, max_tokens=16)
+    multi.load()
+    out = multi.process({"instruction": questions}, seed=first)
+    assert [c["seed"] for c in out["gen_multi_response_configs"]] == row_seeds(first, 4)
+    assert len(set(_draw_keys(engine))) == 20 and len({tuple(r) for r in out["responses"]}) == 4
+
+    engine.llm.draws.clear()
+    judge = JudgeReward(engine=engine, num_samples=5, temperature=1.0)
+    judge.process({"instruction": questions, "response": ["An apple."] * 4}, seed=first)
+    assert sorted(s for _, s in _draw_keys(engine)) == sorted(s + j for s in row_seeds(first, 4) for j in range(5))
+
+    engine.llm.draws.clear()
+    turns = MultiTurn(engine=engine, n_turns=3, query_max_tokens=64, max_tokens=64, temperature=0.7)
+    turns.load()
+    turns.process({"instruction": questions, "response": ["An apple."] * 4}, seed=first)
+    seeds = [s for _, s in _draw_keys(engine)]
+    assert len(seeds) == len(set(seeds)) == 16  # 4 rows x 2 turns x (query, reply)
+    assert set(seeds) == {s + k for s in row_seeds(first, 4) for k in range(4)}
+
+    engine.llm.draws.clear()
+    plain = MagpieInstructions(engine=engine, num_rows=16, max_tokens=64)
+    tasks = TaskControlledInstructions(engine=engine, num_rows=16, max_tokens=64, task="math=0.5,coding=0.5")
+    plain.load()
+    tasks.load()
+    a = plain.generate(offset=0, num_rows=16, seed=first)
+    b = tasks.generate(offset=0, num_rows=16, seed=first)
+    assert [c["seed"] for c in a["gen_input_configs"]] == [c["seed"] for c in b["gen_input_configs"]] == row_seeds(first, 16)
+    assert len(set(_draw_keys(engine))) == 32
+    assert len(set(b["system_prompt_key"])) == 2

@@ -1,0 +1,211 @@
+"""A small stand-in for the parts of ``vllm`` (0.34.0) that :mod:`magpie_hf.engines.vllm` uses.
+
+vLLM cannot run without a GPU, so CPU tests check our side of the boundary against this: what the
+adapter sends (``LLM(...)`` kwargs, one ``SamplingParams`` per prompt, token-id prompts, seeds) and
+how it reads what vLLM returns. Every behaviour here follows a line of vLLM 0.34.0's source:
+
+- ``SamplingParams`` refuses temperatures outside [0, 2] and greedy with ``n > 1``
+  (``vllm/sampling_params.py:660-677``, ``:773-777``); ``StructuredOutputsParams`` takes ``json=``
+  (``sampling_params.py:102-113``).
+- ``LLM.generate(prompts, params, use_tqdm=...)`` pairs a list of params one by one with the prompts
+  and returns outputs in prompt order (``entrypoints/llm.py:427-509``); a prompt of
+  ``max_model_len`` tokens or more fails the whole call after aborting the requests already added
+  (``v1/engine/input_processor.py:560-600``, ``entrypoints/common/offline.py:550-566``).
+- Child ``j`` of a request with ``n`` samples and ``seed=s`` is seeded ``s + j``
+  (``v1/engine/parallel_sampling.py:69-81``), and a seeded sample is a pure function of the prompt,
+  the seed and the sampling settings (the per-request generator of ``SamplingType.RANDOM_SEED``,
+  ``sampling_params.py:870-876``): here a hash of (prompt ids, seed, temperature, top_p).
+- A completion ends at EOS (``stop_reason`` None) or a stop token (``stop_reason`` = its id), which
+  stays in ``token_ids`` but not in the text (``v1/core/sched/utils.py:104-112``,
+  ``v1/engine/detokenizer.py:109-131``); at a stop string, ``text`` is cut before it and
+  ``token_ids`` keep the tokens up to the one completing it (``detokenizer.py:135-157``,
+  ``stop_reason`` = the string, ``output_processor.py:828-836``); at ``max_tokens`` or the end of
+  the context it ends with ``"length"`` (``v1/core/sched/utils.py:114-119``).
+- ``LLM.model_config.max_model_len`` (``entrypoints/llm.py:355``); ``LLM.get_tokenizer()``;
+  ``llm_engine.engine_core.shutdown()`` (``v1/engine/core_client.py:442-444``).
+
+The generated text is made of words drawn from the hash, so it is not language; tests that need a
+real model use the transformers engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import types
+from dataclasses import dataclass
+from typing import Any
+
+WORDS = ("how", "do", "I", "write", "a", "poem", "about", "the", "sea", "why", "is", "sky", "blue", "explain", "code")
+
+
+@dataclass
+class StructuredOutputsParams:
+    json: Any = None
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = 16
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 2.0:  # sampling_params.py:666-677
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}.")
+        if self.temperature < 1e-5 and self.n > 1:  # sampling_params.py:619-624, 773-777
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+
+
+@dataclass
+class CompletionOutput:  # vllm/outputs.py:58-94
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:  # vllm/outputs.py:137-190 (the fields the adapter reads)
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = True
+
+
+@dataclass
+class _ModelConfig:
+    max_model_len: int
+
+
+class _EngineCore:
+    def __init__(self) -> None:
+        self.shut_down = False
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        self.shut_down = True
+
+
+class LLM:
+    """``vllm.LLM`` for the adapter's calls; records what it was given in ``instances``/``calls``."""
+
+    instances: list["LLM"] = []
+    tokenizer: Any = None  # set by the test (a real Hugging Face tokenizer)
+    max_model_len: int = 2048
+    #: finish reason forced on completions whose sample index is listed (to test "abort"/"error")
+    forced: dict[int, str] = {}
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self.kwargs = {"model": model, **kwargs}
+        self.model_config = _ModelConfig(kwargs.get("max_model_len") or LLM.max_model_len)
+        self.llm_engine = types.SimpleNamespace(engine_core=_EngineCore())
+        self.calls: list[list[tuple[list[int], SamplingParams]]] = []
+        self.returned: list[RequestOutput] = []
+        #: every sample drawn: (prompt ids, seed, temperature, top_p)
+        self.draws: list[tuple[tuple[int, ...], int | None, float, float]] = []
+        LLM.instances.append(self)
+
+    def get_tokenizer(self) -> Any:
+        return LLM.tokenizer
+
+    def generate(self, prompts: list[dict], params: Any, *, use_tqdm: Any = True) -> list[RequestOutput]:
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("The lengths of prompts and params must be the same.")
+        for prompt in prompts:  # input_processor.py:560-600: the whole call fails
+            length = len(prompt["prompt_token_ids"])
+            if length >= self.model_config.max_model_len:
+                raise ValueError(
+                    f"The decoder prompt (length {length}) is longer than the maximum model length of "
+                    f"{self.model_config.max_model_len}."
+                )
+        self.calls.append([(list(p["prompt_token_ids"]), sp) for p, sp in zip(prompts, params)])
+        outputs = []
+        for number, (prompt, sp) in enumerate(zip(prompts, params)):
+            ids = list(prompt["prompt_token_ids"])
+            children = [self._sample(ids, sp, j) for j in range(sp.n)]
+            outputs.append(RequestOutput(str(number), ids, children))
+        self.returned.extend(outputs)
+        return outputs
+
+    # -- one child of a request ----------------------------------------------------------------
+    def _sample(self, prompt_ids: list[int], sp: SamplingParams, index: int) -> CompletionOutput:
+        tok = LLM.tokenizer
+        seed = None if sp.seed is None else sp.seed + index  # parallel_sampling.py:69-81
+        greedy = sp.temperature < 1e-5
+        self.draws.append((tuple(prompt_ids), seed, sp.temperature, sp.top_p))
+        key = f"{prompt_ids}|{None if greedy else seed}|{sp.temperature}|{sp.top_p}"
+        if not greedy and seed is None:
+            key += f"|{random.random()}"  # unseeded sampling: fresh noise
+        rng = random.Random(hashlib.sha256(key.encode()).digest())
+        if sp.structured_outputs is not None:
+            text = json.dumps(_instance(sp.structured_outputs.json, rng), separators=(",", ":"))
+        else:
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + "?"
+            if sp.stop:  # the model goes on to write the first stop string, then more
+                text += sp.stop[0] + " more"
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        room = min(sp.max_tokens or 10**9, self.model_config.max_model_len - len(prompt_ids))
+        stop_ids = set(sp.stop_token_ids or ())
+        for k in range(1, min(len(ids), room) + 1):
+            token = ids[k - 1]
+            if token == tok.eos_token_id or token in stop_ids:  # sched/utils.py:104-112: the id stays in token_ids
+                return self._done(index, tok.decode(ids[: k - 1], skip_special_tokens=False), ids[:k], "stop",
+                                  None if token == tok.eos_token_id else token)
+            partial = tok.decode(ids[:k], skip_special_tokens=False)
+            hit = next((s for s in sp.stop or () if s in partial), None)
+            if hit is not None:  # detokenizer.py:135-157: text cut before it, ids up to the completing token
+                return self._done(index, partial[: partial.index(hit)], ids[:k], "stop", hit)
+        # sched/utils.py:114-119: max_tokens or the end of the context
+        return self._done(index, tok.decode(ids[:room], skip_special_tokens=False), ids[:room], "length", None)
+
+    def _done(self, index: int, text: str, ids: list[int], reason: str, stop_reason: Any) -> CompletionOutput:
+        if index in LLM.forced:
+            return CompletionOutput(index, text, ids, LLM.forced[index], None)
+        return CompletionOutput(index, text, ids, reason, stop_reason)
+
+
+def _instance(schema: dict, rng: random.Random) -> Any:
+    """A small value valid under ``schema`` (the kinds the judges ask for)."""
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: _instance(v, rng) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        return []
+    if kind == "integer":
+        return rng.randint(1, 10)
+    return "ok"
+
+
+def vllm_xgrammar_compile_kwargs(structured_outputs_config: dict) -> dict:
+    """What vLLM 0.34's xgrammar backend passes to ``compile_json_schema`` for an engine-level
+    ``StructuredOutputsConfig`` (``v1/structured_output/backend_xgrammar.py:39-41, 144-149``)."""
+    disable = bool(structured_outputs_config.get("disable_any_whitespace", False))
+    return {"any_whitespace": not disable, "separators": (",", ":") if disable else None}
+
+
+def module(tokenizer: Any) -> types.SimpleNamespace:
+    """A ``vllm`` module for ``monkeypatch.setattr(magpie_hf.engines.vllm, "_import_vllm", lambda: module)``."""
+    LLM.instances = []
+    LLM.tokenizer = tokenizer
+    LLM.forced = {}
+    return types.SimpleNamespace(
+        __version__="0.34.0",
+        LLM=LLM,
+        SamplingParams=SamplingParams,
+        sampling_params=types.SimpleNamespace(StructuredOutputsParams=StructuredOutputsParams),
+    )
+
+
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "module", "vllm_xgrammar_compile_kwargs"]
