@@ -24,6 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from magpie_hf.steps.base import jsonable
+
 
 class ConfigError(ValueError):
     """A configuration file or flag that cannot be used; the message says what to change."""
@@ -118,18 +120,7 @@ def to_yaml(*sections: Any) -> str:
     blocks = []
     for section in sections:
         values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
-        body = yaml.safe_dump(_plain(values), sort_keys=False, allow_unicode=True, width=120)
+        body = yaml.safe_dump(jsonable(values), sort_keys=False, allow_unicode=True, width=120)
         blocks.append(f"# {type(section).__name__}\n{body}")
     return "\n".join(blocks)
 
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -9,7 +9,6 @@ the model's self-written user queries fall in that domain. This module holds:
   ``system_prompt_key``;
 - :class:`TaskControlledInstructions`, :class:`~magpie_hf.steps.MagpieInstructions` with one derived
   chat template per key (and optional instruction post-processing);
-- :func:`add_task_args` / :func:`task_from_args` for recipes (``--task math``, ``--task-mix math=0.5,coding=0.5``).
 
 Example:
     >>> from magpie_hf.task_prompts import TaskMix
@@ -26,15 +25,12 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import hashlib
-import json
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.postprocess import InstructionFilter, apply_filters
@@ -398,39 +394,3 @@ class TaskControlledInstructions(MagpieInstructions):
                 batch["instruction"][i] = cleaned
             keep.append(dropped_by is None)
         return select_rows(batch, keep)
-
-
-# -------------------------------------------------------------------- command line
-def add_task_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--task``, ``--task-mix`` and ``--task-prompts`` to a recipe's parser."""
-    group = parser.add_argument_group("task control (paper, Appendix A.2)")
-    exclusive = group.add_mutually_exclusive_group()
-    exclusive.add_argument("--task", default=None, metavar="KEY",
-                           help=f"steer every instruction with one domain system prompt: {', '.join(TASK_PROMPTS)}")
-    exclusive.add_argument("--task-mix", default=None, metavar="KEY=W,...",
-                           help="a weighted mixture of domain prompts summing to 1, e.g. math=0.5,coding=0.5")
-    group.add_argument("--task-prompts", type=Path, default=None, metavar="FILE.json",
-                       help="a JSON object {key: system prompt} adding (or replacing) task prompts")
-    return parser
-
-
-def task_from_args(args: argparse.Namespace) -> TaskMix | None:
-    """The :class:`TaskMix` the flags ask for, or None; bad input exits with a clear message."""
-    spec = getattr(args, "task", None) or getattr(args, "task_mix", None)
-    prompts_file = getattr(args, "task_prompts", None)
-    if spec is None:
-        if prompts_file is not None:
-            raise SystemExit("error: --task-prompts needs --task KEY or --task-mix KEY=W,... to choose among them")
-        return None
-    prompts: dict[str, str] | None = None
-    if prompts_file is not None:
-        try:
-            prompts = json.loads(Path(prompts_file).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise SystemExit(f"error: cannot read --task-prompts {prompts_file}: {err}") from None
-        if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
-            raise SystemExit(f"error: --task-prompts {prompts_file} must hold a JSON object of strings {{key: prompt}}")
-    try:
-        return TaskMix.from_spec(spec, prompts=prompts)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None

@@ -38,6 +38,23 @@ def embedded_tokenizer(embedded_engine):
     return embedded_engine.tokenizer
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def load_recipe(name: str):
+    """A recipe script of ``recipes/`` as a module (its ``main(argv)`` and ``Recipe``), imported as a script is."""
+    import importlib.util
+    import sys
+
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))  # magpie_air imports magpie_pro like a script does
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in the recipe look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def chat_template_fixtures() -> dict[str, dict]:
     """The real chat templates in tests/fixtures/chat_templates, by file stem.
 

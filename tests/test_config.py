@@ -3,12 +3,12 @@ every shipped config, and the shipped configs' values against the official run s
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_recipe
 import yaml
 
 from magpie_hf.config import InstructionArguments, RunArguments
@@ -20,14 +20,6 @@ RECIPES = ROOT / "recipes"
 CONFIGS = sorted((RECIPES / "configs").glob("*/*.yaml"))
 
 
-def load_recipe(name: str):
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))  # magpie_air imports magpie_pro like a script does
-    spec = importlib.util.spec_from_file_location(f"config_recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def official_rows() -> dict[str, dict]:

@@ -17,8 +17,8 @@ from magpie_hf.steps.judges import (
     TaskCategory,
     extract_json_object,
     match_label,
-    render_chat,
 )
+from magpie_hf.templates import render_chat
 
 
 class ScriptedEngine(Engine):

@@ -96,7 +96,7 @@ def test_localized_task_prompts():
 
 
 def _pro():
-    from tests.test_config import load_recipe
+    from tests.conftest import load_recipe
 
     return load_recipe("magpie_pro").PRO
 

@@ -3,7 +3,6 @@ resources each actor reserves, absolute paths, and a worker's own error."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import pytest
@@ -16,7 +15,7 @@ from magpie_hf.executors.ray import RayExecutor, RayStageResources  # noqa: E402
 from magpie_hf.hardware import Hardware, Resources  # noqa: E402
 from magpie_hf.layout import RunLayout  # noqa: E402
 from magpie_hf.pipeline import Pipeline  # noqa: E402
-from magpie_hf.recipe import add_ray_args, executor_from_args  # noqa: E402
+from magpie_hf.config import RayArguments  # noqa: E402
 from magpie_hf.steps import GeneratorStep, MagpieInstructions, Responses, Step  # noqa: E402
 from magpie_hf.steps.base import STRING  # noqa: E402
 from magpie_hf.steps.filters import Condition, Filter  # noqa: E402
@@ -171,18 +170,14 @@ def test_resources_name_known_steps(tmp_path):
         RayExecutor(max_restarts=-1)
 
 
-def test_executor_from_args():
+def test_ray_arguments_build_the_executor():
     from magpie_hf.executors import LocalExecutor
 
-    parser = argparse.ArgumentParser()
-    add_ray_args(parser)
-    assert isinstance(executor_from_args(parser.parse_args([])), LocalExecutor)
-
-    args = parser.parse_args(["--ray", "--ray-replicas", "3", "--ray-stage", "language:replicas=1,num_cpus=2"])
-    executor = executor_from_args(args)
+    assert isinstance(RayArguments().executor(), LocalExecutor)
+    executor = RayArguments(ray="local", ray_replicas=3, ray_stage=["language:replicas=1,num_cpus=2"]).executor()
     assert isinstance(executor, RayExecutor) and executor.address is None
     assert executor.default == RayStageResources(replicas=3)
     assert executor.stages["language"] == RayStageResources(replicas=1, num_cpus=2.0)
-    assert executor_from_args(parser.parse_args(["--ray", "ray://head:10001"])).address == "ray://head:10001"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--ray-stage", "language:gpus=1"])
+    assert RayArguments(ray="ray://head:10001").executor().address == "ray://head:10001"
+    with pytest.raises(ValueError, match="unknown key 'gpus'"):
+        RayArguments(ray="local", ray_stage=["language:gpus=1"]).executor()

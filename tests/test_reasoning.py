@@ -184,7 +184,7 @@ def test_typed_columns_and_counts_through_the_pipeline(reasoning_tokenizer, tmp_
 
 def test_reasoning_recipe_configuration(tmp_path):
     from magpie_hf.recipe import generation_steps, parse_recipe
-    from tests.test_config import load_recipe
+    from tests.conftest import load_recipe
 
     recipe = load_recipe("magpie_reasoning").REASONING
     paper = parse_recipe(recipe, [])

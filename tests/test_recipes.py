@@ -3,7 +3,6 @@ that resumes to the same rows, PO pairs, and TRL's SFT and DPO on the data the p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import datasets
 import pytest
+
+from tests.conftest import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PRO_ARGS = ["--preset", "cpu", "--num-rows", "32", "--shard-size", "16", "--seed", "7"]
@@ -30,14 +31,6 @@ ERROR_COLUMNS = {"task_category": "task_category_error", "input_quality": "input
 pytestmark = pytest.mark.slow
 
 
-def load_recipe(name: str):
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))  # magpie_air imports magpie_pro like a script does
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ embedded model."""
 
 from __future__ import annotations
 
-import argparse
 import collections
 import copy
 import json
@@ -18,10 +17,8 @@ from magpie_hf.task_prompts import (
     TASK_PROMPTS,
     TaskControlledInstructions,
     TaskMix,
-    add_task_args,
     looks_like_math,
     parse_task_mix,
-    task_from_args,
 )
 from magpie_hf.templates import ChatTemplateError
 from tests.conftest import chat_template_fixtures
@@ -93,30 +90,29 @@ def test_step_validates_before_any_model_loads():
     assert engines.loaded_engine_configs() == before
 
 
-def _args(argv):
-    return add_task_args(argparse.ArgumentParser()).parse_args(argv)
+def _task(argv):
+    from magpie_hf.recipe import Recipe, parse_recipe
+
+    return parse_recipe(Recipe(name="demo", description="", paper={"num_rows": 10}), argv).task_mix()
 
 
 def test_flags(tmp_path):
-    assert task_from_args(_args([])) is None
-    assert task_from_args(_args(["--task", "math"])).weights == {"math": 1.0}
-    assert task_from_args(_args(["--task-mix", "math=0.5,coding=0.5"])).weights == {"math": 0.5, "coding": 0.5}
+    assert _task([]) is None
+    assert _task(["--task", "math"]).weights == {"math": 1.0}
+    assert _task(["--task-mix", "math=0.5,coding=0.5"]).weights == {"math": 0.5, "coding": 0.5}
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({"legal": "You are an AI assistant for legal questions."}))
-    assert task_from_args(_args(["--task-mix", "legal=0.5,math=0.5", "--task-prompts", str(prompts)])).keys == ["legal", "math"]
+    assert _task(["--task_mix", "legal=0.5,math=0.5", "--task_prompts", str(prompts)]).keys == ["legal", "math"]
     with pytest.raises(SystemExit, match="must sum to 1"):
-        task_from_args(_args(["--task-mix", "math=0.5,coding=0.4"]))
-    with pytest.raises(SystemExit):
-        _args(["--task", "math", "--task-mix", "math=1"])  # mutually exclusive
+        _task(["--task-mix", "math=0.5,coding=0.4"])
+    with pytest.raises(SystemExit, match="not both"):
+        _task(["--task", "math", "--task-mix", "math=1"])
 
 
 def test_recipe_rejects_bad_weights_before_loading_a_model():
-    import importlib.util
-    from pathlib import Path
+    from tests.conftest import load_recipe
 
-    spec = importlib.util.spec_from_file_location("magpie_mt_recipe", Path(__file__).parents[1] / "recipes" / "magpie_mt.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("magpie_mt")
     before = engines.loaded_engine_configs()
     with pytest.raises(SystemExit, match="must sum to 1"):
         recipe.main(["--preset", "cpu", "--task-mix", "math=0.7,coding=0.2", "--output-dir", "/nonexistent/never-written"])

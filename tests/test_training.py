@@ -13,7 +13,6 @@ import io
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,18 +23,13 @@ import yaml
 pytest.importorskip("trl")
 
 from magpie_hf import training  # noqa: E402
+from tests.conftest import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 FIXTURES = ROOT / "tests" / "fixtures" / "chat_templates"
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses defined in the recipe look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- a dataset folder like the pipeline writes ----------------------------------------------------------------------

@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
+import os
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import pyarrow as pa
@@ -181,7 +182,7 @@ class Step:
                 value = value.config
             if isinstance(value, EngineConfig):
                 value = value.describe()
-            record[f.name] = _jsonable(value)
+            record[f.name] = jsonable(value)
         return record
 
     def check_inputs(self, columns: Iterable[str]) -> None:
@@ -251,13 +252,23 @@ def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON/YAML-friendly data: dataclasses and mappings as dicts, sequences as lists, paths
+    as strings, anything else as its ``repr``.
+
+    Example:
+        >>> import pathlib
+        >>> jsonable({"a": (1, pathlib.Path("x")), 2: None})
+        {'a': [1, 'x'], '2': None}
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+        return {k: jsonable(v) for k, v in dataclasses.asdict(value).items()}
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return repr(value)
