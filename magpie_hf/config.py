@@ -227,8 +227,10 @@ class TaggingArguments:
                                          "(paper: all-mpnet-base-v2; --preset cpu: the embedded all-MiniLM-L6-v2).")
     base_model: str | None = _field(None, "Base model for the reward difference (paper: Llama-3-8B, URIAL-prompted).")
     judge_reward_samples: int = _field(5, "Ratings averaged per response when the judge gives the reward.")
-    judge_max_tokens: int | None = _field(None, "Token limit of the judges' JSON answers (default per judge; the CPU "
-                                          "preset keeps them short).")
+    judge_max_tokens: int | None = _field(None, "Token limit of the judges' JSON answers (default per judge).")
+    judge_explanations: bool = _field(True, "Ask the quality and difficulty judges for their free-text fields "
+                                      "(quality_explanation, intent, knowledge); --no_judge_explanations answers with "
+                                      "the label alone, a few tokens (the CPU preset's choice).")
 
 
 @dataclasses.dataclass

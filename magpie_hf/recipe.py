@@ -96,6 +96,8 @@ CPU_PRESET: dict[str, Any] = {
     "reward_model": "judge",
     "embedding_model": "embedded",
     "base_model": "embedded",
+    # the 135M judge's explanations are noise; the label alone is a few tokens instead of a hundred
+    "judge_explanations": False,
 }
 
 #: the ``--filter`` default, and the one under ``--preset cpu``: the 135M judge gives (nearly) every
@@ -464,14 +466,16 @@ def tagging_steps(config: RecipeConfig, *, reward_difference: bool = False) -> S
     )
 
     stages = config.stages()
-    judge_tokens = {"max_tokens": config.tagging.judge_max_tokens} if config.tagging.judge_max_tokens else {}
+    judge_options: dict[str, Any] = {"explanations": config.tagging.judge_explanations}
+    if config.tagging.judge_max_tokens:
+        judge_options["max_tokens"] = config.tagging.judge_max_tokens
     chain = StepChain()
     if "task_category" in stages:
-        chain = chain >> TaskCategory(engine=config.judge_engine(), **judge_tokens)
+        chain = chain >> TaskCategory(engine=config.judge_engine(), **judge_options)
     if "input_quality" in stages:
-        chain = chain >> InputQuality(engine=config.judge_engine(), **judge_tokens)
+        chain = chain >> InputQuality(engine=config.judge_engine(), **judge_options)
     if "difficulty" in stages:
-        chain = chain >> Difficulty(engine=config.judge_engine(), **judge_tokens)
+        chain = chain >> Difficulty(engine=config.judge_engine(), **judge_options)
     if "safety" in stages:
         chain = chain >> LlamaGuard(engine=config.guard_engine(), taxonomy="llama-guard-2")
     if "language" in stages and config.instructions.language is None:  # --language tags right after step 1

@@ -66,6 +66,15 @@ def test_schemas_enumerate_exactly_the_paper_labels():
     assert TaskCategory().engine.model == "meta-llama/Meta-Llama-3-8B-Instruct"
 
 
+def test_judges_can_answer_with_the_label_alone():
+    quality, difficulty = InputQuality(explanations=False), Difficulty(explanations=False)
+    assert quality.schema()["required"] == ["input_quality"] and difficulty.schema()["required"] == ["difficulty"]
+    assert '"explanation"' not in quality.prompt("Hi") and '"intent"' not in difficulty.prompt("Hi")
+    assert quality.parse({"input_quality": "good"}) == {"input_quality": "good", "quality_explanation": None}
+    assert difficulty.parse({"difficulty": "easy"}) == {"intent": None, "knowledge": None, "difficulty": "easy"}
+    assert InputQuality().schema()["required"] == ["explanation", "input_quality"]  # the paper's default keeps them
+
+
 def test_task_category_step_validates_every_answer(embedded_tokenizer):
     answers = [
         '{"task_category": "coding & debugging", "other_task_category": ["Math", "Cooking", "Coding & Debugging"]}',

@@ -95,6 +95,9 @@ class JudgeStep(Step):
     constrained: bool = True
     #: longest free-text field (characters) the schema allows; keeps answers inside max_tokens
     max_field_chars: int = 300
+    #: ask for the free-text fields (quality explanation, intent, knowledge); without them the judge
+    #: answers with the label alone (a few tokens) and those columns are null
+    explanations: bool = True
     max_tokens: int = 192
     batch_size: int = 64
     #: template variables for the judge's chat template, e.g. {"enable_thinking": False} for a Qwen3 judge
@@ -337,25 +340,24 @@ class InputQuality(JudgeStep):
     error_column: ClassVar[str] = "input_quality_error"
 
     def prompt(self, text: str) -> str:
+        answer = (
+            "First explain briefly the strengths and weaknesses of the query, then give the rating. Reply with "
+            'JSON only:\n{"explanation": "<short assessment>", "input_quality": "<very poor/poor/average/good/excellent>"}'
+            if self.explanations
+            else 'Reply with JSON only:\n{"input_quality": "<very poor/poor/average/good/excellent>"}'
+        )
         return (
             "# Task\nJudge how well the user query below is written: its clarity, specificity and "
             "coherence. Use this scale:\n\n"
             f"{_QUALITY_GUIDE}\n\n"
             f"## User query\n```\n{quote_text(text)}\n```\n\n"
-            "## Answer format\nFirst explain briefly the strengths and weaknesses of the query, then "
-            "give the rating. Reply with JSON only:\n"
-            '{"explanation": "<short assessment>", "input_quality": "<very poor/poor/average/good/excellent>"}'
+            f"## Answer format\n{answer}"
         )
 
     def schema(self) -> dict:
-        return {
-            "type": "object",
-            "properties": {
-                "explanation": self._text_field(),
-                "input_quality": {"type": "string", "enum": list(INPUT_QUALITIES)},
-            },
-            "required": ["explanation", "input_quality"],
-        }
+        properties = {"explanation": self._text_field()} if self.explanations else {}
+        properties["input_quality"] = {"type": "string", "enum": list(INPUT_QUALITIES)}
+        return {"type": "object", "properties": properties, "required": list(properties)}
 
     def parse(self, answer: dict) -> dict[str, Any]:
         return {
@@ -382,26 +384,24 @@ class Difficulty(JudgeStep):
     max_field_chars: int = 200
 
     def prompt(self, text: str) -> str:
+        if self.explanations:
+            task = ("State the user's intent, the knowledge a model needs to solve the task, and then rate the "
+                    "difficulty as very easy, easy, medium, hard or very hard.")
+            answer = ('{"intent": "The user wants to ...", "knowledge": "To solve this, a model needs to know ...", '
+                      '"difficulty": "<very easy/easy/medium/hard/very hard>"}')
+        else:
+            task = "Rate the difficulty as very easy, easy, medium, hard or very hard."
+            answer = '{"difficulty": "<very easy/easy/medium/hard/very hard>"}'
         return (
-            "# Task\nWork out what the user below wants and how hard it is to answer well. State the "
-            "user's intent, the knowledge a model needs to solve the task, and then rate the difficulty "
-            "as very easy, easy, medium, hard or very hard.\n\n"
+            f"# Task\nWork out what the user below wants and how hard it is to answer well. {task}\n\n"
             f"## User query\n```\n{quote_text(text)}\n```\n\n"
-            "## Answer format\nReply with JSON only:\n"
-            '{"intent": "The user wants to ...", "knowledge": "To solve this, a model needs to know ...", '
-            '"difficulty": "<very easy/easy/medium/hard/very hard>"}'
+            f"## Answer format\nReply with JSON only:\n{answer}"
         )
 
     def schema(self) -> dict:
-        return {
-            "type": "object",
-            "properties": {
-                "intent": self._text_field(),
-                "knowledge": self._text_field(),
-                "difficulty": {"type": "string", "enum": list(DIFFICULTIES)},
-            },
-            "required": ["intent", "knowledge", "difficulty"],
-        }
+        properties = {"intent": self._text_field(), "knowledge": self._text_field()} if self.explanations else {}
+        properties["difficulty"] = {"type": "string", "enum": list(DIFFICULTIES)}
+        return {"type": "object", "properties": properties, "required": list(properties)}
 
     def parse(self, answer: dict) -> dict[str, Any]:
         return {
