@@ -117,7 +117,7 @@ def test_responses_through_the_chat_engine(server):
     step.load()
     out = step.process({"instruction": ["Name a fruit.", "Describe bread. " * 40, "Say hi."]}, seed=0)
     assert [r is None for r in out["response"]] == [False, True, False]
-    assert "maximum context length" in out["response_error"][1] and step.stats["failed_response"] == 1
+    assert "maximum context length" in out["response_error"][1] and step.stats["failed"] == 1
     assert out["conversations"][0] == [
         {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": out["response"][0]}
     ]

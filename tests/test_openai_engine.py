@@ -248,4 +248,4 @@ def test_responses_batch_with_one_refused_prompt(server):
     assert out["response"][1] is None and out["conversations"][1] is None
     assert out["response_finish_reason"][1] == "error" and "maximum context length" in out["response_error"][1]
     assert all(isinstance(out["response"][i], str) and out["response_error"][i] is None for i in (0, 2))
-    assert step.stats["failed_response"] == 1
+    assert step.stats["failed"] == 1

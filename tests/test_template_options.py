@@ -73,7 +73,7 @@ def test_instructions_and_responses(qwen3):
     step = MagpieInstructions(engine=engine, num_rows=2, max_tokens=16, chat_template_kwargs=OFF)
     step.load()
     batch = step.generate(offset=0, num_rows=2, seed=1)
-    assert engine.prompts == ["<|im_start|>user\n"]  # the pre-query, derived under the kwargs
+    assert engine.prompts == ["<|im_start|>user\n"] * 2  # the pre-query (one request per row), derived under the kwargs
     assert step._templates.chat_template_kwargs == OFF
     assert [c["chat_template_kwargs"] for c in batch["gen_input_configs"]] == ['{"enable_thinking": false}'] * 2
     assert json.loads(json.dumps(step.config_record()))["chat_template_kwargs"] == OFF

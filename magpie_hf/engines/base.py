@@ -315,7 +315,8 @@ class Engine(abc.ABC):
             return [[c] * n for (c,) in once]
         self._call_token_ids = {}
         try:
-            limit = self.context_length()
+            # a chat endpoint counts its own tokens (it applies the template): its 400 is the row's error
+            limit = self.context_length() if self.raw_prompts else None
             fits = list(range(len(prompts)))
             results: list[list[Completion] | None] = [None] * len(prompts)
             if limit is not None:
