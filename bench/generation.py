@@ -26,22 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def save_dequantized(target: Path) -> Path:
     """The embedded GGUF model saved as a plain transformers folder (fp32 safetensors)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from magpie_hf.embedded import dequantize_gguf, embedded_chat_model
 
-    from magpie_hf.embedded import embedded_chat_model
-
-    model_dir, gguf_file = embedded_chat_model()
-    AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file).save_pretrained(target)
-    # a GGUF-loaded model refuses save_pretrained: copy its dequantized weights into a plain model
-    gguf_model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(gguf_model.state_dict())
-    plain.generation_config = gguf_model.generation_config
-    plain.save_pretrained(target)
-    return target
+    return dequantize_gguf(*embedded_chat_model(), target)
 
 
 def run_pipeline(config, rows: int, max_tokens: int, out_dir: Path, seed: int) -> int:

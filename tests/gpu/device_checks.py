@@ -30,30 +30,19 @@ DEVICE = "cuda"
 
 
 def _sync() -> None:
+    import torch
 
     if DEVICE.startswith("cuda"):
-        _sync()
+        torch.cuda.synchronize()
 
 
 def dequantized_model(target: Path) -> Path:
     """The embedded GGUF model (or $MAGPIE_DEVICE_MODEL, a folder) as a plain transformers folder."""
     if os.environ.get("MAGPIE_DEVICE_MODEL"):
         return Path(os.environ["MAGPIE_DEVICE_MODEL"])
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from magpie_hf.embedded import dequantize_gguf, embedded_chat_model
 
-    from magpie_hf.embedded import embedded_chat_model
-
-    model_dir, gguf_file = embedded_chat_model()
-    AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file).save_pretrained(target)
-    gguf_model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(gguf_model.state_dict())
-    plain.generation_config = gguf_model.generation_config
-    plain.save_pretrained(target)
-    return target
+    return dequantize_gguf(*embedded_chat_model(), target)
 
 
 def throughput(model_path: Path, rows: int, max_tokens: int, batch_size: int) -> dict:
