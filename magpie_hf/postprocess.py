@@ -325,9 +325,8 @@ def markdown_heading_token_ids(tokenizer: Any) -> tuple[int, ...]:
     ids = set()
     for token, token_id in tokenizer.get_vocab().items():
         # a '#' in the token's own spelling, or a byte-fallback piece (<0x23> is '#')
-        if "#" in token or token == "<0x23>":
-            if _HEADING_TOKEN.fullmatch(tokenizer.decode([token_id])):
-                ids.add(int(token_id))
+        if ("#" in token or token == "<0x23>") and _HEADING_TOKEN.fullmatch(tokenizer.decode([token_id])):
+            ids.add(int(token_id))
     return tuple(sorted(ids))
 
 

@@ -128,7 +128,7 @@ def test_first_step_rules_are_refused_or_become_a_counted_filter(server, embedde
     # no_markdown_start: a "query" opening with '#' is dropped and counted, the others are the same rows
     readme = ("<|im_start|>user\nWrite a markdown README for a Python project called catlib, starting with its title."
               "<|im_end|>\n<|im_start|>assistant\n")
-    kwargs = dict(engine=engine, num_rows=16, max_tokens=3, pre_query_template=readme, drop_truncated=False, seed=2)
+    kwargs = {"engine": engine, "num_rows": 16, "max_tokens": 3, "pre_query_template": readme, "drop_truncated": False, "seed": 2}
     free = MagpieInstructions(**kwargs)
     ruled = MagpieInstructions(no_markdown_start=True, **kwargs)
     free.load()

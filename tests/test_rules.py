@@ -68,7 +68,7 @@ def test_first_token_temperature_scale_heats_the_first_step_only(engine, request
     seeds = SEEDS
     hot = SamplingConfig(temperature=0.5, max_tokens=4, first_token_temperature_scale=2.0)
     cold = hot.replace(first_token_temperature_scale=1.0)
-    one = dict(max_tokens=1)
+    one = {"max_tokens": 1}
     firsts_hot = engine.generate([README] * 24, hot.replace(**one), seeds=seeds)
     assert firsts_hot == engine.generate([README] * 24, cold.replace(temperature=1.0, **one), seeds=seeds)
     if "generate" in request.node.name:
@@ -94,7 +94,8 @@ def test_newline_stop_cuts_at_the_first_newline_and_drops_empty_first_lines(embe
     """The step's text is the free sample cut before its first newline (and stripped, as the official code does);
     a sample whose first line is empty is dropped and counted; the other settings are untouched."""
     pre_query = "<|im_start|>user\nFix this code:\n```"  # the model goes on with a language name or a newline
-    kwargs = dict(engine=embedded_engine, num_rows=16, max_tokens=24, pre_query_template=pre_query, drop_truncated=False, seed=1)
+    kwargs = {"engine": embedded_engine, "num_rows": 16, "max_tokens": 24, "pre_query_template": pre_query,
+              "drop_truncated": False, "seed": 1}
     step = MagpieInstructions(newline_stop=True, **kwargs)
     step.load()
     batch = step.generate(offset=0, num_rows=16, seed=3)

@@ -300,7 +300,11 @@ def test_first_token_rules_processor_changes_only_first_steps(first_token_rules)
     import numpy as np
     import torch
 
-    from magpie_hf.engines.vllm import FIRST_TOKEN_ARGS, FIRST_TOKEN_RULES_PROCESSOR, first_token_args
+    from magpie_hf.engines.vllm import (
+        FIRST_TOKEN_ARGS,
+        FIRST_TOKEN_RULES_PROCESSOR,
+        first_token_args,
+    )
 
     module_name, class_name = FIRST_TOKEN_RULES_PROCESSOR.split(":")
     cls = getattr(first_token_rules, class_name)

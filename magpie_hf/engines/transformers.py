@@ -107,7 +107,7 @@ class _FirstTokenRule:
         self.scale = float(sampling.first_token_temperature_scale)
 
     @classmethod
-    def of(cls, sampling: SamplingConfig) -> "_FirstTokenRule | None":
+    def of(cls, sampling: SamplingConfig) -> _FirstTokenRule | None:
         return cls(sampling) if sampling.first_token_rules else None
 
     def apply(self, scores: Any, rows: Sequence[int]) -> Any:
