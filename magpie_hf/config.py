@@ -106,12 +106,15 @@ class InstructionArguments:
                                             "template (inspect a model first: magpie-hf template MODEL).")
     newline_stop: bool = _field(False, "A newline also ends an instruction (the official generator's default; some "
                                 "models start answering after the first line of the query).")
-    sanitize: bool = _field(False, "Post-process instructions as the official Llama-3.x/Gemma-2 runs do: strip label "
-                            "prefixes such as '**Question**', drop markdown-only queries.")
+    sanitize: bool = _field(False, "Post-process instructions as the official Llama-3.x/Gemma-2 runs do: strip a leading "
+                            "'1.' and label such as '**Question**:', keep the first question or line (or what comes "
+                            "before an answer); queries left empty are dropped and counted.")
     no_markdown_start: bool = _field(False, "The first generated token may not be a markdown heading (#, ##, ###, "
-                                     "####), as the official Llama-3.1 runs.")
+                                     "####), as the official Llama-3.1 runs (a first-token ban on the transformers and "
+                                     "vLLM engines; on OpenAI-compatible servers queries opening with '#' are dropped "
+                                     "and counted).")
     first_token_temperature_scale: float = _field(1.0, "Sample the first token at this multiple of the temperature "
-                                                  "(the official Qwen2.5-Math runs: 1.2).")
+                                                  "(the official Qwen2.5-Math runs: 1.2; transformers and vLLM engines only).")
     chat_template_kwargs: str | None = _field(None, "JSON options for the chat template, e.g. "
                                               "'{\"enable_thinking\": false}' (Qwen3); they reach every rendering.")
     language: str | None = _field(None, "Steer step 1 toward a language (ISO 639-1, e.g. de, zh): a system prompt in that "

@@ -202,7 +202,17 @@ class RecipeConfig:
         )
         if e.batch_size:
             kwargs["batch_size"] = e.batch_size
+        if self.needs_first_token_rules():
+            # vLLM loads magpie_hf's first-step logits processor (other backends ignore the flag); every
+            # engine of the run gets it, so a model shared by two stages stays one engine
+            kwargs["first_token_rules"] = True
         return EngineConfig(**kwargs)
+
+    def needs_first_token_rules(self) -> bool:
+        """Whether step 1 asks for a first-step logits rule (``--no_markdown_start``,
+        ``--first_token_temperature_scale``)."""
+        i = self.instructions
+        return bool(i.no_markdown_start) or i.first_token_temperature_scale != 1.0
 
     def instruction_engine(self) -> EngineConfig:
         return self.engine_config(self.instructions.model or EMBEDDED, gguf_file=self.instructions.gguf_file)
@@ -367,15 +377,19 @@ def check_hardware(config: RecipeConfig) -> None:
 
 # -- steps -------------------------------------------------------------------------------------
 def instruction_filters(config: RecipeConfig, extra: Sequence[Any] = ()) -> tuple[Any, ...]:
-    """Post-processing of instructions: ``--sanitize``'s filters plus ``extra``."""
-    from magpie_hf.postprocess import sanitize_filters
+    """Post-processing of instructions: ``--sanitize``'s filters (the official Llama-3.x / Gemma-2 rules,
+    chosen by the instruction model's name) plus ``extra``."""
+    from magpie_hf.postprocess import sanitize_family, sanitize_filters
 
-    filters = [*(sanitize_filters() if config.instructions.sanitize else ()), *extra]
+    i = config.instructions
+    filters = [*(sanitize_filters(sanitize_family(i.model)) if i.sanitize else ()), *extra]
     return tuple({f.name: f for f in filters}.values())
 
 
 def instruction_step(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -> Step:
-    """Magpie step 1 with the run's model, mixture, lengths, stops, task control and post-processing."""
+    """Magpie step 1 with the run's model, mixture, lengths, stops (``--newline_stop``), first-token rules
+    (``--no_markdown_start``, ``--first_token_temperature_scale``), task control and post-processing
+    (``--sanitize``)."""
     from magpie_hf.steps import MagpieInstructions
 
     i = config.instructions
@@ -388,6 +402,9 @@ def instruction_step(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -
         keep_default_system_prompt=i.keep_default_system_prompt,
         pre_query_template=i.pre_query_template,
         chat_template_kwargs=i.template_kwargs(),
+        newline_stop=i.newline_stop,
+        no_markdown_start=i.no_markdown_start,
+        first_token_temperature_scale=i.first_token_temperature_scale,
         seed=config.run.seed,
     )
     task = config.task_mix()

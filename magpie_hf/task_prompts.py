@@ -331,6 +331,10 @@ class TaskControlledInstructions(MagpieInstructions):
     def output_features(self) -> Features:
         return {**super().output_features(), "system_prompt_key": STRING}
 
+    def instruction_filters(self) -> tuple[Any, ...]:
+        """The step's own rule filters, then ``postprocess`` (recorded in ``gen_input_configs``)."""
+        return (*super().instruction_filters(), *self.postprocess)
+
     def load(self) -> None:
         from magpie_hf.templates import ChatTemplateError, derive_templates
 

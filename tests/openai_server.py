@@ -4,7 +4,8 @@
 It speaks the wire format of ``vllm serve`` for the fields magpie_hf sends: a prompt as text or token ids
 (completions) or messages rendered with the tokenizer's chat template (chat), n, seed, stop,
 stop_token_ids, max_tokens (chat: or max_completion_tokens), temperature, top_p, repetition_penalty,
-response_format (``json_schema``, or llama.cpp's ``json_object`` with a ``schema``), and ``usage``. Sample ``j`` of a request with seed ``s`` is drawn from seed
+response_format (``json_schema``, or llama.cpp's ``json_object`` with a ``schema``), ``structured_outputs``
+``{"regex": ...}``, and ``usage``. Sample ``j`` of a request with seed ``s`` is drawn from seed
 ``s + j`` (vLLM's rule for the children of a request). Values it cannot honour (top_k or min_p that
 filter) are refused with 400. ``GET /v1/models`` reports ``max_model_len``.
 
@@ -195,6 +196,8 @@ class Handler(BaseHTTPRequestHandler):
             stop=tuple(stop),
             stop_token_ids=tuple(stop_ids),
             json_schema=schema,
+            # vLLM's structured outputs (vllm 0.34 entrypoints/openai/completion/protocol.py:133)
+            regex=(body.get("structured_outputs") or {}).get("regex"),
         )
         seed = body.get("seed")
         completions = []

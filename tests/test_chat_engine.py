@@ -141,7 +141,7 @@ def test_judge_through_the_chat_engine_with_a_json_schema(server):
 
 
 def test_guard_step_through_the_chat_engine(server):
-    from magpie_hf.steps.safety import LlamaGuard
+    from magpie_hf.steps.safety import LlamaGuard, verdict_regex
 
     step = LlamaGuard(engine=chat_engine(server, model="stand-in/Llama-Guard-3-tiny"), max_tokens=8)
     step.load()
@@ -152,7 +152,10 @@ def test_guard_step_through_the_chat_engine(server):
     assert sorted(map(len, sent)) == [1, 2]
     assert [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix and bake."}] in sent
     assert out["llama_guard_error"][1] == "empty instruction"
-    assert sum(step.stats[k] for k in ("safe", "unsafe", "unparseable", "empty_input")) == 3
+    # the verdict format travels in each server's field, and every answered row parses
+    regex = verdict_regex("llama-guard-3")
+    assert all(b["structured_outputs"] == {"regex": regex} and b["regex"] == regex and "grammar" in b for b in server.bodies())
+    assert step.stats["unparseable"] == 0 and step.stats["safe"] + step.stats["unsafe"] == 2
 
 
 def test_json_object_form_for_llama_cpp_python(server):

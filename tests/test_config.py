@@ -12,7 +12,7 @@ from tests.conftest import load_recipe
 import yaml
 
 from magpie_hf.config import InstructionArguments, RunArguments
-from magpie_hf.recipe import parse_recipe
+from magpie_hf.recipe import instruction_step, parse_recipe
 from magpie_hf.steps.generate import PRO_MIXTURE, DecodingSetting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +115,14 @@ def test_shipped_configs_equal_the_official_run_settings():
         assert i.sanitize == ("sanitize" in row["flags"]), path
         assert i.no_markdown_start == ("no-markdown-start" in row["flags"]), path
         assert i.first_token_temperature_scale == (1.2 if "hot-first-token" in row["flags"] else 1.0), path
+        # ... and the step the recipe builds applies them (the engine loads vLLM's first-step processor when needed)
+        step = instruction_step(config)
+        assert (step.newline_stop, step.no_markdown_start, step.first_token_temperature_scale) == (
+            i.newline_stop, i.no_markdown_start, i.first_token_temperature_scale), path
+        assert step.engine.first_token_rules == (i.no_markdown_start or i.first_token_temperature_scale != 1.0), path
+        filters = [(f.name, getattr(f, "family", None)) for f in step.instruction_filters()]
+        family = "gemma-2" if "gemma-2" in data["model"] else "llama-3"
+        assert filters == ([("enumerator", None), ("label_prefix", None), ("query_end", family)] if i.sanitize else []), path
         assert (i.instruction_max_tokens, r.response_max_tokens, config.engine.dtype) == (2048, 4096, "bfloat16"), path
         checked += 1
     wanted = ["Meta-Llama-3-8B", "Meta-Llama-3-70B", "Meta-Llama-3.1-8B", "Meta-Llama-3.1-70B", "Llama-3.3-70B",

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import pytest
 
 from magpie_hf.engines import EngineConfig, SamplingConfig, load_engine
 from magpie_hf.engines.openai import OpenAICompletionsEngine, OpenAIServerError
+from magpie_hf.steps import MagpieInstructions
 
 PROMPT = "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n"
 PROMPTS = [PROMPT, "<|im_start|>user\n", "Once upon a time", "<|im_start|>user\nHi<|im_end|>\n"]
@@ -93,6 +95,50 @@ def test_every_sampling_field_is_sent(server):
     }
     assert {k: body.get(k) for k in expected} == expected
     assert body["path"] == "/v1/completions" and isinstance(body["prompt"], list)
+
+
+# ---------------------------------------------------------------------- constraints and first-step rules
+def test_regex_goes_out_in_every_servers_field_and_is_honoured(server):
+    from magpie_hf.constrained import regex_to_gbnf
+
+    pattern = r"(yes|no)(, because [a-z ]{1,12})?"
+    out = make_engine(server).generate([PROMPT], SamplingConfig(temperature=1.0, max_tokens=12, seed=3, regex=pattern))[0][0]
+    (body,) = server.bodies()
+    assert body["structured_outputs"] == {"regex": pattern}  # vLLM
+    assert body["regex"] == pattern  # SGLang
+    assert body["grammar"] == regex_to_gbnf(pattern)  # llama.cpp
+    assert "response_format" not in body and "guided_regex" not in body
+    assert re.fullmatch(pattern, out.text)  # the test server (vLLM's wire format) applies it
+
+    hosted = make_engine(server, sampling_extensions=False)
+    with pytest.raises(ValueError, match="sampling_extensions=False"):
+        hosted.generate([PROMPT, PROMPT], SamplingConfig(max_tokens=4, regex=pattern))
+    assert len(server.bodies()) == 1  # refused before any request
+
+
+def test_first_step_rules_are_refused_or_become_a_counted_filter(server, embedded_engine):
+    engine = make_engine(server)
+    with pytest.raises(ValueError, match="cannot apply first-step logits rules"):
+        engine.generate([PROMPT], SamplingConfig(max_tokens=4, first_token_banned_ids=(19,)))
+    hot = MagpieInstructions(engine=engine, num_rows=4, first_token_temperature_scale=1.2)
+    with pytest.raises(ValueError, match="first_token_temperature_scale=1.2"):
+        hot.load()
+    assert server.bodies() == []
+
+    # no_markdown_start: a "query" opening with '#' is dropped and counted, the others are the same rows
+    readme = ("<|im_start|>user\nWrite a markdown README for a Python project called catlib, starting with its title."
+              "<|im_end|>\n<|im_start|>assistant\n")
+    kwargs = {"engine": engine, "num_rows": 16, "max_tokens": 3, "pre_query_template": readme, "drop_truncated": False, "seed": 2}
+    free = MagpieInstructions(**kwargs)
+    ruled = MagpieInstructions(no_markdown_start=True, **kwargs)
+    free.load()
+    ruled.load()
+    a, b = free.generate(offset=0, num_rows=16, seed=9), ruled.generate(offset=0, num_rows=16, seed=9)
+    headings = [t for t in a["instruction"] if t.startswith("#")]
+    assert headings and ruled.stats["dropped_markdown_heading"] == len(headings)
+    assert b["instruction"] == [t for t in a["instruction"] if not t.startswith("#")]
+    assert {c["instruction_filters"] for c in b["gen_input_configs"]} == {"markdown_heading"}
+    assert all("first_token" not in json.dumps(body) for body in server.bodies())
 
 
 def test_stop_string_excluded(server):

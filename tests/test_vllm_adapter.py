@@ -15,12 +15,14 @@ import magpie_hf.engines.vllm as vllm_adapter
 from magpie_hf.constrained import JSON_GRAMMAR, JSONSchemaConstraint
 from magpie_hf.engines import EngineConfig, SamplingConfig, resolve_backend
 from magpie_hf.engines.vllm import VLLMEngine
+from magpie_hf.postprocess import markdown_heading_token_ids
 from magpie_hf.seeds import row_seed, row_seeds, stage_seed
 from magpie_hf.steps import MagpieInstructions, Responses
 from magpie_hf.steps.generate import PRO_MIXTURE
 from magpie_hf.steps.multi_turn import MultiTurn
 from magpie_hf.steps.preferences import MultiResponses
 from magpie_hf.steps.reward import JudgeReward
+from magpie_hf.steps.safety import LlamaGuard, verdict_max_chars, verdict_regex
 from magpie_hf.task_prompts import TaskControlledInstructions
 from tests import vllm_standin
 
@@ -218,3 +220,129 @@ def test_every_step_gives_every_sample_its_own_seed(standin):
     assert [c["seed"] for c in a["gen_input_configs"]] == [c["seed"] for c in b["gen_input_configs"]] == row_seeds(first, 16)
     assert len(set(_draw_keys(engine))) == 32
     assert len(set(b["system_prompt_key"])) == 2
+
+
+# ---------------------------------------------------------------------- sampling rules and the guard's regex
+def test_regex_goes_in_structured_outputs_and_guard_verdicts_parse(engine):
+    """The guard's verdict regex reaches vLLM as StructuredOutputsParams(regex=...) with room for the longest
+    verdict, and what vLLM returns under it (here: texts the regex matches) parses for every row."""
+    guard = LlamaGuard(engine=engine, taxonomy="llama-guard-3")
+    guard.load()
+    batch = {"instruction": [f"Question {i}?" for i in range(12)], "response": [f"Answer {i}." for i in range(12)]}
+    out = guard.process(batch, seed=0)
+    params = [sp for call in engine.llm.calls for _, sp in call]
+    assert {sp.structured_outputs.regex for sp in params} == {verdict_regex("llama-guard-3")}
+    assert all(sp.max_tokens == verdict_max_chars("llama-guard-3") + 1 and sp.extra_args is None for sp in params)
+    assert all(isinstance(v, bool) for v in out["is_safe"]) and guard.stats["unparseable"] == 0
+    assert "logits_processors" not in engine.llm.kwargs  # loaded only when first-step rules are asked for
+
+
+def test_first_token_rules_load_the_processor_and_travel_in_extra_args(standin, embedded_tokenizer):
+    plain = VLLMEngine(EngineConfig("org/chat-model", backend="vllm", max_model_len=256))
+    rules = SamplingConfig(temperature=0.6, max_tokens=8, first_token_banned_ids=(712, 19), first_token_temperature_scale=1.2)
+    with pytest.raises(ValueError, match="first_token_rules=True"):
+        plain.generate(["<|im_start|>user\n"], rules)
+    assert plain.llm.calls == []
+
+    engine = VLLMEngine(EngineConfig("org/chat-model", backend="vllm", max_model_len=256, first_token_rules=True))
+    assert engine.llm.kwargs["logits_processors"] == [vllm_adapter.FIRST_TOKEN_RULES_PROCESSOR]
+    engine.generate(["<|im_start|>user\n"] * 2, rules.replace(n=2), seeds=[0, 64])
+    [call] = engine.llm.calls
+    assert [sp.extra_args for _, sp in call] == [{"magpie_first_token": {"banned_ids": [19, 712], "temperature_scale": 1.2}}] * 2
+    engine.generate(["<|im_start|>user\n"], SamplingConfig(max_tokens=8), seeds=[0])
+    assert engine.llm.calls[-1][0][1].extra_args is None  # no rules: nothing for the processor to do
+
+    # MagpieInstructions: the heading tokens of the engine's tokenizer, the hotter first token, the newline stop
+    step = MagpieInstructions(engine=engine, num_rows=8, max_tokens=32, newline_stop=True, no_markdown_start=True,
+                              first_token_temperature_scale=1.2, drop_truncated=False)
+    step.load()
+    batch = step.generate(offset=0, num_rows=8, seed=5)
+    sent = engine.llm.calls[-1][0][1]
+    assert sent.extra_args["magpie_first_token"] == {
+        "banned_ids": list(markdown_heading_token_ids(embedded_tokenizer)), "temperature_scale": 1.2}
+    assert "\n" in sent.stop and "<|im_end|>" in sent.stop
+    assert {(c["newline_stop"], c["no_markdown_start"], c["first_token_temperature_scale"], c["instruction_filters"])
+            for c in batch["gen_input_configs"]} == {(True, True, 1.2, None)}
+
+
+def test_without_the_processor_headings_are_filtered_and_the_hot_first_token_refused(standin):
+    engine = VLLMEngine(EngineConfig("org/chat-model", backend="vllm", max_model_len=256))
+    step = MagpieInstructions(engine=engine, num_rows=8, max_tokens=32, no_markdown_start=True)
+    step.load()
+    batch = step.generate(offset=0, num_rows=8, seed=5)
+    assert engine.llm.calls[-1][0][1].extra_args is None
+    assert {c["instruction_filters"] for c in batch["gen_input_configs"]} == {"markdown_heading"}
+    hot = MagpieInstructions(engine=engine, num_rows=8, first_token_temperature_scale=1.2)
+    with pytest.raises(ValueError, match="first_token_rules=True"):
+        hot.load()
+
+
+@pytest.fixture
+def first_token_rules(monkeypatch):
+    """:mod:`magpie_hf.engines.vllm_logits` imported against vLLM 0.34's logits-processor interface (stand-in)."""
+    import importlib
+    import sys
+
+    for name, module in vllm_standin.logits_processor_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "magpie_hf.engines.vllm_logits", raising=False)
+    module = importlib.import_module("magpie_hf.engines.vllm_logits")
+    yield module
+    sys.modules.pop("magpie_hf.engines.vllm_logits", None)
+
+
+def test_first_token_rules_processor_changes_only_first_steps(first_token_rules):
+    """Driven as vLLM's V2 model runner drives it: slots added with their SamplingParams, staged writes, then one
+    ``apply`` over a batch whose rows are at different positions. Only a ruled request's first step changes."""
+    import sys
+    import types
+
+    import numpy as np
+    import torch
+
+    from magpie_hf.engines.vllm import (
+        FIRST_TOKEN_ARGS,
+        FIRST_TOKEN_RULES_PROCESSOR,
+        first_token_args,
+    )
+
+    module_name, class_name = FIRST_TOKEN_RULES_PROCESSOR.split(":")
+    cls = getattr(first_token_rules, class_name)
+    interface = sys.modules["vllm.v1.worker.gpu.sample.logits_processor"]
+    assert module_name == first_token_rules.__name__ and issubclass(cls, interface.LogitsProcessor)
+    vocab = 8
+    prompt_len = types.SimpleNamespace(np=np.array([5, 7, 4, 3, 6], dtype=np.int32))
+    prompt_len.gpu = torch.from_numpy(prompt_len.np)
+    state = types.SimpleNamespace(device=torch.device("cpu"), max_num_reqs=5, vocab_size=vocab, prompt_len=prompt_len)
+    processor = cls(None, state)
+    ban_and_scale = vllm_standin.SamplingParams(extra_args={
+        FIRST_TOKEN_ARGS: first_token_args(SamplingConfig(first_token_banned_ids=(1, 3, 99), first_token_temperature_scale=2.0))})
+    scale_only = vllm_standin.SamplingParams(extra_args={FIRST_TOKEN_ARGS: {"banned_ids": [], "temperature_scale": 2.0}})
+    plain = vllm_standin.SamplingParams()
+    assert [processor.add_request(i, sp) for i, sp in enumerate([ban_and_scale, plain, ban_and_scale, scale_only, plain])] == [
+        True, False, True, True, False]
+    processor.apply_staged_writes()
+    logits = torch.arange(40, dtype=torch.float32).reshape(5, vocab) + 1
+    # slot 0 at its first step (position prompt_len - 1), slot 1 too but unruled, slot 2 past it, slot 3 first
+    # step with a scale only, slot 4 unruled
+    slots = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
+    ctx = interface.LogitsContext(expanded_idx_mapping=slots, idx_mapping=slots, idx_mapping_np=slots.numpy(),
+                                  expanded_local_pos=torch.zeros(5, dtype=torch.int32), input_ids=torch.zeros(5, dtype=torch.int32),
+                                  pos=torch.tensor([4, 6, 4, 2, 5], dtype=torch.int32),
+                                  seq_lens_upper_bound_np=np.array([5, 7, 5, 3, 6]))
+    out = processor.apply(logits.clone(), ctx)
+    expected = logits.clone()
+    expected[0] /= 2.0
+    expected[0, [1, 3]] = float("-inf")  # id 99 is past the vocabulary: ignored
+    expected[3] /= 2.0
+    assert torch.equal(out, expected)
+    # a slot reused by a request without rules is reset; a batch without ruled requests is left alone
+    processor.add_request(0, plain)
+    processor.apply_staged_writes()
+    assert torch.equal(processor.apply(logits[:2].clone(), types.SimpleNamespace(
+        expanded_idx_mapping=torch.tensor([0, 1]), idx_mapping_np=np.array([0, 1]), pos=torch.tensor([4, 6]))), logits[:2])
+    # malformed arguments fail the request at admission (validate_params runs in vLLM's frontend)
+    for bad in ({"banned_ids": [-1]}, {"banned_ids": "#"}, {"temperature_scale": 0}, {"bans": [1]}):
+        with pytest.raises(ValueError, match="magpie_first_token"):
+            cls.validate_params(vllm_standin.SamplingParams(extra_args={FIRST_TOKEN_ARGS: bad}))
+    cls.validate_params(plain)

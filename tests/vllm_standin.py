@@ -5,8 +5,13 @@ adapter sends (``LLM(...)`` kwargs, one ``SamplingParams`` per prompt, token-id 
 how it reads what vLLM returns. Every behaviour here follows a line of vLLM 0.34.0's source:
 
 - ``SamplingParams`` refuses temperatures outside [0, 2] and greedy with ``n > 1``
-  (``vllm/sampling_params.py:660-677``, ``:773-777``); ``StructuredOutputsParams`` takes ``json=``
-  (``sampling_params.py:102-113``).
+  (``vllm/sampling_params.py:660-677``, ``:773-777``) and carries ``extra_args`` for custom logits
+  processors (``:419-422``); ``StructuredOutputsParams`` takes one of ``json=`` or ``regex=``
+  (``sampling_params.py:102-142``), and a constrained completion matches it (here: drawn from the
+  regex or the schema).
+- ``vllm.v1.worker.gpu.sample.logits_processor`` (:func:`logits_processor_modules`): the V2
+  ``LogitsProcessor`` interface and ``LogitsContext`` (``logits_processor/interface.py:27-158``), so
+  :mod:`magpie_hf.engines.vllm_logits` imports and its class can be driven as the model runner does.
 - ``LLM.generate(prompts, params, use_tqdm=...)`` pairs a list of params one by one with the prompts
   and returns outputs in prompt order (``entrypoints/llm.py:427-509``); a prompt of
   ``max_model_len`` tokens or more fails the whole call after aborting the requests already added
@@ -43,6 +48,11 @@ WORDS = ("how", "do", "I", "write", "a", "poem", "about", "the", "sea", "why", "
 @dataclass
 class StructuredOutputsParams:
     json: Any = None
+    regex: str | None = None
+
+    def __post_init__(self) -> None:  # sampling_params.py:119-142: exactly one constraint
+        if (self.json is None) == (self.regex is None):
+            raise ValueError("You must use one kind of structured outputs constraint")
 
 
 @dataclass
@@ -57,6 +67,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    extra_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 2.0:  # sampling_params.py:666-677
@@ -147,7 +158,9 @@ class LLM:
         if not greedy and seed is None:
             key += f"|{random.random()}"  # unseeded sampling: fresh noise
         rng = random.Random(hashlib.sha256(key.encode()).digest())
-        if sp.structured_outputs is not None:
+        if sp.structured_outputs is not None and sp.structured_outputs.regex is not None:
+            text = _match(sp.structured_outputs.regex, rng)
+        elif sp.structured_outputs is not None:
             text = json.dumps(_instance(sp.structured_outputs.json, rng), separators=(",", ":"))
         else:
             text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + "?"
@@ -188,6 +201,75 @@ def _instance(schema: dict, rng: random.Random) -> Any:
     return "ok"
 
 
+def _match(pattern: str, rng: random.Random) -> str:
+    """A short random text that ``pattern`` matches in full (literals, classes, groups, alternation, repeats)."""
+    import re._constants as c
+    import re._parser as parser
+
+    def walk(items: Any) -> str:
+        out = []
+        for op, av in items:
+            if op is c.LITERAL:
+                out.append(chr(av))
+            elif op is c.IN:
+                chars = [chr(a) for o, a in av if o is c.LITERAL] + [chr(a[0]) for o, a in av if o is c.RANGE]
+                out.append(rng.choice(chars))
+            elif op is c.BRANCH:
+                out.append(walk(rng.choice(av[1])))
+            elif op is c.SUBPATTERN:
+                out.append(walk(av[3]))
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT):
+                low, high, sub = av
+                out.extend(walk(sub) for _ in range(rng.randint(low, min(high, low + 2))))
+            else:
+                raise NotImplementedError(f"the stand-in cannot draw {op} from {pattern!r}")
+        return "".join(out)
+
+    return walk(parser.parse(pattern))
+
+
+def logits_processor_modules() -> dict[str, types.ModuleType]:
+    """``sys.modules`` entries for ``vllm.v1.worker.gpu.sample.logits_processor`` (vLLM 0.34's V2 interface,
+    ``logits_processor/interface.py``): ``LogitsProcessor`` with its methods and ``LogitsContext``."""
+    import abc
+    import dataclasses
+
+    class LogitsProcessor(abc.ABC):  # interface.py:92-158
+        def __init__(self, vllm_config: Any, req_states: Any) -> None:
+            pass
+
+        @classmethod
+        def validate_params(cls, sampling_params: Any) -> None:
+            pass
+
+        def add_request(self, req_idx: int, sampling_params: Any) -> bool:
+            return True
+
+        def apply_staged_writes(self) -> None:
+            pass
+
+        @abc.abstractmethod
+        def apply(self, logits: Any, ctx: Any) -> Any:
+            raise NotImplementedError
+
+    @dataclasses.dataclass(frozen=True)
+    class LogitsContext:  # interface.py:63-89
+        expanded_idx_mapping: Any
+        idx_mapping: Any
+        idx_mapping_np: Any
+        expanded_local_pos: Any
+        input_ids: Any
+        pos: Any
+        seq_lens_upper_bound_np: Any
+
+    names = ["vllm", "vllm.v1", "vllm.v1.worker", "vllm.v1.worker.gpu", "vllm.v1.worker.gpu.sample",
+             "vllm.v1.worker.gpu.sample.logits_processor"]
+    modules = {name: types.ModuleType(name) for name in names}
+    modules[names[-1]].LogitsProcessor = LogitsProcessor
+    modules[names[-1]].LogitsContext = LogitsContext
+    return modules
+
+
 def vllm_xgrammar_compile_kwargs(structured_outputs_config: dict) -> dict:
     """What vLLM 0.34's xgrammar backend passes to ``compile_json_schema`` for an engine-level
     ``StructuredOutputsConfig`` (``v1/structured_output/backend_xgrammar.py:39-41, 144-149``)."""
@@ -208,4 +290,4 @@ def module(tokenizer: Any) -> types.SimpleNamespace:
     )
 
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "module", "vllm_xgrammar_compile_kwargs"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "logits_processor_modules", "module", "vllm_xgrammar_compile_kwargs"]

@@ -39,7 +39,26 @@ class SamplingConfig:
     ``stop`` strings and ``stop_token_ids`` end a completion (finish reason ``"stop"``);
     reaching ``max_tokens`` ends it with ``"length"``. ``n`` completions are sampled per
     prompt. ``seed`` makes a call reproducible on the same engine, prompts and settings.
-    ``json_schema`` asks for constrained JSON decoding where the backend supports it.
+
+    Constrained decoding (one at a time): ``json_schema`` (a JSON schema) or ``regex`` (the whole
+    completion must match it; the model may end it only where the pattern is complete). The
+    transformers engine compiles both with xgrammar, vLLM with its xgrammar structured outputs, the
+    OpenAI-compatible engines send them in each server's own field.
+
+    First-step rules (the official Magpie generator's per-model logits processors; engines with
+    :attr:`Engine.first_token_rules`, others refuse them): ``first_token_banned_ids`` may not be the
+    first generated token (Llama-3.1's markdown headings), and ``first_token_temperature_scale``
+    divides the logits of the first step only (Qwen2.5-Math's 1.2: the first token is sampled at
+    1.2x the temperature). Both apply before the repetition penalty, temperature and top-p, where
+    the official code's vLLM logits processors ran.
+
+    Example:
+        >>> SamplingConfig(temperature=0.6, first_token_banned_ids=[2, 567]).first_token_rules
+        True
+        >>> SamplingConfig(json_schema={"type": "object"}, regex="yes|no")
+        Traceback (most recent call last):
+        ...
+        ValueError: Give either json_schema or regex (one constraint per request), not both.
     """
 
     temperature: float = 1.0
@@ -51,6 +70,12 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     json_schema: dict | None = field(default=None, hash=False, compare=False)
+    #: the completion must match this regular expression (xgrammar's regex dialect, full match)
+    regex: str | None = None
+    #: token ids the first generated token may not be
+    first_token_banned_ids: tuple[int, ...] = ()
+    #: the first step's logits are divided by this (1.0: no change)
+    first_token_temperature_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # vLLM's SamplingParams refuses temperatures outside [0, 2] (vllm 0.34 sampling_params.py:660-677),
@@ -66,9 +91,23 @@ class SamplingConfig:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.json_schema is not None and self.regex is not None:
+            raise ValueError("Give either json_schema or regex (one constraint per request), not both.")
+        if self.regex is not None and not self.regex:
+            raise ValueError("regex must be a non-empty pattern (or None for no constraint).")
+        if not self.first_token_temperature_scale > 0:
+            raise ValueError(
+                f"first_token_temperature_scale must be > 0, got {self.first_token_temperature_scale}; 1.0 changes nothing."
+            )
         # accept lists from callers but keep the object hashable
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "first_token_banned_ids", tuple(int(i) for i in self.first_token_banned_ids))
+
+    @property
+    def first_token_rules(self) -> bool:
+        """Whether a first-step logits rule is asked for (banned first tokens or a hotter first token)."""
+        return bool(self.first_token_banned_ids) or self.first_token_temperature_scale != 1.0
 
     @property
     def greedy(self) -> bool:
@@ -178,6 +217,9 @@ class Engine(abc.ABC):
     #: whether the engine completes raw text prompts; False for a chat endpoint, which applies the
     #: model's chat template itself (it can answer conversations, not continue a pre-query template)
     raw_prompts: ClassVar[bool] = True
+    #: whether the engine applies :class:`SamplingConfig`'s first-step rules (``first_token_banned_ids``,
+    #: ``first_token_temperature_scale``); :meth:`generate` refuses them on an engine that cannot
+    first_token_rules: bool = False
     #: token ids of the prompts of the generate() call in progress (see prompt_token_ids)
     _call_token_ids: dict[str, list[int]] | None = None
 
@@ -297,6 +339,13 @@ class Engine(abc.ABC):
         """
         if isinstance(prompts, str):
             raise TypeError("generate() takes a list of prompts, not a single string")
+        if sampling.first_token_rules and not self.first_token_rules:
+            raise ValueError(
+                f"The engine {self.config.describe()!r} (backend={self.name!r}) cannot apply first-step logits rules "
+                "(first_token_banned_ids, first_token_temperature_scale): an OpenAI-compatible server takes no "
+                "per-position logits rule. Use backend='transformers', or backend='vllm' with "
+                "EngineConfig(first_token_rules=True), which loads magpie_hf's vLLM logits processor."
+            )
         if not prompts:
             return []
         n = sampling.n

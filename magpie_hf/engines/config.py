@@ -55,6 +55,11 @@ class EngineConfig:
     #: vLLM quantization method (``awq``, ``gptq``, ``fp8``, ...); None: the checkpoint's own
     quantization: str | None = None
     enable_prefix_caching: bool = True
+    #: load magpie_hf's first-step logits processor into vLLM (``LLM(logits_processors=[...])``), so requests
+    #: can carry ``SamplingConfig.first_token_banned_ids`` / ``first_token_temperature_scale`` (the
+    #: transformers engine always can; the recipes set this when ``--no_markdown_start`` or
+    #: ``--first_token_temperature_scale`` needs it)
+    first_token_rules: bool = False
     # openai-compatible server (backends "openai" and "openai-chat")
     base_url: str | None = None
     #: name of the environment variable that holds the API key (the key itself is never stored here)

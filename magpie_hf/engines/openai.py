@@ -31,6 +31,18 @@ Written against ``vllm serve`` (vLLM 0.34), SGLang and llama.cpp's ``llama-serve
   max_tokens, and (``sampling_extensions=True``) top_k disabled, min_p 0, repetition_penalty and
   stop_token_ids through the SDK's ``extra_body``, so no server default (vLLM's model
   ``generation_config``, llama.cpp's top_k=40/min_p=0.05) changes the sampling silently.
+- **Regex constraints** (``SamplingConfig.regex``, the guard's verdict format) go out in every server's own
+  field at once, and each server reads its own and ignores the others: ``structured_outputs: {"regex": ...}``
+  (vLLM 0.34: ``vllm/entrypoints/openai/completion/protocol.py:133``; its old ``guided_regex`` is
+  ignored now, ``vllm/entrypoints/serve/engine/protocol.py:21-34``), ``regex`` (SGLang's
+  ``CompletionRequest``/``ChatCompletionRequest``, ``python/sglang/srt/entrypoints/openai/protocol.py``)
+  and ``grammar``, the pattern written as GBNF (llama.cpp's server and llama-cpp-python's;
+  :func:`magpie_hf.constrained.regex_to_gbnf`). A hosted API (``sampling_extensions=False``) takes none
+  of them, and the request is refused before it is sent.
+- **First-step logits rules** (``SamplingConfig.first_token_banned_ids``/``first_token_temperature_scale``)
+  have no request field on any of these servers: :meth:`Engine.generate` refuses them here, and
+  :class:`~magpie_hf.steps.MagpieInstructions` turns ``no_markdown_start`` into a filter that drops and
+  counts queries opening with ``#`` on these engines.
 - **The API key** is read from the environment variable named by ``EngineConfig.api_key_env`` and is never
   logged or stored; without it a placeholder is sent (servers started without a key ignore it).
 - **Concurrency**: at most ``max_concurrency`` requests in flight.
@@ -252,6 +264,18 @@ class _OpenAIEngine(Engine):
             )
         return fields, {**extra, **self.extra_body}
 
+    def _regex_fields(self, regex: str) -> dict[str, Any]:
+        """The regex constraint in the fields vLLM, SGLang and llama.cpp read (see the module docstring)."""
+        if not self.config.sampling_extensions:
+            raise ValueError(
+                f"A regex constraint is a server extension, and the engine {self.config.describe()!r} has "
+                "sampling_extensions=False (a hosted API takes none). Use vLLM, SGLang or llama.cpp with "
+                "EngineConfig(sampling_extensions=True), or backend='transformers'/'vllm'."
+            )
+        from magpie_hf.constrained import regex_to_gbnf
+
+        return {"structured_outputs": {"regex": regex}, "regex": regex, "grammar": regex_to_gbnf(regex)}
+
     def _response_format(self, schema: dict) -> dict[str, Any]:
         """How a JSON schema is asked for: OpenAI's ``json_schema`` form (OpenAI, vLLM, SGLang, llama-server),
         or ``{"type": "json_object", "schema": ...}`` (llama-cpp-python's server takes only this form; the
@@ -266,6 +290,8 @@ class _OpenAIEngine(Engine):
     ) -> list[list[Completion]]:
         """Sample ``sampling.n`` completions of every item, ``_n_limit`` per request, in item order."""
         n = sampling.n
+        if sampling.regex is not None:
+            self._regex_fields(sampling.regex)  # a regex the servers cannot take is refused before any request
         results: list[list[Completion | None]] = [[None] * n for _ in items]
 
         def run(part: _Part) -> list[Completion]:
@@ -478,6 +504,8 @@ class OpenAICompletionsEngine(_OpenAIEngine):
             # vllm/entrypoints/openai/completion/protocol.py:125; SGLang CompletionRequest.response_format);
             # llama.cpp reads it on /v1/chat/completions only (server-common.cpp oaicompat_chat_params_parse)
             extra_body = {"response_format": self._response_format(sampling.json_schema), **extra_body}
+        elif sampling.regex is not None:
+            extra_body = {**self._regex_fields(sampling.regex), **extra_body}
         response = self._client.completions.create(
             model=self.served_model_name,
             prompt=item,
@@ -549,6 +577,8 @@ class OpenAIChatEngine(_OpenAIEngine):
             fields["max_completion_tokens"] = sampling.max_tokens
         if sampling.json_schema is not None:
             fields["response_format"] = self._response_format(sampling.json_schema)
+        elif sampling.regex is not None:
+            extra_body = {**self._regex_fields(sampling.regex), **extra_body}
         response = self._client.chat.completions.create(
             model=self.served_model_name,
             messages=item,

@@ -6,8 +6,10 @@ distinct prompt text is prefilled once per admission and its cache copied to all
 (every Magpie step-1 prompt is the same pre-query template), and stop strings are checked on the
 decoded tail of each row only. Models whose cache is not a plain full-attention ``DynamicCache``
 (sliding-window or hybrid layers) fall back to batched ``model.generate``. A
-``SamplingConfig.json_schema`` constrains every row to that schema in both paths
-(:mod:`magpie_hf.constrained`, xgrammar).
+``SamplingConfig.json_schema`` or ``SamplingConfig.regex`` constrains every row in both paths
+(:mod:`magpie_hf.constrained`, xgrammar), and the first-step rules
+(``first_token_banned_ids``, ``first_token_temperature_scale``) change the logits of each row's
+first generated token only (:class:`_FirstTokenRule`).
 
 Sampling is per completion in both paths: the ``j``-th sample of prompt ``i`` draws its noise from
 its own ``torch.Generator`` seeded ``seeds[i] + j`` (:class:`_RowSampler`), so a row gives the same
@@ -51,7 +53,7 @@ class _Row:
     limit: int  # most tokens this completion may generate (max_tokens, or less near the context end)
     generator: Any = None  # the completion's own torch.Generator (seeds[i] + j), None when unseeded
     tokens: list[int] = field(default_factory=list)
-    json: Any = None  # grammar state (JSONRowState) when decoding is constrained to a JSON schema
+    grammar: Any = None  # grammar state (GrammarRowState) when decoding is constrained (JSON schema, regex)
 
 
 class _RowSampler:
@@ -91,6 +93,52 @@ class _RowSampler:
         return (probs / noise).argmax(dim=-1)
 
 
+class _FirstTokenRule:
+    """``SamplingConfig``'s first-step rules, applied to the rows about to choose their first token.
+
+    Banned ids get ``-inf`` and the row's logits are divided by ``first_token_temperature_scale``
+    (the official Magpie generator's vLLM logits processors, ``exp/str_utils.py``
+    ``de_md_logits_processor_for_llama3_1`` and ``flaming_tokens``, which ran before vLLM's penalties,
+    temperature and top-p, as this does before :class:`_RowSampler`).
+    """
+
+    def __init__(self, sampling: SamplingConfig) -> None:
+        self.banned = sorted(set(sampling.first_token_banned_ids))
+        self.scale = float(sampling.first_token_temperature_scale)
+
+    @classmethod
+    def of(cls, sampling: SamplingConfig) -> _FirstTokenRule | None:
+        return cls(sampling) if sampling.first_token_rules else None
+
+    def apply(self, scores: Any, rows: Sequence[int]) -> Any:
+        """Apply the rules, in place, to ``rows`` of ``scores`` (float ``[batch, vocab]``); returns ``scores``."""
+        import torch
+
+        if not rows:
+            return scores
+        index = torch.tensor(list(rows), device=scores.device)
+        banned = [t for t in self.banned if t < scores.shape[-1]]
+        if banned:
+            scores[index[:, None], torch.tensor(banned, device=scores.device)[None, :]] = float("-inf")
+        if self.scale != 1.0:
+            scores[index] = scores[index] / self.scale
+        return scores
+
+
+class _FirstStepProcessor(LogitsProcessor):
+    """:class:`_FirstTokenRule` inside ``model.generate``: every row of a call starts at the same step
+    (left padding), the one where ``input_ids`` is still as wide as the prompts."""
+
+    def __init__(self, rule: _FirstTokenRule, prompt_width: int) -> None:
+        self.rule = rule
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if input_ids.shape[1] == self.prompt_width:
+            scores = self.rule.apply(scores, range(scores.shape[0]))
+        return scores
+
+
 def _generators(seeds: Sequence[int] | None, num_prompts: int, n: int, device: str) -> list[Any]:
     """One ``torch.Generator`` per completion (prompt-major), seeded ``seeds[i] + j``; None when unseeded."""
     import torch
@@ -107,6 +155,7 @@ class TransformersEngine(Engine):
     """
 
     name = "transformers"
+    first_token_rules = True
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
@@ -216,15 +265,16 @@ class TransformersEngine(Engine):
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
 
-    def _json_constraint(self, sampling: SamplingConfig) -> Any:
-        """The compiled JSON-schema constraint of ``sampling`` (xgrammar), or None when unconstrained."""
-        if sampling.json_schema is None:
+    def _constraint(self, sampling: SamplingConfig) -> Any:
+        """The compiled constraint of ``sampling`` (its JSON schema or regex, with xgrammar), or None."""
+        if sampling.json_schema is None and sampling.regex is None:
             return None
-        from magpie_hf.constrained import JSONSchemaConstraint
+        from magpie_hf.constrained import GrammarConstraint
 
         vocab_size = getattr(self.model.config, "vocab_size", None) or len(self._tokenizer)
         stops = sorted(self._eos_ids | set(sampling.stop_token_ids))
-        return JSONSchemaConstraint(self._tokenizer, sampling.json_schema, vocab_size=vocab_size, stop_token_ids=stops)
+        return GrammarConstraint(self._tokenizer, json_schema=sampling.json_schema, regex=sampling.regex,
+                                 vocab_size=vocab_size, stop_token_ids=stops)
 
     # ------------------------------------------------------------------ continuous batching loop
     def _generate_loop(
@@ -258,7 +308,8 @@ class TransformersEngine(Engine):
         penalty = (
             RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty) if sampling.repetition_penalty != 1 else None
         )
-        constraint = self._json_constraint(sampling)
+        constraint = self._constraint(sampling)
+        first_token_rule = _FirstTokenRule.of(sampling)
         batch_size = max(1, self.batch_size)
         sampler = None if sampling.greedy else _RowSampler(sampling)
         # refill when a quarter of the slots are free: prefill and cache merges are not free
@@ -283,7 +334,7 @@ class TransformersEngine(Engine):
                     new_rows = [waiting.pop() for _ in range(min(free, len(waiting)))]
                     if constraint is not None:
                         for row in new_rows:
-                            row.json = constraint.new_row()
+                            row.grammar = constraint.new_row()
                     new = self._prefill(new_rows, prompt_ids, pad_id)
                     if cache is None:
                         cache, mask, positions, logits, ids_seen = new
@@ -298,7 +349,9 @@ class TransformersEngine(Engine):
                 if penalty is not None:
                     scores = penalty(ids_seen, scores)
                 if constraint is not None:
-                    scores = constraint.mask(scores, [row.json for row in active])
+                    scores = constraint.mask(scores, [row.grammar for row in active])
+                if first_token_rule is not None:  # the rows about to choose their first token
+                    scores = first_token_rule.apply(scores, [i for i, row in enumerate(active) if not row.tokens])
                 if sampler is None:
                     next_tokens = scores.argmax(dim=-1)
                 else:
@@ -309,8 +362,8 @@ class TransformersEngine(Engine):
                 tails: list[list[int]] = []
                 tail_rows: list[int] = []
                 for i, (row, token) in enumerate(zip(active, chosen)):
-                    if row.json is not None:
-                        row.json.accept(token)
+                    if row.grammar is not None:
+                        row.grammar.accept(token)
                     if token in stop_ids:
                         finish(row, "stop")
                         continue
@@ -433,11 +486,14 @@ class TransformersEngine(Engine):
             enc = self._tokenizer([expanded[s] for s in slots], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(self.device)
             processors: list[Any] = []
-            constraint = self._json_constraint(sampling)
+            constraint = self._constraint(sampling)
             if constraint is not None:
-                from magpie_hf.constrained import JSONSchemaLogitsProcessor
+                from magpie_hf.constrained import GrammarLogitsProcessor
 
-                processors.append(JSONSchemaLogitsProcessor(constraint))
+                processors.append(GrammarLogitsProcessor(constraint))
+            first_token_rule = _FirstTokenRule.of(sampling)
+            if first_token_rule is not None:
+                processors.append(_FirstStepProcessor(first_token_rule, enc["input_ids"].shape[1]))
             if not sampling.greedy:
                 processors.append(_SampledTokenProcessor(_RowSampler(sampling), [generators[s] for s in slots]))
             gen_kwargs: dict[str, Any] = {

@@ -29,11 +29,21 @@ What this adapter relies on:
 - ``finish_reason`` is one of ``stop``, ``length``, ``abort``, ``error``, ``repetition``
   (``v1/engine/__init__.py:37,69-89``); abort/error (and repetition, which we never enable) become
   failed completions with the reason.
-- JSON schemas go in ``SamplingParams(structured_outputs=StructuredOutputsParams(json=...))``
-  (``sampling_params.py:102-113``); the whitespace setting is engine-level only
+- JSON schemas and regexes go in ``SamplingParams(structured_outputs=StructuredOutputsParams(json=...))``
+  / ``(regex=...)`` (``sampling_params.py:102-113``; xgrammar compiles a regex with ``compile_regex``,
+  ``v1/structured_output/backend_xgrammar.py:162-165``, as the transformers engine does); the
+  whitespace setting is engine-level only
   (``LLM(structured_outputs_config=...)``, ``entrypoints/llm.py:219-285``;
   ``v1/structured_output/backend_xgrammar.py:39-41,144-155``), built from
   :data:`magpie_hf.constrained.JSON_GRAMMAR` like the transformers engine's grammar.
+- First-step rules (``SamplingConfig.first_token_banned_ids``, ``first_token_temperature_scale``): vLLM's
+  V1 engine dropped per-request logits-processor callables; a custom ``LogitsProcessor`` class is given
+  to ``LLM(logits_processors=[...])`` as a ``module:Class`` name (``entrypoints/llm.py:228,342``,
+  ``v1/worker/gpu/sample/logits_processor/loader.py:78-134``) and reads its per-request arguments from
+  ``SamplingParams.extra_args`` (``sampling_params.py:419-422``; copied to the ``n`` children,
+  ``v1/engine/parallel_sampling.py:72-81``). :class:`magpie_hf.engines.vllm_logits.FirstTokenRules` is
+  loaded only for ``EngineConfig(first_token_rules=True)``; requests carry the rules under
+  :data:`FIRST_TOKEN_ARGS` (see that module for the interface it relies on).
 - GGUF: vLLM 0.34 has no GGUF loader (``model_executor/model_loader/__init__.py:33-66``); such
   configs are refused before anything loads (:func:`magpie_hf.engines.check_backend`).
 
@@ -56,6 +66,11 @@ logger = logging.getLogger(__name__)
 
 #: the vLLM release this adapter was checked against
 CHECKED_VLLM_VERSION = "0.34.0"
+#: our first-step logits processor, as vLLM's ``logits_processors`` takes it (``module:Class``; the engine
+#: core imports it, so no vLLM import happens here)
+FIRST_TOKEN_RULES_PROCESSOR = "magpie_hf.engines.vllm_logits:FirstTokenRules"
+#: the ``SamplingParams.extra_args`` key under which a request carries its first-step rules
+FIRST_TOKEN_ARGS = "magpie_first_token"
 
 
 def _import_vllm() -> Any:
@@ -72,9 +87,16 @@ def _import_vllm() -> Any:
 def llm_kwargs(config: EngineConfig) -> dict[str, Any]:
     """The ``vllm.LLM(...)`` keyword arguments for ``config`` (``config.extra`` last, so it can override).
 
+    ``logits_processors`` holds :data:`FIRST_TOKEN_RULES_PROCESSOR` only when ``config.first_token_rules``
+    (after any processors ``config.extra`` names).
+
     Example:
         >>> llm_kwargs(EngineConfig("m", backend="vllm"))["structured_outputs_config"]
         {'backend': 'xgrammar', 'disable_any_whitespace': True}
+        >>> "logits_processors" in llm_kwargs(EngineConfig("m", backend="vllm"))
+        False
+        >>> llm_kwargs(EngineConfig("m", backend="vllm", first_token_rules=True))["logits_processors"]
+        ['magpie_hf.engines.vllm_logits:FirstTokenRules']
     """
     from magpie_hf.constrained import JSON_GRAMMAR
 
@@ -92,7 +114,27 @@ def llm_kwargs(config: EngineConfig) -> dict[str, Any]:
         "structured_outputs_config": JSON_GRAMMAR.vllm_structured_outputs_config(),
     }
     kwargs.update(dict(config.extra))
+    if config.first_token_rules:
+        processors = list(kwargs.get("logits_processors") or [])
+        if FIRST_TOKEN_RULES_PROCESSOR not in processors:
+            processors.append(FIRST_TOKEN_RULES_PROCESSOR)
+        kwargs["logits_processors"] = processors
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def first_token_args(sampling: SamplingConfig) -> dict[str, Any]:
+    """The first-step rules of ``sampling`` as :class:`~magpie_hf.engines.vllm_logits.FirstTokenRules` reads
+    them from ``SamplingParams.extra_args[FIRST_TOKEN_ARGS]`` (plain ints and floats: the engine core
+    receives them over MessagePack, ``sampling_params.py:753-767``).
+
+    Example:
+        >>> first_token_args(SamplingConfig(first_token_banned_ids=[567, 2], first_token_temperature_scale=1.2))
+        {'banned_ids': [2, 567], 'temperature_scale': 1.2}
+    """
+    return {
+        "banned_ids": sorted({int(i) for i in sampling.first_token_banned_ids}),
+        "temperature_scale": float(sampling.first_token_temperature_scale),
+    }
 
 
 class VLLMEngine(Engine):
@@ -116,6 +158,11 @@ class VLLMEngine(Engine):
     def tokenizer(self) -> Any:
         return self._tokenizer
 
+    @property
+    def first_token_rules(self) -> bool:  # type: ignore[override]
+        """Whether the first-step logits processor was loaded (``EngineConfig.first_token_rules``)."""
+        return bool(self.config.first_token_rules)
+
     def context_length(self) -> int | None:
         """``LLM.model_config.max_model_len`` (``entrypoints/llm.py:355``), read at every call: vLLM may
         lower it after sizing the KV cache."""
@@ -137,6 +184,10 @@ class VLLMEngine(Engine):
         }
         if sampling.json_schema is not None:
             kwargs["structured_outputs"] = vllm.sampling_params.StructuredOutputsParams(json=sampling.json_schema)
+        elif sampling.regex is not None:
+            kwargs["structured_outputs"] = vllm.sampling_params.StructuredOutputsParams(regex=sampling.regex)
+        if sampling.first_token_rules:
+            kwargs["extra_args"] = {FIRST_TOKEN_ARGS: first_token_args(sampling)}
         return vllm.SamplingParams(**kwargs)
 
     def _generate(

@@ -18,8 +18,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
+from magpie_hf.postprocess import apply_filters
 from magpie_hf.seeds import row_seeds
-from magpie_hf.steps.base import FLOAT, INT, MESSAGES, STRING, Batch, Features, GeneratorStep, Step, resolve_engine, select_rows, struct
+from magpie_hf.steps.base import (
+    BOOL,
+    FLOAT,
+    INT,
+    MESSAGES,
+    STRING,
+    Batch,
+    Features,
+    GeneratorStep,
+    Step,
+    resolve_engine,
+    select_rows,
+    struct,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +80,10 @@ AIR_MIXTURE = tuple(
 EMBEDDED_MIXTURE = (DecodingSetting(0.9, 0.95, 1),)
 
 
-#: provenance of a step-1 row (``gen_input_configs``), as the published Magpie datasets have it
+#: provenance of a step-1 row (``gen_input_configs``), as the published Magpie datasets have it, plus the
+#: official generator's per-model rules: ``newline_stop``, ``no_markdown_start`` (how: a first-token ban, or
+#: the ``markdown_heading`` filter listed in ``instruction_filters``), ``first_token_temperature_scale`` and
+#: ``instruction_filters`` (the post-processing filters applied, comma-separated in order, null for none)
 GEN_INPUT_CONFIGS = struct(
     input_generator=STRING,
     engine=STRING,
@@ -77,6 +94,10 @@ GEN_INPUT_CONFIGS = struct(
     top_p=FLOAT,
     max_tokens=INT,
     seed=INT,
+    newline_stop=BOOL,
+    no_markdown_start=BOOL,
+    first_token_temperature_scale=FLOAT,
+    instruction_filters=STRING,
 )
 #: provenance of a response (``gen_response_configs``)
 GEN_RESPONSE_CONFIGS = struct(
@@ -166,6 +187,26 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
 
     Rows whose instruction comes out empty, or is cut by ``max_tokens``, are dropped
     (``drop_empty`` / ``drop_truncated``) and counted in ``stats``.
+
+    The official generator's per-model rules (``exp/gen_ins.py``, ``exp/str_utils.py``; recorded in
+    ``gen_input_configs``):
+
+    - ``newline_stop``: a newline also ends the query (a stop string ``"\\n"`` on every engine). The text
+      is cut before it and stripped, as the official code does (vLLM's stop strings, then ``.strip()``);
+      a sample whose first line is empty comes out empty and is dropped as ``dropped_empty_instruction``
+      (the official code keeps it as an empty instruction).
+    - ``no_markdown_start``: the first generated token may not be a markdown heading
+      (:func:`~magpie_hf.postprocess.markdown_heading_token_ids` of the engine's tokenizer, banned at the
+      first step) on engines with first-step rules (transformers; vLLM with
+      ``EngineConfig(first_token_rules=True)``); on the others a query opening with ``#`` is dropped and
+      counted as ``dropped_markdown_heading`` (:class:`~magpie_hf.postprocess.NoMarkdownHeading`).
+    - ``first_token_temperature_scale``: the first token is sampled at this multiple of the temperature
+      (logits divided at the first step); engines without first-step rules refuse it at ``load()``.
+
+    Example:
+        >>> from magpie_hf.engines import EngineConfig
+        >>> step = MagpieInstructions(engine=EngineConfig.embedded(), num_rows=8, newline_stop=True,
+        ...                           no_markdown_start=True)  # the official Llama-3.1 runs ban headings
     """
 
     engine: Engine | EngineConfig
@@ -178,6 +219,12 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
     chat_template_kwargs: dict[str, Any] | None = None
     drop_empty: bool = True
     drop_truncated: bool = True
+    #: a newline also ends an instruction (the official generator's default)
+    newline_stop: bool = False
+    #: the first generated token may not be a markdown heading (the official Llama-3.1 runs)
+    no_markdown_start: bool = False
+    #: the first token is sampled at this multiple of the temperature (the official Qwen2.5-Math runs: 1.2)
+    first_token_temperature_scale: float = 1.0
     #: seeds the row ids and the mixture assignment; sampling seeds derive from the ``seed`` given to generate()
     seed: int = 0
 
@@ -188,9 +235,17 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
             raise ValueError("MagpieInstructions needs at least one DecodingSetting in `mixture`.")
         if self.num_rows < 1:
             raise ValueError(f"num_rows must be >= 1, got {self.num_rows}")
+        if not self.first_token_temperature_scale > 0:
+            raise ValueError(
+                f"first_token_temperature_scale must be > 0, got {self.first_token_temperature_scale}; 1.0 changes nothing."
+            )
         self._engine = None
         self._templates = None
         self._assignment: np.ndarray | None = None
+        #: token ids banned as the first token (no_markdown_start on an engine with first-step rules)
+        self._banned_first: tuple[int, ...] = ()
+        #: filters applied to every sampled query before any post-processing (the no_markdown_start fallback)
+        self._rule_filters: tuple[Any, ...] = ()
 
     def output_features(self) -> Features:
         return {
@@ -211,7 +266,40 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
             "up to where the user's words start)",
         )
         self._load_engine_and_templates(pre_query_template=self.pre_query_template)
+        self._load_first_token_rules()
         self._assignment = assign_settings(self.mixture, self.num_rows, self.seed)
+
+    def _load_first_token_rules(self) -> None:
+        """Resolve ``no_markdown_start`` and ``first_token_temperature_scale`` against the loaded engine."""
+        from magpie_hf.postprocess import NoMarkdownHeading, markdown_heading_token_ids
+
+        assert self._engine is not None
+        able = self._engine.first_token_rules
+        where = f"the engine {self._model_name()!r} (backend={self._engine.name!r})"
+        if self.first_token_temperature_scale != 1.0 and not able:
+            raise ValueError(
+                f"{type(self).__name__}(first_token_temperature_scale={self.first_token_temperature_scale}) samples the "
+                f"first token hotter with a first-step logits rule, which {where} cannot apply (an OpenAI-compatible "
+                "server takes no per-position rule). Use backend='transformers', or backend='vllm' with "
+                "EngineConfig(first_token_rules=True) (the recipes set it), or first_token_temperature_scale=1.0."
+            )
+        self._banned_first, self._rule_filters = (), ()
+        if self.no_markdown_start and able:
+            self._banned_first = markdown_heading_token_ids(self._engine.tokenizer)
+        elif self.no_markdown_start:
+            logger.info(
+                "%s cannot ban markdown headings as the first token; queries opening with '#' are dropped and "
+                "counted as dropped_markdown_heading instead", where,
+            )
+            self._rule_filters = (NoMarkdownHeading(),)
+
+    def instruction_filters(self) -> tuple[Any, ...]:
+        """The filters every sampled query goes through, in order (recorded in ``gen_input_configs``)."""
+        return self._rule_filters
+
+    def _filters_record(self) -> str | None:
+        names = list(dict.fromkeys(f.name for f in self.instruction_filters()))
+        return ",".join(names) or None
 
     def unload(self) -> None:
         self._engine = None
@@ -243,8 +331,10 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
                 temperature=setting.temperature,
                 top_p=setting.top_p,
                 max_tokens=self.max_tokens,
-                stop=templates.stop_strings,
+                stop=tuple(dict.fromkeys([*templates.stop_strings, *(["\n"] if self.newline_stop else [])])),
                 stop_token_ids=templates.stop_token_ids,
+                first_token_banned_ids=self._banned_first,
+                first_token_temperature_scale=self.first_token_temperature_scale,
             )
             outs = self._engine.generate(
                 [templates.pre_query] * len(members), sampling, seeds=[seeds[r] for r in members],
@@ -257,6 +347,7 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
             raise RuntimeError(f"The engine could not sample any instruction from the pre-query template: {first.error}")
 
         batch: Batch = {name: [] for name in MagpieInstructions.output_features(self)}
+        filters_record = self._filters_record()
         for row in rows:
             completion = completions[row]
             self.stats["generated_tokens"] += completion.num_tokens
@@ -271,6 +362,11 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
             if self.drop_truncated and completion.finish_reason == "length":
                 self.stats["dropped_truncated_instruction"] += 1
                 continue
+            if self._rule_filters:
+                text, dropped_by = apply_filters(text, self._rule_filters, system_prompt=system_prompt)
+                if dropped_by is not None:
+                    self.stats[f"dropped_{dropped_by}"] += 1
+                    continue
             sampling = samplings[int(self._assignment[row])]
             batch["conversation_id"].append(conversation_id(self.seed, row))
             batch["instruction"].append(text)
@@ -286,6 +382,10 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
                     "max_tokens": sampling.max_tokens,
                     # the row's own seed: re-draw it alone with generate([pre_query], sampling, seeds=[seed])
                     "seed": seeds[row],
+                    "newline_stop": self.newline_stop,
+                    "no_markdown_start": self.no_markdown_start,
+                    "first_token_temperature_scale": float(self.first_token_temperature_scale),
+                    "instruction_filters": filters_record,
                 }
             )
             batch["instruction_num_tokens"].append(completion.num_tokens)

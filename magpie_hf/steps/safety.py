@@ -87,11 +87,43 @@ def parse_guard_verdict(text: str, taxonomy: str = "llama-guard-2") -> tuple[boo
         raise VerdictError(f"verdict does not start with safe/unsafe: {text[:80]!r}")
     if len(lines) < 2:
         raise VerdictError("unsafe verdict without categories")
-    codes = [c.strip().upper() for c in lines[1].split(",") if c.strip()]
+    codes = list(dict.fromkeys(c.strip().upper() for c in lines[1].split(",") if c.strip()))  # each once
     bad = [c for c in codes if not _CODE.match(c) or c not in categories]
     if not codes or bad:
         raise VerdictError(f"unknown {taxonomy} categories {bad or lines[1]!r}")
     return False, [categories[c] for c in codes]
+
+
+def verdict_regex(taxonomy: str = "llama-guard-2") -> str:
+    """The verdict format of ``taxonomy`` as a regex for constrained decoding: ``safe``, or ``unsafe``, a
+    newline and a comma-separated list of that taxonomy's codes (each at most once in length; up to two
+    leading spaces or newlines, which some guard templates leave to the model). Every text it matches
+    parses with :func:`parse_guard_verdict`.
+
+    Example:
+        >>> verdict_regex("llama-guard-2")
+        '[ \\\\n]{0,2}(?:safe|unsafe\\\\nS(?:1|2|3|4|5|6|7|8|9|10|11)(?:,S(?:1|2|3|4|5|6|7|8|9|10|11)){0,10})'
+        >>> import re
+        >>> bool(re.fullmatch(verdict_regex("llama-guard-3"), "unsafe\\nS14,S1")), bool(re.fullmatch(verdict_regex(), "unsafe\\nS14"))
+        (True, False)
+    """
+    codes = sorted(TAXONOMIES[taxonomy], key=lambda code: int(code[1:]))
+    code = "S(?:" + "|".join(c[1:] for c in codes) + ")"
+    return rf"[ \n]{{0,2}}(?:safe|unsafe\n{code}(?:,{code}){{0,{len(codes) - 1}}})"
+
+
+def verdict_max_chars(taxonomy: str = "llama-guard-2") -> int:
+    """The longest text :func:`verdict_regex` matches, in characters: a constrained answer given this many
+    tokens (and one for the end of turn) always ends inside the format, since every token is one
+    character or more.
+
+    Example:
+        >>> verdict_max_chars("llama-guard-2"), verdict_max_chars("llama-guard-3")
+        (52, 64)
+    """
+    codes = TAXONOMIES[taxonomy]
+    longest = max(len(code) for code in codes)
+    return 2 + len("unsafe\n") + len(codes) * longest + (len(codes) - 1)
 
 
 def guess_taxonomy(model_name: str) -> str:
@@ -106,6 +138,11 @@ class LlamaGuard(Step):
     Columns: ``llama_guard_2`` (raw verdict text), ``is_safe`` (bool or null), ``unsafe_categories``
     (list of names or null), ``llama_guard_error`` (reason or null). Rows with an empty instruction
     are not sent to the guard (null, counted as ``empty_input``).
+
+    The guard's answer is constrained to its verdict format (:func:`verdict_regex`: ``safe``, or
+    ``unsafe`` and codes of the taxonomy) on every engine, so a verdict that cannot be parsed is left
+    only where the answer was cut by ``max_tokens`` or the row failed (counted as ``unparseable``,
+    ``prompt_too_long``, ...). ``constrain=False`` leaves the answer free.
     """
 
 
@@ -115,6 +152,9 @@ class LlamaGuard(Step):
     #: which category codes the guard uses; ``auto`` guesses from the model name
     taxonomy: Taxonomy = "auto"
     max_tokens: int = 20
+    #: constrain the answer to the verdict format (:func:`verdict_regex`; ``max_tokens`` is then raised to fit
+    #: the longest verdict, :func:`verdict_max_chars`); False leaves it free
+    constrain: bool = True
     batch_size: int = 64
     #: template variables for the guard's chat template (passed to every rendering)
     chat_template_kwargs: dict[str, Any] | None = None
@@ -177,8 +217,15 @@ class LlamaGuard(Step):
             errors[i] = f"empty {self.instruction_column}"
             self.stats["empty_input"] += 1
         conversations = [self.conversation(instructions[i], responses[i]) for i in todo]
-        sampling = SamplingConfig(temperature=0.0, max_tokens=self.max_tokens)
         taxonomy = self.resolved_taxonomy()
+        # the answer is constrained to the verdict format on every engine (xgrammar on transformers and
+        # vLLM; each OpenAI-compatible server's regex/grammar field), so every row gets a verdict
+        # (with room for the longest verdict, so a constrained answer is never cut inside the format)
+        sampling = SamplingConfig(temperature=0.0, max_tokens=self.max_tokens)
+        if self.constrain:
+            sampling = sampling.replace(
+                regex=verdict_regex(taxonomy), max_tokens=max(self.max_tokens, verdict_max_chars(taxonomy) + 1)
+            )
         seeds = row_seeds(seed, n)  # one per row, as everywhere (greedy: they change nothing)
         outputs = (
             self._engine.generate_chat(conversations, sampling, templates=self._engine.chat_templates(self.chat_template_kwargs),

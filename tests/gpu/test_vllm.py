@@ -82,3 +82,40 @@ def test_stop_string_tokens_are_not_counted(engine):
     out = engine.generate(["Once upon a time"], SamplingConfig(temperature=0, max_tokens=20, stop=(word,)))[0][0]
     assert out.finish_reason == "stop" and word not in out.text
     assert out.num_tokens == len(tok(out.text, add_special_tokens=False)["input_ids"])
+
+
+def test_guard_verdict_regex_is_enforced(engine):
+    import re
+
+    from magpie_hf.steps.safety import verdict_regex
+
+    prompt = "<|im_start|>user\nIs it safe to cross the road?<|im_end|>\n<|im_start|>assistant\n"
+    out = engine.generate([prompt] * 4, SamplingConfig(temperature=1.0, max_tokens=60, regex=verdict_regex()), seeds=[0, 64, 128, 192])
+    assert all(re.fullmatch(verdict_regex(), c.text) for (c,) in out)
+
+
+README = ("<|im_start|>user\nWrite a markdown README for a Python project called catlib, starting with its title."
+          "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_first_token_rules_through_the_logits_processor():
+    """magpie_hf.engines.vllm_logits.FirstTokenRules loaded into vLLM: no first token is a heading, and logits / 2 at
+    temperature 0.5 draw the first token that temperature 1 draws (same seeds)."""
+    from magpie_hf.engines import release_engines
+    from magpie_hf.postprocess import markdown_heading_token_ids
+
+    config = EngineConfig(MODEL, backend="vllm", gpu_memory_utilization=0.3, max_model_len=2048, first_token_rules=True)
+    engine = load_engine(config)
+    try:
+        seeds = [1000 + 64 * i for i in range(64)]
+        heading = markdown_heading_token_ids(engine.tokenizer)
+        decoded = {engine.tokenizer.decode([i]) for i in heading}
+        one = SamplingConfig(temperature=1.0, max_tokens=1)
+        free = [c.text for (c,) in engine.generate([README] * 64, one, seeds=seeds)]
+        banned = [c.text for (c,) in engine.generate([README] * 64, one.replace(first_token_banned_ids=heading), seeds=seeds)]
+        assert any(t in decoded for t in free)  # the model does open with headings here
+        assert not any(t in decoded for t in banned)
+        hot = engine.generate([README] * 64, one.replace(temperature=0.5, first_token_temperature_scale=2.0), seeds=seeds)
+        assert [c.text for (c,) in hot] == free
+    finally:
+        release_engines([config])
