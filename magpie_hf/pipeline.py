@@ -134,9 +134,22 @@ class Pipeline:
         """Settings plus what each stage did (rows in/out, counts such as dropped rows, seconds, tokens)."""
         return {**self.settings(), "stages": self.stage_reports}
 
+    def check_columns(self) -> None:
+        """Refuse a chain in which a step reads a column that neither the input dataset nor an earlier
+        step declares, before anything loads (so a missing stage fails in seconds, not after generation).
+
+        Raises:
+            MissingColumnsError: naming the step, the missing columns and the ones it could have.
+        """
+        available: set[str] = set(self.input_dataset.column_names) if self.input_dataset is not None else set()
+        for step in self.steps:
+            step.check_inputs(sorted(available), source="no earlier stage declares")
+            available.update(step.output_features())
+
     def plan(self, executor: Executor | None = None) -> list[dict[str, Any]]:
         """What each stage is (kind, columns read and written, what a worker reserves), without
-        loading anything: for ``--dry-run``."""
+        loading anything: for ``--dry-run``. Checks the chain's columns first (:meth:`check_columns`)."""
+        self.check_columns()
         hardware = (executor or LocalExecutor()).hardware()
         kinds = {GeneratorStep: "generate", GlobalStep: "global"}
         return [
@@ -155,6 +168,7 @@ class Pipeline:
     def run(self, executor: Executor | None = None) -> "datasets.Dataset":
         """Run every unfinished stage on ``executor`` (default: :class:`LocalExecutor`) and return
         the last stage as a ``datasets.Dataset``."""
+        self.check_columns()
         executor = executor or LocalExecutor()
         check = getattr(executor, "check_stage_names", None)
         if check is not None:

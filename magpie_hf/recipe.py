@@ -43,7 +43,7 @@ from magpie_hf.config import (
 )
 from magpie_hf.engines import EngineConfig, resolve_backend
 from magpie_hf.hardware import Hardware
-from magpie_hf.steps.base import Step, StepChain
+from magpie_hf.steps.base import MissingColumnsError, Step, StepChain
 
 if TYPE_CHECKING:
     import datasets
@@ -562,6 +562,11 @@ def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = N
     from magpie_hf.pipeline import Pipeline
 
     pipeline = Pipeline(steps, config.output_dir, shard_size=config.run.shard_size, seed=config.run.seed)
+    try:
+        pipeline.check_columns()
+    except MissingColumnsError as err:
+        raise SystemExit(f"error: {err}\nIn a recipe: add the stages that write them to --stages, or, when the "
+                         "filter needs them, choose another --filter or pass --no_filter.") from None
     executor = config.ray.executor()
     if config.run.dry_run:
         import yaml

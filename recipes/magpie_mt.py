@@ -8,6 +8,7 @@ multi-turn system prompt, and answered greedily with the normal template. Option
     python recipes/magpie_mt.py --preset cpu                          # embedded SmolLM2 on a CPU
     python recipes/magpie_mt.py --preset cpu --task math              # math conversations
     python recipes/magpie_mt.py --preset cpu --task_mix math=0.5,coding=0.5 --n_turns 3
+    python recipes/magpie_mt.py --preset cpu --language de            # German, follow-up queries included
     python recipes/magpie_mt.py --num_rows 300000                     # the paper's run (4 GPUs, vLLM)
 """
 
@@ -17,8 +18,9 @@ import logging
 import sys
 
 from magpie_hf.config import MultiTurnArguments
+from magpie_hf.languages import language_system_prompt
 from magpie_hf.postprocess import filters_from_names
-from magpie_hf.recipe import Recipe, generation_steps, parse_recipe, run_recipe
+from magpie_hf.recipe import Recipe, RecipeConfig, generation_steps, parse_recipe, run_recipe
 from magpie_hf.steps.multi_turn import MULTI_TURN_SYSTEM_PROMPT, MultiTurn
 
 PRO_MT = Recipe(
@@ -30,20 +32,19 @@ PRO_MT = Recipe(
 )
 
 
-def main(argv: list[str] | None = None, recipe: Recipe = PRO_MT) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = parse_recipe(recipe, argv)
+def multi_turn_step(config: RecipeConfig, filters: tuple = ()) -> MultiTurn:
+    """The follow-up turns, from the instruction model, as ``config``'s multi-turn section says."""
     mt = config.section(MultiTurnArguments)
-    try:
-        filters = filters_from_names(mt.instruction_filters)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
     if mt.n_turns < 1 or not 1 <= mt.min_turns <= mt.n_turns:
         raise SystemExit("error: need --n_turns >= 1 and 1 <= --min_turns <= --n_turns")
     if config.run.instructions_only:
         raise SystemExit("error: multi-turn conversations need responses; drop --instructions_only")
     system = {"default": MULTI_TURN_SYSTEM_PROMPT, "none": None}.get(mt.mt_system_prompt or "none", mt.mt_system_prompt)
-    multi_turn = MultiTurn(  # follow-up queries and their replies come from the instruction model
+    language = config.instructions.target_language()
+    if language is not None and mt.mt_system_prompt == "default":
+        # --language steers the follow-up queries too: the built-in prompt plus the language's own
+        system = f"{MULTI_TURN_SYSTEM_PROMPT}\n\n{language_system_prompt(language)}"
+    return MultiTurn(  # follow-up queries and their replies come from the instruction model
         engine=config.instruction_engine(),
         n_turns=mt.n_turns,
         end_with_user=mt.end_with_user,
@@ -54,6 +55,16 @@ def main(argv: list[str] | None = None, recipe: Recipe = PRO_MT) -> int:
         min_turns=mt.min_turns,
         chat_template_kwargs=config.instructions.template_kwargs(),
     )
+
+
+def main(argv: list[str] | None = None, recipe: Recipe = PRO_MT) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = parse_recipe(recipe, argv)
+    try:
+        filters = filters_from_names(config.section(MultiTurnArguments).instruction_filters)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    multi_turn = multi_turn_step(config, filters)
     steps = generation_steps(config, postprocess=filters) >> multi_turn
     return run_recipe(config, steps, lambda pipeline, last: (
         {"raw": last}, {"multi_turn": multi_turn.config_summary(), "instruction_filters": [f.name for f in filters]}

@@ -70,6 +70,9 @@ def test_bad_settings_stop_before_anything_loads(tmp_path):
         parse_recipe(recipe, ["--task_mix", "math=0.7,coding=0.2"])
     with pytest.raises(SystemExit):
         parse_recipe(recipe, ["--response-temperature", "hot"])
+    # the default filter reads the reward and neighbour columns: without those stages the plan is refused
+    with pytest.raises(SystemExit, match="(?s)'Filter' needs columns .*--no_filter"):
+        load_recipe("magpie_pro").main(["--stages", "safety", "--dry-run", "--output-dir", str(tmp_path / "out")])
 
 
 def test_a_run_can_be_steered_without_python(tmp_path):

@@ -83,7 +83,7 @@ RUN_INFO = {
     "decoding_mixture": [{"temperature": 1.0, "top_p": 1.0, "rows": 30}, {"temperature": 1.25, "top_p": 0.99, "rows": 30}],
     "seed": 0,
     "response_sampling": {"temperature": 0.0, "max_tokens": 64},
-    "stage_stats": [{"stage": "MagpieInstructions", "rows_in": 0, "rows_out": 60, "seconds": 12.5, "dropped": {"empty": 2}}],
+    "stage_stats": [{"stage": "MagpieInstructions", "rows_in": 0, "rows_out": 60, "seconds": 12.5, "stats": {"generated_tokens": 900, "dropped_empty": 2}}],
     "filter_report": [{"condition": "input_quality >= good", "removed": 23}, {"condition": "min_neighbor_distance > 0", "removed": 1}],
     "preset": "cpu",
 }
@@ -154,7 +154,7 @@ def test_card_statistics_and_plots(tmp_path):
     assert '"<|im_start|>user\\n"' in card  # the pre-query template, exact
     assert "| 1.25 | 0.99 | 30 |" in card  # decoding mixture
     assert "| input_quality >= good | 23 |" in card  # filter report
-    assert "| MagpieInstructions | 0 | 60 | 12.5 | empty=2 |" in card
+    assert "| MagpieInstructions | 0 | 60 | 12.5 | generated_tokens=900, dropped_empty=2 |" in card
     assert "python recipes/magpie_pro.py --preset cpu --num-rows 60 --token ***" in card
     record = json.loads((folder / "magpie_run.json").read_text())
     counts = record["statistics"]["categorical"]["task_category"]["counts"]

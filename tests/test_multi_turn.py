@@ -13,7 +13,7 @@ from magpie_hf.postprocess import DropSystemPromptEcho
 from magpie_hf.steps import MagpieInstructions, Responses
 from magpie_hf.steps.multi_turn import MULTI_TURN_SYSTEM_PROMPT, MultiTurn, alternates, turn_columns
 from magpie_hf.templates import PRE_QUERY_OVERRIDES, ChatTemplateError
-from tests.conftest import chat_template_fixtures
+from tests.conftest import chat_template_fixtures, load_recipe
 
 SENTINEL = "ZqMultiTurnSentinel31"
 HISTORY = [
@@ -183,3 +183,20 @@ def test_three_turns_on_the_embedded_model(embedded_engine, tmp_path):
         if row["num_turns"] >= 2:
             assert (conversation[2]["content"], conversation[3]["content"]) == (row["instruction_2"], row["response_2"])
     assert sum(t == 3 for t in turns) >= 25, turns
+
+
+def test_language_steers_the_follow_up_queries(tmp_path):
+    from magpie_hf.languages import language_system_prompt
+    from magpie_hf.recipe import parse_recipe
+
+    mt = load_recipe("magpie_mt")
+
+    def step(*flags):
+        return mt.multi_turn_step(parse_recipe(mt.PRO_MT, ["--preset", "cpu", "--output-dir", str(tmp_path), *flags]))
+
+    assert step().mt_system_prompt == MULTI_TURN_SYSTEM_PROMPT
+    german = step("--language", "de").mt_system_prompt
+    assert german == f"{MULTI_TURN_SYSTEM_PROMPT}\n\n{language_system_prompt('de')}"
+    assert step("--language", "de", "--mt_system_prompt", "none").mt_system_prompt is None  # the user's choice stands
+    with pytest.raises(SystemExit, match="--min_turns"):
+        step("--n_turns", "2", "--min_turns", "3")

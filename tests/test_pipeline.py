@@ -55,6 +55,17 @@ class Double(Step):
 
 
 @dataclasses.dataclass(kw_only=True)
+class Halve(Step):
+    inputs = ("double",)
+
+    def output_features(self):
+        return {"half": FLOAT}
+
+    def process(self, batch, *, seed):
+        return {**batch, "half": [v / 2 for v in batch["double"]]}
+
+
+@dataclasses.dataclass(kw_only=True)
 class Noted(Step):
     """Writes a column that is null in every row, and a struct with a field that is always null."""
 
@@ -136,6 +147,13 @@ def test_input_dataset_and_errors(tmp_path):
         Pipeline(Numbers(num_rows=3) >> Double() >> Double(), tmp_path / "c")
     with pytest.raises(MissingColumnsError, match="needs columns \\['value' \\(did you mean 'values'\\?\\)\\]"):
         Pipeline([Double()], tmp_path / "d", input_dataset=datasets.Dataset.from_dict({"values": [1]}), progress=False).run()
+    # a step reading a column no earlier step declares stops the run before the first stage writes anything
+    chain = Pipeline(Numbers(num_rows=3) >> KeepTop(name="top") >> Halve(), tmp_path / "e", progress=False)
+    with pytest.raises(MissingColumnsError, match="'halve' needs columns \\['double'\\] that no earlier stage declares"):
+        chain.run()
+    with pytest.raises(MissingColumnsError):
+        chain.plan()
+    assert not (tmp_path / "e").exists() or not list((tmp_path / "e").glob("00-*/*.parquet"))
 
 
 def test_row_seeds_are_stable_and_never_share_a_sample_seed():

@@ -138,7 +138,7 @@ def _cell(value) -> str:
 
 def _kv(value) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_num(v)}" for k, v in value.items()) if value else "–"
+        return _cell(", ".join(f"{k}={_num(v)}" for k, v in value.items())) if value else "–"
     return _cell(value)
 
 

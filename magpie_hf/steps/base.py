@@ -185,8 +185,9 @@ class Step:
             record[f.name] = jsonable(value)
         return record
 
-    def check_inputs(self, columns: Iterable[str]) -> None:
-        """Refuse to run on ``columns`` when they lack one of :attr:`inputs` (the runner's one check).
+    def check_inputs(self, columns: Iterable[str], *, source: str = "the previous stage did not produce") -> None:
+        """Refuse to run on ``columns`` when they lack one of :attr:`inputs` (the runner's one check; the
+        pipeline also makes it on the declared columns before anything runs, with ``source`` saying so).
 
         Example:
             >>> Step(name="judge").check_inputs(["instruction"])   # a Step reads nothing
@@ -197,7 +198,7 @@ class Step:
             hints = {c: difflib.get_close_matches(c, available, n=1) for c in missing}
             named = ", ".join(f"{c!r} (did you mean {h[0]!r}?)" if h else repr(c) for c, h in hints.items())
             raise MissingColumnsError(
-                f"Step {self.name!r} needs columns [{named}] that the previous stage did not produce "
+                f"Step {self.name!r} needs columns [{named}] that {source} "
                 f"(it has {sorted(available)}). Add the step that writes them earlier in the chain, or set "
                 "the step's column names."
             )
