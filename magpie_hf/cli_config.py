@@ -51,8 +51,6 @@ class ConfigParser:
         prog: str | None = None,
         description: str | None = None,
     ) -> None:
-        from transformers import HfArgumentParser
-
         self.sections = tuple(sections)
         self.defaults = dict(defaults or {})
         self.presets = {name: dict(values) for name, values in (presets or {}).items()}
@@ -60,9 +58,17 @@ class ConfigParser:
         unknown = sorted(set(self.defaults).union(*self.presets.values()) - set(self.fields))
         if unknown:
             raise ConfigError(f"defaults name fields that no section has: {unknown}")
-        self._parser = HfArgumentParser(self.sections, prog=prog, description=description)
-        self._parser.add_argument("--config", default=None, metavar="FILE.yaml",
-                                  help="YAML file of settings (the flags' names); flags override it")
+        self._prog, self._description = prog, description
+        self._new_parser()  # a mistake in a section (a field argparse cannot take) shows here
+
+    def _new_parser(self) -> Any:
+        """A fresh parser per parse, so defaults set for one command line never leak into the next."""
+        from transformers import HfArgumentParser
+
+        parser = HfArgumentParser(self.sections, prog=self._prog, description=self._description)
+        parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                            help="YAML file of settings (the flags' names); flags override it")
+        return parser
 
     def parse(self, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
         """The section instances for ``argv`` (default: ``sys.argv[1:]``)."""
@@ -74,12 +80,13 @@ class ConfigParser:
         if preset in self.presets:
             values.update(self.presets[preset])
         values.update(from_file)
-        self._parser.set_defaults(**values)
-        parsed = self._parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+        parser = self._new_parser()
+        parser.set_defaults(**values)
+        parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
         return tuple(parsed[: len(self.sections)])
 
     def format_help(self) -> str:
-        return self._parser.format_help()
+        return self._new_parser().format_help()
 
 
 def load_yaml_config(path: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,18 +108,20 @@ def load_yaml_config(path: str | Path, fields: Mapping[str, Any]) -> dict[str, A
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of ``flag`` in ``argv`` (``--flag VALUE`` or ``--flag=VALUE``), removing it when it is ``--config``."""
-    for i, item in enumerate(argv):
+    """The value of ``flag`` in ``argv`` (``--flag VALUE`` or ``--flag=VALUE``; the last one wins, as in
+    argparse), removing every occurrence when it is ``--config``."""
+    value, i = None, 0
+    while i < len(argv):
+        item, width = argv[i], 0
         if item == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-            if flag == "--config":
-                del argv[i : i + 2]
-            return value
-        if item.startswith(flag + "="):
-            if flag == "--config":
-                del argv[i]
-            return item.split("=", 1)[1]
-    return None
+            value, width = argv[i + 1], 2
+        elif item.startswith(flag + "="):
+            value, width = item.split("=", 1)[1], 1
+        if width and flag == "--config":
+            del argv[i : i + width]
+            continue
+        i += width or 1
+    return value
 
 
 def to_yaml(*sections: Any) -> str:

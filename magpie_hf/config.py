@@ -115,8 +115,10 @@ class InstructionArguments:
                                      "and counted).")
     first_token_temperature_scale: float = _field(1.0, "Sample the first token at this multiple of the temperature "
                                                   "(the official Qwen2.5-Math runs: 1.2; transformers and vLLM engines only).")
-    chat_template_kwargs: str | None = _field(None, "JSON options for the chat template, e.g. "
-                                              "'{\"enable_thinking\": false}' (Qwen3); they reach every rendering.")
+    chat_template_kwargs: str | None = _field(None, "JSON options for the instruction model's chat template, e.g. "
+                                              "'{\"enable_thinking\": false}' (Qwen3): step 1, follow-up queries, and "
+                                              "the responses and judges when they run the same model (else see "
+                                              "--response_chat_template_kwargs, --judge_chat_template_kwargs).")
     language: str | None = _field(None, "Steer step 1 toward a language (ISO 639-1, e.g. de, zh): a system prompt in that "
                                   "language (the language's own task prompts with --task), the share of rows lingua "
                                   "tags as that language in the report and card. Languages with a built-in prompt: "
@@ -231,6 +233,10 @@ class TaggingArguments:
     base_model: str | None = _field(None, "Base model for the reward difference (paper: Llama-3-8B, URIAL-prompted).")
     judge_reward_samples: int = _field(5, "Ratings averaged per response when the judge gives the reward.")
     judge_max_tokens: int | None = _field(None, "Token limit of the judges' JSON answers (default per judge).")
+    judge_chat_template_kwargs: str | None = _field(None, "JSON options for the judge model's chat template (task "
+                                                    "category, quality, difficulty, judge reward), e.g. "
+                                                    "'{\"enable_thinking\": false}' (default: --chat_template_kwargs "
+                                                    "when the judge is the instruction model, else none).")
     judge_explanations: bool = _field(True, "Ask the quality and difficulty judges for their free-text fields "
                                       "(quality_explanation, intent, knowledge); --no_judge_explanations answers with "
                                       "the label alone, a few tokens (the CPU preset's choice).")
@@ -240,9 +246,11 @@ class TaggingArguments:
 class EngineArguments:
     """How models are run."""
 
-    engine: str | None = _field(None, "Generation backend: auto, transformers, vllm, openai (a /v1/completions "
-                                "server), openai-chat (a /v1/chat/completions server, responses and judges only).",
-                                choices=["auto", "transformers", "vllm", "openai", "openai-chat"])
+    engine: str | None = _field(None, "Generation backend: auto (vLLM on a GPU when installed, else transformers; "
+                                "openai when --base_url is given), transformers, vllm, openai (a /v1/completions "
+                                "server, which step 1 needs). A /v1/chat/completions server cannot write Magpie "
+                                "queries: use EngineConfig(backend='openai-chat') for answers and judges in Python.",
+                                choices=["auto", "transformers", "vllm", "openai"])
     dtype: str = _field("auto", "Weights dtype (auto: bfloat16 on GPUs, float32 on CPU).")
     gpu_memory_utilization: float = _field(0.9, "vLLM: share of GPU memory for weights and KV cache.")
     max_model_len: int | None = _field(None, "Context length (prompt + completion); longer prompts are null + reason.")
@@ -260,8 +268,8 @@ class FilterArguments:
     """The ``filtered`` config (paper Table 4)."""
 
     filter: str | None = _field(None, "Table 4 preset for the 'filtered' config (Filter, Filter1 ... Filter6); its "
-                                "'longest k' cut scales with --num_rows (default: Filter; Filter3 under --preset cpu, "
-                                "whose small judge labels every row alike).")
+                                "'longest k' cut scales with --num_rows (default: Filter; Filter3 with the embedded judge "
+                                "of --preset cpu, which labels every row alike).")
     no_filter: bool = _field(False, "Write only the 'raw' config.")
 
 

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -193,23 +194,18 @@ class RunLayout:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / ".lock"
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
-        while True:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_lock(path)
-                if holder is not None and _is_live(holder):
-                    raise RunLockedError(
-                        f"{self.root} is in use by another run (pid {holder.get('pid')} on host "
-                        f"{holder.get('host')!r}, started {holder.get('started')}). Wait for it to finish, or "
-                        f"choose another output directory. If no run is live there, delete {path}."
-                    ) from None
-                logger.warning("taking over %s left by a run that is no longer live (%s)", path, holder)
-                path.unlink(missing_ok=True)
+        while not _create_lock(path, me):
+            holder = _read_lock(path)
+            if holder is None and _age(path) < LOCK_GRACE_SECONDS:
+                time.sleep(0.1)  # a run is writing it this moment (only where hard links are unsupported)
                 continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
-            break
+            if holder is not None and _is_live(holder):
+                raise RunLockedError(
+                    f"{self.root} is in use by another run (pid {holder.get('pid')} on host "
+                    f"{holder.get('host')!r}, started {holder.get('started')}). Wait for it to finish, or "
+                    f"choose another output directory. If no run is live there, delete {path}."
+                )
+            _take_over(path, holder)
         try:
             yield
         finally:
@@ -255,6 +251,58 @@ def _mismatch(path: Path, record: dict[str, Any]) -> str | None:
     if rows != record["rows"]:
         return f"{rows} rows, {record['rows']} when written"
     return None
+
+
+#: how long an unreadable lock file is taken for one being written (not for a dead run's)
+LOCK_GRACE_SECONDS = 5.0
+
+
+def _create_lock(path: Path, holder: dict[str, Any]) -> bool:
+    """Create ``path`` holding ``holder``, atomically and complete from its first moment (a hard link to a
+    written file, which also works over NFS); False when it exists already."""
+    tmp = _tmp_name(path)
+    tmp.write_text(json.dumps(holder))
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: exclusive create, then write
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            json.dump(holder, handle)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _take_over(path: Path, holder: dict[str, Any] | None) -> None:
+    """Remove the lock of a run that is gone (``holder``), unless another run replaced it meanwhile.
+
+    The lock is first renamed to a name of our own, so of two runs taking over at once only one moves
+    it; if what was moved is not the dead run's lock (a live run took over first), it is put back.
+    """
+    moved = path.with_name(f"{path.name}.stale-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.rename(path, moved)
+    except FileNotFoundError:
+        return  # another run took it over first
+    if _read_lock(moved) != holder:
+        with contextlib.suppress(OSError):  # exists: a third run has it now
+            os.link(moved, path)
+    else:
+        logger.warning("taking over %s left by a run that is no longer live (%s)", path, holder)
+    moved.unlink(missing_ok=True)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:

@@ -37,6 +37,7 @@ from magpie_hf import engines
 from magpie_hf.executors import Executor, LocalExecutor
 from magpie_hf.layout import PipelineMismatchError, RunLayout
 from magpie_hf.progress import StageProgress
+from magpie_hf.redaction import redact
 from magpie_hf.runner import ShardReport, ShardTask, run_global
 from magpie_hf.seeds import row_seed, stage_seed
 from magpie_hf.steps.base import GeneratorStep, GlobalStep, Step
@@ -124,11 +125,12 @@ class Pipeline:
         return dataset_from_parquet(self.stage_files(index), self.layout.cache_dir)
 
     def settings(self) -> dict[str, Any]:
-        return {
+        """What the run's rows depend on (``pipeline.json``; a resumed run must match), secrets masked."""
+        return redact({
             "seed": self.seed,
             "shard_size": self.shard_size,
             "steps": [step.config_record() for step in self.steps],
-        }
+        })
 
     def manifest(self) -> dict[str, Any]:
         """Settings plus what each stage did (rows in/out, counts such as dropped rows, seconds, tokens)."""

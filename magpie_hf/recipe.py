@@ -39,10 +39,12 @@ from magpie_hf.config import (
     ResponseArguments,
     RunArguments,
     TaggingArguments,
+    parse_json_object,
     read_task_prompts,
 )
 from magpie_hf.engines import EngineConfig, resolve_backend
 from magpie_hf.hardware import Hardware
+from magpie_hf.redaction import redact
 from magpie_hf.steps.base import MissingColumnsError, Step, StepChain
 
 if TYPE_CHECKING:
@@ -119,6 +121,7 @@ class Recipe:
         cpu: field -> value under ``--preset cpu`` (over :data:`CPU_PRESET`).
         sections: argument sections beyond :data:`COMMON_SECTIONS`.
         stages: the tagging stages it runs by default.
+        choose_stages: whether ``--stages`` chooses them (False: the recipe's stages are fixed, ``--stages`` is refused).
         source_model_license: license of the paper's generating model (for the card).
     """
 
@@ -128,6 +131,7 @@ class Recipe:
     cpu: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     sections: tuple[type, ...] = ()
     stages: tuple[str, ...] = ()
+    choose_stages: bool = True
     source_model_license: str = "llama3"
 
 
@@ -156,10 +160,6 @@ class RecipeConfig:
     def sections(self) -> list[Any]:
         return [self.run, self.instructions, self.responses, self.tagging, self.engine, *self.extra.values(),
                 self.ray, self.hub]
-
-    @property
-    def is_cpu_preset(self) -> bool:
-        return self.run.preset == "cpu"
 
     @property
     def output_dir(self) -> Path:
@@ -196,7 +196,8 @@ class RecipeConfig:
             max_model_len=e.max_model_len,
             quantization=e.quantization,
             tensor_parallel_size=(e.tagging_tensor_parallel_size if tagging else e.tensor_parallel_size) or 1,
-            base_url=e.base_url if backend in ("openai", "openai-chat") else None,
+            # auto picks the server when a URL is given; tagging models run locally unless --engine says openai
+            base_url=e.base_url if backend == "openai" or (backend == "auto" and not tagging) else None,
             max_n_per_request=e.max_n_per_request,
             trust_remote_code=e.trust_remote_code,
         )
@@ -320,39 +321,40 @@ def _resolve(config: RecipeConfig) -> None:
         config.engine.tensor_parallel_size = 1
     if FilterArguments in config.extra:
         f = config.section(FilterArguments)
-        f.filter = f.filter or (EMBEDDED_FILTER if i.model == EMBEDDED else DEFAULT_FILTER)
+        f.filter = f.filter or (EMBEDDED_FILTER if config.tagging.judge_model in (None, EMBEDDED) else DEFAULT_FILTER)
+        from magpie_hf.steps.filters import preset_filter
+
+        preset_filter(f.filter)  # an unknown --filter stops here, with the presets named
     if ReasoningArguments in config.extra:
         reasoning = config.section(ReasoningArguments)
         reasoning.tags()
         r.response_max_tokens = reasoning.max_tokens()  # what a response may use in all
     # validations: each raises ValueError with the flag to change
+    if config.run.stages is not None and not config.recipe.choose_stages:
+        raise ValueError(f"{config.recipe.name} runs fixed stages ({', '.join(config.recipe.stages) or 'no tagging'}); "
+                         "drop --stages (tag its output with the tagging steps in Python if you need more).")
+    if config.engine.base_url and (config.engine.engine or "auto") not in ("auto", "openai"):
+        raise ValueError(f"--base_url is read by --engine openai (or auto), not --engine {config.engine.engine}; "
+                         "add --engine openai to send the requests to that server.")
     i.decoding_mixture()
     i.template_kwargs()
     r.template_kwargs()
+    judge_chat_template_kwargs(config)
     if i.target_language() is not None and i.pre_query_template is not None:
         raise ValueError("--language puts a system prompt in the chat template, which an explicit --pre_query_template "
                          "bypasses; drop --pre_query_template (or write the language's system block into it and drop --language).")
     config.instruction_system_prompt()
-    config.task_mix()
+    if config.task_mix() is not None and (i.system_prompt is not None or i.pre_query_template is not None):
+        raise ValueError("--task/--task_mix puts a system prompt per task into the chat template; drop "
+                         "--system_prompt and --pre_query_template (or write your prompts into --task_prompts FILE.json).")
     config.stages()
     config.hub.check()
     config.ray.executor()  # parses --ray_stage
 
 
 def recipe_command(argv: Sequence[str] | None = None) -> str:
-    """The command line that ran this recipe, for provenance (token-looking values masked)."""
-    argv = list(sys.argv if argv is None else argv)
-    masked = []
-    hide_next = False
-    for item in argv:
-        if hide_next or item.startswith("hf_"):
-            masked.append("***")
-            hide_next = False
-            continue
-        if item in ("--token", "--hub-token", "--hub_token"):
-            hide_next = True
-        masked.append(item)
-    return shlex.join(["python", *masked])
+    """The command line that ran this recipe, for provenance (secrets masked: :func:`magpie_hf.redaction.redact`)."""
+    return redact(shlex.join(["python", *(sys.argv if argv is None else argv)]))
 
 
 def check_hardware(config: RecipeConfig) -> None:
@@ -416,12 +418,23 @@ def instruction_step(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -
     return MagpieInstructions(**kwargs)
 
 
+def _template_kwargs(config: RecipeConfig, own: str | None, flag: str, model: str | None) -> dict[str, Any] | None:
+    """A stage's own ``flag`` options; else ``--chat_template_kwargs`` when the stage runs the instruction model."""
+    if own is not None:
+        return parse_json_object(own, flag)
+    return config.instructions.template_kwargs() if (model or EMBEDDED) == (config.instructions.model or EMBEDDED) else None
+
+
 def response_chat_template_kwargs(config: RecipeConfig) -> dict[str, Any] | None:
     """``--response_chat_template_kwargs``; else ``--chat_template_kwargs`` when one model writes both sides."""
     r = config.responses
-    if r.response_chat_template_kwargs is not None:
-        return r.template_kwargs()
-    return config.instructions.template_kwargs() if r.response_model == config.instructions.model else None
+    return _template_kwargs(config, r.response_chat_template_kwargs, "--response_chat_template_kwargs", r.response_model)
+
+
+def judge_chat_template_kwargs(config: RecipeConfig) -> dict[str, Any] | None:
+    """``--judge_chat_template_kwargs``; else ``--chat_template_kwargs`` when the judge is the instruction model."""
+    t = config.tagging
+    return _template_kwargs(config, t.judge_chat_template_kwargs, "--judge_chat_template_kwargs", t.judge_model)
 
 
 def response_step(config: RecipeConfig) -> Step:
@@ -483,7 +496,8 @@ def tagging_steps(config: RecipeConfig, *, reward_difference: bool = False) -> S
     )
 
     stages = config.stages()
-    judge_options: dict[str, Any] = {"explanations": config.tagging.judge_explanations}
+    judge_options: dict[str, Any] = {"explanations": config.tagging.judge_explanations,
+                                     "chat_template_kwargs": judge_chat_template_kwargs(config)}
     if config.tagging.judge_max_tokens:
         judge_options["max_tokens"] = config.tagging.judge_max_tokens
     chain = StepChain()
@@ -494,7 +508,7 @@ def tagging_steps(config: RecipeConfig, *, reward_difference: bool = False) -> S
     if "difficulty" in stages:
         chain = chain >> Difficulty(engine=config.judge_engine(), **judge_options)
     if "safety" in stages:
-        chain = chain >> LlamaGuard(engine=config.guard_engine(), taxonomy="llama-guard-2")
+        chain = chain >> LlamaGuard(engine=config.guard_engine())  # taxonomy from the model name (Guard 2 or 3)
     if "language" in stages and config.instructions.language is None:  # --language tags right after step 1
         chain = chain >> Language()
     if "reward" in stages or reward_difference:
@@ -524,7 +538,8 @@ def reward_step(config: RecipeConfig, *, name: str, **columns: str) -> Step:
 
     model = config.tagging.reward_model or "judge"
     if model == "judge":
-        return JudgeReward(engine=config.judge_engine(), num_samples=config.tagging.judge_reward_samples, name=name, **columns)
+        return JudgeReward(engine=config.judge_engine(), num_samples=config.tagging.judge_reward_samples,
+                           chat_template_kwargs=judge_chat_template_kwargs(config), name=name, **columns)
     return RewardModel(model=model, trust_remote_code=config.engine.trust_remote_code, name=name, **columns)
 
 

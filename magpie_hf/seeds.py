@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 
 #: seeds owned by one row: a row may ask for at most this many samples (best-of-n responses,
-#: sampled judge ratings, multi-turn follow-ups: turn ``t`` uses ``row_seed + t``)
+#: sampled judge ratings, multi-turn follow-ups: turn ``t``'s query uses ``row_seed + 2(t - 2)``, its reply the next)
 SEEDS_PER_ROW = 64
 #: seeds are kept in 31 bits, which every backend accepts (llama.cpp's server takes a uint32)
 SEED_MODULUS = 2**31

@@ -18,7 +18,7 @@ Usage:
         --config recipes/dpo_llama3_8b.yaml --dataset_name you/magpie-pro-dpo --dataset_revision v1.0.0
     # a few steps on the CPU from the checkpoint of `python recipes/sft.py --preset cpu`
     python recipes/dpo.py --preset cpu --model_name_or_path outputs/sft-cpu \\
-        --dataset_name outputs/magpie_po_cpu/dataset --output_dir outputs/dpo-cpu
+        --dataset_name runs/magpie_po/dataset --output_dir outputs/dpo-cpu
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class DPORecipeArguments(RecipeArguments):
     max_prompt_length: int | None = field(
         default=None,
         metadata={"help": "When prompt + longer reply exceed max_length, keep the last N prompt tokens (the meaning "
-                          "of TRL <= 0.9's max_prompt_length; must be below max_length). None: TRL 1.x's own "
-                          "truncation, which drops pairs whose prompt alone fills max_length."},
+                          "of TRL <= 0.9's max_prompt_length; must be below max_length). 0 (or null in a YAML): TRL "
+                          "1.x's own truncation, which drops pairs whose prompt alone fills max_length."},
     )
 
 
@@ -101,7 +101,7 @@ class MagpieDPOTrainer(ProvenanceMixin, DPOTrainer):
         max_length = kwargs["args"].max_length
         if max_prompt_length is not None and (max_length is None or max_prompt_length >= max_length):
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}); "
-                             "lower it, or pass --max_prompt_length null to keep TRL's own truncation.")
+                             "lower it, or pass --max_prompt_length 0 to keep TRL's own truncation.")
         self.max_prompt_length = max_prompt_length
         self.prompts_cut: dict[str, int] = {}  # dataset name -> pairs whose prompt was cut
         super().__init__(*args, **kwargs)
@@ -176,7 +176,7 @@ def build_trainer(script_args: DPORecipeArguments, training_args: DPOConfig, mod
         processing_class=tokenizer,
         quantization_config=quantization,
         peft_config=get_peft_config(model_args),
-        max_prompt_length=script_args.max_prompt_length,
+        max_prompt_length=script_args.max_prompt_length or None,  # 0: off (a flag cannot say None)
         provenance=provenance,
     )
     if script_args.ignore_bias_buffers:  # as trl/scripts/dpo.py: torch distributed hack

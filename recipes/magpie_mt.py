@@ -20,7 +20,7 @@ import sys
 from magpie_hf.config import MultiTurnArguments
 from magpie_hf.languages import language_system_prompt
 from magpie_hf.postprocess import filters_from_names
-from magpie_hf.recipe import Recipe, RecipeConfig, generation_steps, parse_recipe, run_recipe
+from magpie_hf.recipe import Recipe, RecipeConfig, generation_steps, parse_recipe, response_chat_template_kwargs, run_recipe
 from magpie_hf.steps.multi_turn import MULTI_TURN_SYSTEM_PROMPT, MultiTurn
 
 PRO_MT = Recipe(
@@ -29,6 +29,7 @@ PRO_MT = Recipe(
     paper={"model": "meta-llama/Meta-Llama-3-70B-Instruct", "num_rows": 300_000, "mixture": "pro",
            "tensor_parallel_size": 4, "newline_stop": True},
     sections=(MultiTurnArguments,),
+    choose_stages=False,
 )
 
 
@@ -39,18 +40,30 @@ def multi_turn_step(config: RecipeConfig, filters: tuple = ()) -> MultiTurn:
         raise SystemExit("error: need --n_turns >= 1 and 1 <= --min_turns <= --n_turns")
     if config.run.instructions_only:
         raise SystemExit("error: multi-turn conversations need responses; drop --instructions_only")
+    r = config.responses
+    if r.response_model != config.instructions.model or response_chat_template_kwargs(config) != config.instructions.template_kwargs():
+        raise SystemExit("error: in magpie_mt one model writes every turn, queries and replies (one engine, one set of "
+                         "chat template options); drop --response_model and --response_chat_template_kwargs")
     system = {"default": MULTI_TURN_SYSTEM_PROMPT, "none": None}.get(mt.mt_system_prompt or "none", mt.mt_system_prompt)
     language = config.instructions.target_language()
     if language is not None and mt.mt_system_prompt == "default":
-        # --language steers the follow-up queries too: the built-in prompt plus the language's own
-        system = f"{MULTI_TURN_SYSTEM_PROMPT}\n\n{language_system_prompt(language)}"
+        # --language steers the follow-up queries too: the built-in prompt plus the language's own (or the
+        # --system_prompt written in it, for a language without a built-in one)
+        try:
+            steer = config.instructions.system_prompt or language_system_prompt(language)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        system = f"{MULTI_TURN_SYSTEM_PROMPT}\n\n{steer}"
     return MultiTurn(  # follow-up queries and their replies come from the instruction model
         engine=config.instruction_engine(),
         n_turns=mt.n_turns,
         end_with_user=mt.end_with_user,
         mt_system_prompt=system,
         query_max_tokens=config.instructions.instruction_max_tokens,
-        max_tokens=config.responses.response_max_tokens,
+        temperature=r.response_temperature,  # later replies are sampled as turn 1's
+        top_p=r.response_top_p,
+        repetition_penalty=r.response_repetition_penalty,
+        max_tokens=r.response_max_tokens,
         postprocess=filters,
         min_turns=mt.min_turns,
         chat_template_kwargs=config.instructions.template_kwargs(),

@@ -23,7 +23,16 @@ import logging
 import sys
 
 from magpie_hf.config import PreferenceArguments
-from magpie_hf.recipe import EMBEDDED, Recipe, RecipeConfig, generation_steps, parse_recipe, reward_step, run_recipe
+from magpie_hf.recipe import (
+    EMBEDDED,
+    Recipe,
+    RecipeConfig,
+    generation_steps,
+    parse_recipe,
+    response_chat_template_kwargs,
+    reward_step,
+    run_recipe,
+)
 from magpie_hf.steps.base import StepChain
 from magpie_hf.steps.base_responses import BaseResponses, RewardDifference
 from magpie_hf.steps.preferences import (
@@ -42,6 +51,7 @@ PO = Recipe(
     cpu={"num_rows": 160},  # enough rows that the pairs surviving the threshold number 50 or more
     sections=(PreferenceArguments,),
     stages=("reward",),
+    choose_stages=False,
 )
 
 
@@ -61,7 +71,8 @@ def pair_steps(config: RecipeConfig) -> StepChain:
     return (
         instructions
         >> MultiResponses(engine=config.response_engine(), n=po.num_responses, temperature=po.sampling_temperature,
-                          top_p=r.response_top_p, max_tokens=r.response_max_tokens)
+                          top_p=r.response_top_p, repetition_penalty=r.response_repetition_penalty,
+                          max_tokens=r.response_max_tokens, chat_template_kwargs=response_chat_template_kwargs(config))
         >> MultiResponseRewards(reward=reward_step(config, name="response_reward"))
         >> BestOfNPairs(margin=po.margin)
     )

@@ -18,7 +18,7 @@ Usage:
     python recipes/sft.py --config recipes/sft_llama3_8b.yaml --dataset_name you/magpie-pro --dataset_config filtered \\
         --dataset_revision v1.0.0
     # a few steps of a tiny model on the CPU, on the dataset folder of `recipes/magpie_pro.py --preset cpu`
-    python recipes/sft.py --preset cpu --dataset_name outputs/magpie_pro_cpu/dataset --output_dir outputs/sft-cpu
+    python recipes/sft.py --preset cpu --dataset_name runs/magpie_pro/dataset --output_dir outputs/sft-cpu
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def build_trainer(script_args: RecipeArguments, training_args: SFTConfig, model_
         raise ValueError(
             "Pass --dataset_name: a Hub repo id (with --dataset_revision) or the OUTPUT_DIR/dataset folder of a "
             "magpie_hf recipe, e.g. `python recipes/magpie_pro.py --preset cpu` then "
-            "--dataset_name outputs/<run>/dataset."
+            "--dataset_name runs/<recipe>/dataset."
         )
     quantization = quantization_config(model_args, training_args)
     if model_args.model_name_or_path is None and script_args.preset != "cpu":

@@ -70,6 +70,14 @@ def test_bad_settings_stop_before_anything_loads(tmp_path):
         parse_recipe(recipe, ["--task_mix", "math=0.7,coding=0.2"])
     with pytest.raises(SystemExit):
         parse_recipe(recipe, ["--response-temperature", "hot"])
+    with pytest.raises(SystemExit, match="Did you mean 'Filter1'"):
+        parse_recipe(recipe, ["--filter", "filter1"])
+    with pytest.raises(SystemExit, match="drop --system_prompt and --pre_query_template"):
+        parse_recipe(recipe, ["--task", "math", "--system_prompt", "You are a tutor."])
+    with pytest.raises(SystemExit, match="add --engine openai"):
+        parse_recipe(recipe, ["--preset", "cpu", "--base_url", "http://127.0.0.1:8000/v1"])
+    with pytest.raises(SystemExit, match="magpie_po runs fixed stages \\(reward\\); drop --stages"):
+        parse_recipe(load_recipe("magpie_po").PO, ["--preset", "cpu", "--stages", "safety"])
     # the default filter reads the reward and neighbour columns: without those stages the plan is refused
     with pytest.raises(SystemExit, match="(?s)'Filter' needs columns .*--no_filter"):
         load_recipe("magpie_pro").main(["--stages", "safety", "--dry-run", "--output-dir", str(tmp_path / "out")])
@@ -97,6 +105,12 @@ def test_every_shipped_config_resolves_with_dry_run(path, capsys):
     resolved = yaml.safe_load(out.split("# stage plan")[0])
     plan = yaml.safe_load(out.split("# stage plan (nothing was loaded)")[1])
     assert resolved["dry_run"] is False and resolved["model"]
+    named = yaml.safe_load(path.read_text())
+    for key in ("model", "response_model", "judge_model", "reward_model"):
+        if key in named:  # what a file names is what runs
+            assert resolved[key] == named[key], key
+    if path.name == "qwen3-32b-thinking.yaml":  # one model on both sides, as its comment says
+        assert resolved["response_model"] == resolved["model"] == "Qwen/Qwen3-32B"
     assert plan["stages"][0]["step"] in {"MagpieInstructions", "TaskControlledInstructions"}
 
 

@@ -86,6 +86,8 @@ RUN_INFO = {
     "stage_stats": [{"stage": "MagpieInstructions", "rows_in": 0, "rows_out": 60, "seconds": 12.5, "stats": {"generated_tokens": 900, "dropped_empty": 2}}],
     "filter_report": [{"condition": "input_quality >= good", "removed": 23}, {"condition": "min_neighbor_distance > 0", "removed": 1}],
     "preset": "cpu",
+    "task_control": {"weights": {"math": 0.5, "coding": 0.5}, "prompts": {"math": "You solve math.", "coding": "You code."}},
+    "configuration": "# EngineArguments\nengine: openai\nbase_url: https://me:pw-SECRET123@host/v1?api_key=KEY-SECRET456\n",
 }
 
 
@@ -137,10 +139,13 @@ def test_folder_is_loadable_with_card_metadata(tmp_path):
     record = json.loads((folder / "magpie_run.json").read_text())
     assert record["configs"] == {"raw": {"train": 20}, "sft": {"train": 15, "test": 5}}
     assert record["run_info"]["recipe"] == "magpie_pro"
-    # a token in the recipe's command line is redacted everywhere
+    # a token in the recipe's command line, and credentials in a server URL, are redacted everywhere
     for path in folder.rglob("*"):
         if path.is_file():
-            assert TOKEN.encode() not in path.read_bytes(), path
+            for secret in (TOKEN, "pw-SECRET123", "KEY-SECRET456"):
+                assert secret.encode() not in path.read_bytes(), (path, secret)
+    assert "```yaml\n# EngineArguments\nengine: openai\nbase_url: https://***@host/v1?api_key=***\n```" in card
+    assert '| math | 0.5 | `"You solve math."` |' in card and "Under task control" in card
 
 
 def test_card_statistics_and_plots(tmp_path):

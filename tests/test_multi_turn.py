@@ -198,5 +198,11 @@ def test_language_steers_the_follow_up_queries(tmp_path):
     german = step("--language", "de").mt_system_prompt
     assert german == f"{MULTI_TURN_SYSTEM_PROMPT}\n\n{language_system_prompt('de')}"
     assert step("--language", "de", "--mt_system_prompt", "none").mt_system_prompt is None  # the user's choice stands
+    own = "Der Nutzer schreibt immer auf Koreanisch."  # a language without a built-in prompt brings its own
+    assert step("--language", "ko", "--system_prompt", own).mt_system_prompt.endswith(own)
     with pytest.raises(SystemExit, match="--min_turns"):
         step("--n_turns", "2", "--min_turns", "3")
+    with pytest.raises(SystemExit, match="one model writes every turn"):
+        step("--response_model", "someone/else")
+    sampled = step("--response_temperature", "0.7", "--response_top_p", "0.9")
+    assert (sampled.temperature, sampled.top_p) == (0.7, 0.9)  # later replies are sampled as turn 1's

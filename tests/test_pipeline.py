@@ -194,6 +194,18 @@ def test_a_second_live_run_on_the_same_folder_is_refused(tmp_path):
     (tmp_path / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "then"}))
     assert len(Pipeline(Numbers(num_rows=4), tmp_path, progress=False).run()) == 3
     assert not (tmp_path / ".lock").exists()
+    # an unreadable lock (a run died while writing it, on a filesystem without hard links) is taken over once old
+    (tmp_path / ".lock").write_text("")
+    os.utime(tmp_path / ".lock", (0, 0))
+    assert len(Pipeline(Numbers(num_rows=4), tmp_path, progress=False).run()) == 3
+    # two runs taking over one dead run's lock: the one that comes second must not remove the first one's
+    from magpie_hf.layout import _take_over
+
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}
+    (tmp_path / ".lock").write_text(json.dumps(live))
+    _take_over(tmp_path / ".lock", {"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "then"})
+    assert json.loads((tmp_path / ".lock").read_text()) == live
+    assert [p.name for p in tmp_path.glob(".lock*")] == [".lock"]
 
 
 def test_columns_are_typed_even_when_every_value_is_null(tmp_path):

@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.engines.base import Completion, Engine, FinishReason, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.redaction import redact
 
 if TYPE_CHECKING:
     from magpie_hf.templates import ChatTemplates
@@ -168,6 +169,7 @@ class _OpenAIEngine(Engine):
             raise ImportError("The OpenAI-compatible engines need the openai SDK: pip install 'openai>=1.55.3'") from err
         self._errors = openai
         self.url = config.base_url.rstrip("/") + "/" + self.endpoint
+        self.shown_url = redact(self.url)  # what messages and logs name (no credentials in a URL)
         self.served_model_name = config.option("served_model_name", config.model)
         extra_body = config.option("extra_body") or {}
         if not isinstance(extra_body, dict):
@@ -211,7 +213,7 @@ class _OpenAIEngine(Engine):
                         value = (card.model_extra or {}).get("max_model_len")
                         break
             except self._errors.OpenAIError as err:
-                logger.debug("could not read %s/models: %s", self.config.base_url, type(err).__name__)
+                logger.debug("could not read %s/models: %s", redact(self.config.base_url), type(err).__name__)
             self._context_length = int(value) if isinstance(value, int) and value > 0 else None
         return self._context_length
 
@@ -259,7 +261,7 @@ class _OpenAIEngine(Engine):
                 "stop_token_ids",
                 "%s: sampling_extensions=False, so stop_token_ids %s are not sent; the server's own end of "
                 "turn and the stop strings end completions",
-                self.url,
+                self.shown_url,
                 list(sampling.stop_token_ids),
             )
         return fields, {**extra, **self.extra_body}
@@ -327,7 +329,7 @@ class _OpenAIEngine(Engine):
         flat = [c for row in results for c in row]
         if len(items) > 1 and all(c is not None and c.finish_reason == "error" for c in flat):
             raise OpenAIServerError(
-                f"{self.url} refused every request of this call, so the engine settings are at fault, not the "
+                f"{self.shown_url} refused every request of this call, so the engine settings are at fault, not the "
                 f"rows. First refusal: {flat[0].error}. Check the model name (served_model_name), and for a "
                 "server that refuses top_k/min_p/repetition_penalty/stop_token_ids set "
                 "EngineConfig(sampling_extensions=False)."
@@ -361,14 +363,14 @@ class _OpenAIEngine(Engine):
             raise OpenAIServerError(self._fatal_message(err, n)) from None
         except self._errors.APIConnectionError as err:
             raise OpenAIServerError(
-                f"{self.url} failed after {self.config.max_retries + 1} attempts; last error: "
+                f"{self.shown_url} failed after {self.config.max_retries + 1} attempts; last error: "
                 f"{type(err).__name__}: {err}. Is the server running and reachable at base_url="
-                f"{self.config.base_url!r}?"
+                f"{redact(self.config.base_url)!r}?"
             ) from None
         if len(choices) > n:
-            raise OpenAIServerError(f"{self.url} returned {len(choices)} choices for n={n}.")
+            raise OpenAIServerError(f"{self.shown_url} returned {len(choices)} choices for n={n}.")
         if not choices:
-            raise OpenAIServerError(f"{self.url} returned no choices for a request of n={n}.")
+            raise OpenAIServerError(f"{self.shown_url} returned no choices for a request of n={n}.")
         if len(choices) < n:
             self._lower_n_limit(f"returned {len(choices)} choice(s) for n={n}")
         return self._completions(choices, usage_tokens, sampling)
@@ -382,7 +384,7 @@ class _OpenAIEngine(Engine):
                 "%s %s: it does not serve n > 1 per request, so every sample is now asked for in its own "
                 "request (seed + j for sample j). Set EngineConfig(max_n_per_request=N) to the server's "
                 "parallel slots (llama-server -np N) to skip this probe.",
-                self.url,
+                self.shown_url,
                 what,
             )
 
@@ -400,13 +402,13 @@ class _OpenAIEngine(Engine):
         text = str(message or err.message)
         if len(text) > MAX_REASON_CHARS:
             text = text[:MAX_REASON_CHARS] + "..."
-        return f"HTTP {err.status_code} from {self.url}: {text}"
+        return f"HTTP {err.status_code} from {self.shown_url}: {text}"
 
     def _fatal_message(self, err: Any, n: int) -> str:
         status = err.status_code
         reason = self._reason(err)
         if status in (408, 409, 429) or status >= 500:
-            message = f"{self.url} failed after {self.config.max_retries + 1} attempts; last error: {reason}"
+            message = f"{self.shown_url} failed after {self.config.max_retries + 1} attempts; last error: {reason}"
             if n > 1:
                 message += (
                     f" (the request asked for n={n}; a server that cannot serve that many at once needs "
@@ -416,9 +418,9 @@ class _OpenAIEngine(Engine):
         hint = {
             401: f"check the API key in the environment variable {self.config.api_key_env!r}",
             403: f"check the API key in the environment variable {self.config.api_key_env!r}",
-            404: f"check base_url={self.config.base_url!r} and the model name {self.served_model_name!r}",
+            404: f"check base_url={redact(self.config.base_url)!r} and the model name {self.served_model_name!r}",
         }.get(status, "check the engine settings")
-        return f"{self.url} rejected the request ({reason}); {hint}."
+        return f"{self.shown_url} rejected the request ({reason}); {hint}."
 
     def _completions(self, choices: list[_Choice], usage_tokens: int | None, sampling: SamplingConfig) -> list[Completion]:
         counts = self._token_counts(choices, usage_tokens, sampling.max_tokens)
@@ -441,7 +443,7 @@ class _OpenAIEngine(Engine):
                 ]
         counts = [max_tokens if c.finish_reason == "length" else None for c in choices]
         if usage_tokens is None:
-            self._warn_once("usage", "%s reports no usage; token counts of its completions are 0", self.url)
+            self._warn_once("usage", "%s reports no usage; token counts of its completions are 0", self.shown_url)
             return [c or 0 for c in counts]
         rest = [i for i, c in enumerate(counts) if c is None]
         left = max(usage_tokens - sum(c for c in counts if c is not None), 0)

@@ -289,7 +289,7 @@ def _import_ray() -> Any:
         import ray
         import ray.data  # noqa: F401
     except ImportError as err:
-        raise ImportError("The Ray executor needs Ray Data: pip install 'magpie-hf[ray]'  (or 'ray[data]>=2.60')") from err
+        raise ImportError("The Ray executor needs Ray Data: pip install 'magpie-hf[ray]'  (or 'ray[data]>=2.40,<2.64')") from err
     return ray
 
 

@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+
+
 from .layout import CARD_FILE, RUN_FILE, FolderLayout, read_layout
 
 TEMPLATE = "dataset_card.md.j2"
@@ -61,9 +63,9 @@ KNOWN_RUN_KEYS = (
     "preset",
     "language_target",
     "reasoning",
+    "task_control",
+    "configuration",
 )
-_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
-_TOKEN_FLAG = re.compile(r"(--(?:hf[-_])?token[= ])(\S+)")
 
 
 class CardTemplateNotFound(FileNotFoundError):
@@ -80,17 +82,6 @@ def templates_dir() -> Path:
         f"Dataset card templates ({TEMPLATE}) not found in {here.parents[2] / 'hub_cards'} or "
         f"{here.parents[1] / 'hub_cards'}; reinstall magpie-hf."
     )
-
-
-def redact(value: Any) -> Any:
-    """Replace anything that looks like a Hub token (``hf_...``, ``--token X``) in strings, lists and dicts."""
-    if isinstance(value, str):
-        return _TOKEN.sub("hf_***", _TOKEN_FLAG.sub(r"\1***", value))
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    return value
 
 
 def model_license(model_id: str) -> str | None:

@@ -20,7 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .card import redact, write_card
+from magpie_hf.redaction import redact
+
+from .card import write_card
 from .layout import MAX_SHARD_BYTES, RUN_FILE, write_configs
 from .plots import write_plots
 from .stats import compute_stats

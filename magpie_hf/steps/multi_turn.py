@@ -154,7 +154,7 @@ class MultiTurn(Step, ChatTemplateMixin):
                 raise ChatTemplateError(
                     f"MultiTurn samples follow-up queries with a system message, and the chat template of "
                     f"{self._model_name()} does not accept one. Pass MultiTurn(mt_system_prompt=None) "
-                    f"(CLI: --no-mt-system-prompt). Details: {err}"
+                    f"(CLI: --mt_system_prompt none). Details: {err}"
                 ) from err
 
     def unload(self) -> None:
