@@ -178,6 +178,9 @@ class Handler(BaseHTTPRequestHandler):
         return user
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type="application/json", log=True):
+        if log:  # logged before the reply leaves, so a client that has its answer always finds the request logged
+            with self.state.lock:
+                self.state.requests.append((self.command, urlsplit(self.path).path, status))
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for key, value in (headers or {}).items():
@@ -186,9 +189,6 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        if log:
-            with self.state.lock:
-                self.state.requests.append((self.command, urlsplit(self.path).path, status))
 
     def _json(self, obj, status: int = 200, headers: dict | None = None, log: bool = True):
         self._send(status, json.dumps(obj).encode(), headers, log=log)
