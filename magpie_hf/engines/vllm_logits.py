@@ -1,46 +1,56 @@
-"""The first-step rules of :class:`~magpie_hf.engines.base.SamplingConfig` as a vLLM (0.34) logits processor.
+"""The first-step rules of :class:`~magpie_hf.engines.base.SamplingConfig` as a vLLM logits processor.
 
 The official Magpie generator passed per-request logits-processor callables to vLLM's old engine
 (``exp/gen_ins.py``: ``SamplingParams(logits_processors=[...])``) to ban markdown headings as
 Llama-3.1's first token and to sample Qwen2.5-Math's first token at 1.2x the temperature. vLLM's V1
-engine has no per-request callables; vLLM 0.34 loads custom :class:`LogitsProcessor` *classes* into
-its (V2) model runner and lets each request pass arguments in ``SamplingParams.extra_args``. This
-module is that class; :class:`magpie_hf.engines.vllm.VLLMEngine` loads it for
-``EngineConfig(first_token_rules=True)`` (``LLM(logits_processors=["magpie_hf.engines.vllm_logits:FirstTokenRules"])``)
-and puts each request's rules in ``extra_args["magpie_first_token"]``:
-``{"banned_ids": [2, 567, ...], "temperature_scale": 1.2}``.
+engine has no per-request callables: it loads custom logits-processor *classes*
+(``LLM(logits_processors=["module:Class"])``) and lets each request pass arguments in
+``SamplingParams.extra_args``. :class:`magpie_hf.engines.vllm.VLLMEngine` loads :class:`FirstTokenRules`
+for ``EngineConfig(first_token_rules=True)`` and puts each request's rules in
+``extra_args["magpie_first_token"]``: ``{"banned_ids": [2, 567, ...], "temperature_scale": 1.2}``.
 
-What it relies on (vLLM 0.34.0 source, ``vllm/v1/worker/gpu/sample/``):
+**Two model runners, two interfaces, one class.** vLLM decides which model runner to use only after
+``LLM(...)`` has built its config (``VllmConfig.use_v2_model_runner``, ``vllm/config/vllm.py:703-739`` in
+0.32: ``VLLM_USE_V2_MODEL_RUNNER``, else the V1 runner without Triton or for features V2 lacks, else V2),
+and each runner's loader accepts only subclasses of its own interface (V1:
+``v1/sample/logits_processor/__init__.py:157-158``; V2: ``v1/worker/gpu/sample/logits_processor/loader.py:126-130``).
+So :class:`FirstTokenRules` implements both; the runner vLLM picks constructs it through its own
+interface and calls only that interface's methods:
 
-- ``logits_processor/interface.py:92-158``: the interface. ``__init__(vllm_config, req_states)``;
-  ``validate_params(sampling_params)`` runs when a request is admitted, in the frontend (a
-  ``ValueError`` fails that request); ``add_request(req_idx, sampling_params)`` is called for every
-  request entering a slot (slots are reused, so it resets the slot) and returns whether the processor
-  changes that request's logits; ``apply_staged_writes()`` runs after new requests are added and
-  before the forward pass (``v1/worker/gpu/model_runner.py:1333-1338``); ``apply(logits, ctx)`` gets
-  the whole batch's float32 logits, one row per logits row, ``ctx.expanded_idx_mapping`` mapping a
-  row to its request slot and ``ctx.pos`` giving the position of the token the row's logits come from.
-- ``interface.py:99-103`` and ``sampler.py:244-266``: ``apply()`` runs after logit bias, penalties,
-  bad words and the grammar mask, before temperature, min-p and top-k/top-p. So logits divided here
-  are then divided by the temperature, which is what the official ``flaming_tokens`` did.
-- ``interface.py:40-48`` and ``states.py:43-52,105,121``: ``req_states.prompt_len`` holds each slot's
-  prompt length (``.np`` on the host, ``.gpu`` refreshed by ``copy_to_uva``; read it at every step).
-  The first generated token is sampled from the logits of the last prompt token, at position
-  ``prompt_len - 1``, the same test vLLM's own min-tokens rule makes (``logit_bias.py:93-96,238-242``:
-  ``pos + 1 < prompt_len + min_tokens``). A request resumed after preemption re-prefills prompt and
-  output, so its later steps have larger positions and are left alone.
-- ``sampler.py:96-107``: a request for which ``add_request`` returns True is always processed.
+- **V1 runner** (vLLM's CPU runner and the V1 GPU runner; ``vllm/v1/sample/logits_processor/interface.py``
+  in 0.32): ``__init__(vllm_config, device, is_pin_memory)``; ``update_state(batch_update)`` before each
+  forward pass with the requests added (index, params, prompt ids, a live reference to the output ids),
+  removed and moved; ``apply(logits)`` on the persistent batch's rows; ``is_argmax_invariant()`` False,
+  so it runs with the non-argmax-invariant processors, before penalties and temperature
+  (``v1/sample/sampler.py:402-404`` then ``:279``). A request is at its first step while its output ids
+  are empty; a request resumed after preemption comes back with its outputs and is left alone.
+- **V2 runner** (``vllm/v1/worker/gpu/sample/logits_processor/interface.py:92-158``, the same in 0.32 and
+  0.34): ``__init__(vllm_config, req_states)``; ``add_request(req_idx, sampling_params)`` for every request
+  entering a slot (slots are reused, so it resets the slot); ``apply_staged_writes()`` after new requests
+  are added and before the forward pass; ``apply(logits, ctx)`` on the whole batch's float32 logits,
+  ``ctx.expanded_idx_mapping`` mapping a row to its slot and ``ctx.pos`` giving the position of the token
+  the row's logits come from. ``apply()`` runs after logit bias, penalties, bad words and the grammar
+  mask, before temperature, min-p and top-k/top-p (``interface.py:99-103``, ``sampler.py:244-266`` in
+  0.34). ``req_states.prompt_len`` holds each slot's prompt length; the first generated token is sampled
+  from the logits at position ``prompt_len - 1`` (vLLM's own min-tokens rule makes the same test,
+  ``logit_bias.py:93-96,238-242`` in 0.34).
+- Both: ``validate_params(sampling_params)`` runs when a request is admitted, in the frontend (a
+  ``ValueError`` fails that request with its message).
+
+On both runners the logits divided here are then divided by the request's temperature, which is what
+the official ``flaming_tokens`` did, and what the transformers engine does
+(``magpie_hf.engines.transformers._FirstTokenRule``).
 
 The engine-core process imports this module by name, so it must import on any machine with vLLM; it
-imports only vLLM's import-light interface module at the top (``logits_processor/__init__.py``) and
-torch and numpy inside the methods.
+imports only vLLM's two interface modules at the top, and torch and numpy inside the methods.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from magpie_hf.engines.vllm import FIRST_TOKEN_ARGS
 
@@ -53,6 +63,12 @@ def parse_first_token_args(extra_args: dict[str, Any] | None) -> tuple[list[int]
 
     Raises:
         ValueError: the arguments are malformed (vLLM fails that request with the message).
+
+    Example:
+        >>> parse_first_token_args({"magpie_first_token": {"banned_ids": [9, 2, 9], "temperature_scale": 1.2}})
+        ([2, 9], 1.2)
+        >>> parse_first_token_args({"magpie_first_token": {"banned_ids": [], "temperature_scale": 1}}) is None
+        True
     """
     if not extra_args or FIRST_TOKEN_ARGS not in extra_args:
         return None
@@ -75,24 +91,37 @@ def parse_first_token_args(extra_args: dict[str, Any] | None) -> tuple[list[int]
     return sorted(set(banned)), float(scale)
 
 
-class FirstTokenRules(LogitsProcessor):
-    """Bans tokens and divides the logits at each request's first generated token (see the module docstring).
+class FirstTokenRules(V1LogitsProcessor, V2LogitsProcessor):
+    """Bans tokens and divides the logits at each request's first generated token, on vLLM's V1 or V2
+    model runner (see the module docstring).
 
-    Per slot it keeps a scale and a row of banned ids, padded with the slot's first banned id, so one
+    V2: per slot a scale and a row of banned ids, padded with the slot's first banned id, so one
     ``gather``/``scatter`` over ``[rows, MAX_BANNED_IDS]`` applies every row's bans without a host sync.
+    V1: a dict of the batch rows still at their first step (usually none: Magpie prompts ask for short
+    answers, so a row spends one step of many here), applied row by row.
     """
 
-    def __init__(self, vllm_config: Any, req_states: Any) -> None:
+    def __init__(self, vllm_config: Any, *runner_args: Any) -> None:
         import numpy as np
         import torch
 
-        self.req_states = req_states
-        self.device = req_states.device
-        slots = int(req_states.max_num_reqs)
-        self.vocab_size = int(req_states.vocab_size)
-        #: slots whose request has rules (host copy, to skip batches without any)
+        if len(runner_args) == 2:  # V1: (device, is_pin_memory)
+            self.runner = "v1"
+            self.device = runner_args[0]
+            self.req_states = None
+            #: batch index -> (banned ids, scale, live output ids) of the requests not past their first step
+            self.first_steps: dict[int, tuple[list[int], float, list[int]]] = {}
+            slots = 0
+        else:  # V2: (req_states,)
+            (self.req_states,) = runner_args
+            self.runner = "v2"
+            self.device = self.req_states.device
+            slots = int(self.req_states.max_num_reqs)
+        #: V2: ids past the vocabulary are dropped when a request is added; V1: when its row is changed
+        self.vocab_size = None if self.req_states is None else int(self.req_states.vocab_size)
+        #: V2 slots whose request has rules (host copy, to skip batches without any)
         self.has_rule = np.zeros(slots, dtype=bool)
-        # per slot, staged on the host and copied to the device in apply_staged_writes()
+        # V2, per slot, staged on the host and copied to the device in apply_staged_writes()
         self._active = torch.zeros(slots, dtype=torch.bool)  # the request has rules
         self._bans = torch.zeros(slots, dtype=torch.bool)  # ... and bans at least one token
         self._scale = torch.ones(slots, dtype=torch.float32)
@@ -103,10 +132,42 @@ class FirstTokenRules(LogitsProcessor):
     def validate_params(cls, sampling_params: Any) -> None:
         parse_first_token_args(sampling_params.extra_args)
 
-    def add_request(self, req_idx: int, sampling_params: Any) -> bool:
+    def _rule(self, sampling_params: Any) -> tuple[list[int], float] | None:
         rule = parse_first_token_args(sampling_params.extra_args)
+        if rule is None:
+            return None
+        banned, scale = rule
+        return [i for i in banned if self.vocab_size is None or i < self.vocab_size], scale
+
+    # ------------------------------------------------------------------ V1 runner
+    def is_argmax_invariant(self) -> bool:
+        """Banning a token can change the greedy choice: run before temperature with the processors that can."""
+        return False
+
+    def update_state(self, batch_update: Any) -> None:
+        if batch_update is not None:
+            for index in batch_update.removed:
+                self.first_steps.pop(index, None)
+            for index, params, _prompt_ids, output_ids in batch_update.added:
+                rule = self._rule(params)
+                if rule is None or output_ids:  # no rules, or resumed past its first step
+                    self.first_steps.pop(index, None)
+                else:
+                    self.first_steps[index] = (*rule, output_ids)
+            for a, b, direction in batch_update.moved:  # a -> b, or a <-> b for a swap
+                a_entry, b_entry = self.first_steps.pop(a, None), self.first_steps.pop(b, None)
+                if a_entry is not None:
+                    self.first_steps[b] = a_entry
+                if b_entry is not None and direction.name == "SWAP":
+                    self.first_steps[a] = b_entry
+        # output ids are live references: a request that has sampled its first token leaves
+        for index in [i for i, (_, _, output_ids) in self.first_steps.items() if output_ids]:
+            del self.first_steps[index]
+
+    # ------------------------------------------------------------------ V2 runner
+    def add_request(self, req_idx: int, sampling_params: Any) -> bool:
+        rule = self._rule(sampling_params)
         banned, scale = rule if rule is not None else ([], 1.0)
-        banned = [i for i in banned if i < self.vocab_size]
         self.has_rule[req_idx] = rule is not None
         self._active[req_idx] = rule is not None
         self._bans[req_idx] = bool(banned)
@@ -123,7 +184,19 @@ class FirstTokenRules(LogitsProcessor):
         if self._device_state is None:
             self._device_state = tuple(t.to(self.device) for t in (self._active, self._bans, self._scale, self._banned))
 
-    def apply(self, logits: Any, ctx: Any) -> Any:
+    # ------------------------------------------------------------------ both
+    def apply(self, logits: Any, ctx: Any = None) -> Any:
+        if ctx is None:  # V1: the rows still at their first step
+            for index, (banned, scale, _) in self.first_steps.items():
+                banned = [i for i in banned if i < logits.shape[-1]]
+                if banned:
+                    logits[index, banned] = float("-inf")
+                if scale != 1.0:
+                    logits[index].div_(scale)
+            return logits
+        return self._apply_v2(logits, ctx)
+
+    def _apply_v2(self, logits: Any, ctx: Any) -> Any:
         import torch
 
         if not self.has_rule[ctx.idx_mapping_np].any():
