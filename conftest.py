@@ -1,10 +1,13 @@
-"""Collection rules for the package's doctests (``--doctest-modules`` over ``magpie_hf/``).
+"""Collection rules.
 
-:mod:`magpie_hf.engines.vllm_logits` subclasses vLLM's logits-processor interface at import time, so it
-can only be imported where vLLM is installed; elsewhere its doctests are not collected (its behaviour is
-tested against the stand-in in ``tests/test_vllm_adapter.py``).
+Where vLLM is not installed (the main environment: CI runs vLLM in ``.venv-vllm``, ``make test-vllm``):
+
+- :mod:`magpie_hf.engines.vllm_logits` subclasses vLLM's logits-processor interfaces at import time, so its
+  doctests are not collected (its V2 path is tested against the stand-in in ``tests/test_vllm_adapter.py``,
+  both paths on real vLLM in ``tests/vllm/``);
+- ``tests/vllm/`` (real vLLM) is not collected.
 """
 
 import importlib.util
 
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["magpie_hf/engines/vllm_logits.py"]
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["magpie_hf/engines/vllm_logits.py", "tests/vllm"]

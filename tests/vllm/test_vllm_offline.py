@@ -183,6 +183,19 @@ def test_no_markdown_start_leaves_no_heading(engine, tmp_path):
     assert markdown_heading_token_ids(engine.tokenizer)  # the vocabulary has heading tokens to ban
 
 
+def test_offline_and_server_draw_the_same_instructions(engine, vllm_model_dir, vllm_server, tmp_path):
+    """The same seeds through the offline ``LLM`` and through vLLM's OpenAI server (``--engine openai``) give
+    the same instruction stage, row for row: the completions engine sends what the offline engine sends."""
+    from magpie_hf.engines import EngineConfig
+
+    offline = _instructions(engine, tmp_path / "offline", shard_size=16)
+    served = EngineConfig(str(vllm_model_dir), backend="openai", base_url=vllm_server, max_concurrency=8)
+    online = _instructions(served, tmp_path / "server", shard_size=16)
+    release_engines([served])
+    assert [r["instruction"] for r in online] == [r["instruction"] for r in offline]
+    assert [r["instruction_num_tokens"] for r in online] == [r["instruction_num_tokens"] for r in offline]
+
+
 def test_close_then_a_second_llm_in_the_same_process(engine, vllm_config):
     """A stage-major run loads one model after another: ``close()`` frees vLLM so a second ``LLM`` starts in
     the same process and generates (here: without the first-step processor)."""
