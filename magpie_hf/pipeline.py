@@ -77,6 +77,8 @@ class Pipeline:
         seed: the run seed; every row's sampling seed derives from it.
         input_dataset: a ``datasets.Dataset`` to start from instead of a generator step.
         progress: show a progress bar per stage (rows, rows/s, tokens/s).
+        overwrite: discard what an earlier run left in ``output_dir`` (its shards and settings) and start over;
+            without it a run with other settings is refused when ``output_dir`` keeps rows they would change.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class Pipeline:
         seed: int = 0,
         input_dataset: "datasets.Dataset | None" = None,
         progress: bool = True,
+        overwrite: bool = False,
     ) -> None:
         self.steps: list[Step] = [steps] if isinstance(steps, Step) else list(steps)
         if not self.steps:
@@ -107,6 +110,7 @@ class Pipeline:
         self.seed = seed
         self.input_dataset = input_dataset
         self.progress = progress
+        self.overwrite = overwrite
         self.stage_reports: list[dict[str, Any]] = []
 
     # -- layout --------------------------------------------------------------------------------
@@ -176,7 +180,10 @@ class Pipeline:
         if check is not None:
             check([s.name for s in self.steps])
         with self.layout.lock():
-            self.layout.check_or_write_settings(self.settings())
+            if self.overwrite:
+                logger.warning("--overwrite: discarding what %s holds from an earlier run", self.output_dir)
+                self.layout.clear()
+            self.layout.check_or_write_settings(self.settings(), [self.stage_dir(i) for i in range(len(self.steps))])
             if any(not isinstance(s, GlobalStep) for s in self.steps):
                 executor.start()
             self.stage_reports = []
