@@ -375,11 +375,22 @@ class HubArguments:
         if self.version is not None:
             from magpie_hf.hub.publishing import parse_version
 
-            self.version = parse_version(self.version)
+            try:
+                self.version = parse_version(self.version)
+            except ValueError as err:
+                raise ValueError(f"--version: {err}") from None
 
     def check(self) -> None:
-        """Refuse ``push_to_hub`` without ``version`` before hours of generation, not after."""
-        if self.push_to_hub and not self.version:
+        """Refuse ``push_to_hub`` without ``version``, or with a malformed repo id, before hours of generation, not
+        after (the token and the tag are checked when the run starts: :func:`magpie_hf.hub.publishing.check_publish`)."""
+        if self.push_to_hub is None:
+            return
+        from magpie_hf.hub.publishing import _REPO_ID
+
+        if not _REPO_ID.match(self.push_to_hub):
+            raise ValueError(f"--push_to_hub {self.push_to_hub!r} is not a Hub repository id: expected 'user/name' "
+                             "(letters, digits, '-', '_', '.').")
+        if not self.version:
             raise ValueError("--push_to_hub needs --version X.Y.Z (the tag that pins this version, e.g. --version 1.0.0)")
 
 

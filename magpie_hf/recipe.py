@@ -673,9 +673,32 @@ def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = N
     ``finish(pipeline, last_stage)`` returns the dataset's configs (``{"raw": ...}``) and extra
     provenance for the card; by default the last stage is the ``raw`` config.
     """
+    try:
+        return _run_recipe(config, steps, finish)
+    except user_errors() as err:
+        if config.run.debug:
+            raise
+        raise SystemExit(f"error: {err}\n(rerun with --debug for the traceback)") from None
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user's settings, files, servers or Hub cause: a recipe ends them in one ``error: ...``
+    message and a non-zero status (``--debug`` shows the traceback)."""
+    from magpie_hf.embedded import EmbeddedModelMissing
+    from magpie_hf.engines.openai import OpenAIServerError
+    from magpie_hf.hub.publishing import PublishError
+    from magpie_hf.layout import PipelineMismatchError, RunLockedError
+    from magpie_hf.templates import ChatTemplateError
+
+    return (PipelineMismatchError, RunLockedError, OpenAIServerError, PublishError, ChatTemplateError,
+            EmbeddedModelMissing)
+
+
+def _run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None) -> int:
     from magpie_hf.pipeline import Pipeline
 
-    pipeline = Pipeline(steps, config.output_dir, shard_size=config.run.shard_size, seed=config.run.seed)
+    pipeline = Pipeline(steps, config.output_dir, shard_size=config.run.shard_size, seed=config.run.seed,
+                        overwrite=config.run.overwrite)
     try:
         pipeline.check_columns()
     except MissingColumnsError as err:
@@ -690,6 +713,10 @@ def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = N
         print(yaml.safe_dump({"stages": pipeline.plan(executor)}, sort_keys=False, allow_unicode=True, width=120))
         return 0
     check_hardware(config)
+    if config.hub.push_to_hub:  # token, repo and tag, before hours of generation (the Hub, when reachable)
+        from magpie_hf.hub.publishing import check_publish
+
+        check_publish(config.hub.push_to_hub, config.hub.version or "", force=config.hub.force)
     last = pipeline.run(executor=executor)
     configs, extra = finish(pipeline, last) if finish else ({"raw": last}, {})
 
@@ -701,7 +728,11 @@ def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = N
         source_model_license="apache-2.0" if config.instructions.model == EMBEDDED else config.recipe.source_model_license,
     )
     print(f"Wrote {', '.join(f'{name}: {_rows(ds)} rows' for name, ds in configs.items())} to {folder}")
-    publish_or_hint(config.hub, folder)
+    result = publish_or_hint(config.hub, folder)
+    if config.hub.push_to_hub and (result is None or not result.pushed):
+        print(f"error: the dataset was not pushed to {config.hub.push_to_hub} (see above); it is kept at {folder}.",
+              file=sys.stderr)
+        return 1  # the request was not met: a scheduler must not see success
     return 0
 
 
@@ -740,11 +771,12 @@ def _rows(dataset: Any) -> int:
     return sum(len(split) for split in dataset.values()) if isinstance(dataset, dict) else len(dataset)
 
 
-def publish_or_hint(hub: HubArguments, folder: Path) -> None:
-    """Publish ``folder`` when ``--push_to_hub`` was given; otherwise print how to load and push it."""
+def publish_or_hint(hub: HubArguments, folder: Path) -> Any:
+    """Publish ``folder`` when ``--push_to_hub`` was given (the :class:`~magpie_hf.hub.PublishResult`); otherwise
+    print how to load and push it (None)."""
     from magpie_hf.hub import finish_recipe
 
-    finish_recipe(folder, repo_id=hub.push_to_hub, version=hub.version, private=hub.private,
+    return finish_recipe(folder, repo_id=hub.push_to_hub, version=hub.version, private=hub.private,
                   revision=hub.revision, force=hub.force)
 
 
