@@ -141,14 +141,14 @@ def _start(text: str) -> str:
     return repr(text[:BODY_START_CHARS] + ("..." if len(text) > BODY_START_CHARS else ""))
 
 
-def _check_json(response: Any, url: str) -> None:
-    """Refuse a reply whose body is not JSON (an HTML login page, a proxy's error text), naming the URL and the
-    start of the body."""
+def _check_json(response: Any, url: str) -> Any:
+    """The JSON body of a reply; one that is not JSON (an HTML login page, a proxy's error text) is refused,
+    naming the URL and the start of the body."""
     import json
 
     text = response.text
     try:
-        json.loads(text)
+        return json.loads(text)
     except ValueError:
         kind = response.headers.get("content-type", "no content type")
         raise OpenAIServerError(
@@ -251,6 +251,8 @@ class _OpenAIEngine(Engine):
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._context_length: Any = _UNKNOWN
+        #: the server's ``/models`` answer (None when it has none), read once by :meth:`_check_server`
+        self._models: dict[str, Any] | None = None
         self._check_server()
 
     @property
@@ -268,14 +270,16 @@ class _OpenAIEngine(Engine):
         client = self._client.with_options(max_retries=1, timeout=min(self.PROBE_TIMEOUT_S, self.config.timeout_s))
         try:
             raw = client.models.with_raw_response.list()
-        except self._errors.APIStatusError:
+        except self._errors.APIStatusError as err:
+            logger.debug("%s answered HTTP %s; the requests will tell", url, err.status_code)
             return
         except self._errors.APIConnectionError as err:  # APITimeoutError included
             raise OpenAIServerError(
                 f"{url} did not answer ({type(err).__name__}: {err}) after 2 attempts. Is the server running and "
                 f"reachable at --base_url {redact(self.base_url)}? (A slow server: raise --request_timeout.)"
             ) from None
-        _check_json(raw.http_response, url)
+        body = _check_json(raw.http_response, url)
+        self._models = body if isinstance(body, dict) else None
 
     def _parsed(self, raw: Any) -> Any:
         """The SDK object of a raw response, after checking that the body is JSON (else an error naming the URL
@@ -296,15 +300,11 @@ class _OpenAIEngine(Engine):
         ``ModelCard.max_model_len``; SGLang's ``ModelCard`` has it too), else None."""
         if self._context_length is _UNKNOWN:
             value = None
-            try:
-                models = self._client.with_options(max_retries=1, timeout=min(30.0, self.config.timeout_s)).models.list()
-                cards = list(models.data)
-                for card in cards:
-                    if card.id == self.served_model_name or len(cards) == 1:
-                        value = (card.model_extra or {}).get("max_model_len")
-                        break
-            except self._errors.OpenAIError as err:
-                logger.debug("could not read %s/models: %s", redact(self.config.base_url), type(err).__name__)
+            cards = [c for c in (self._models or {}).get("data") or [] if isinstance(c, dict)]
+            for card in cards:
+                if card.get("id") == self.served_model_name or len(cards) == 1:
+                    value = card.get("max_model_len")
+                    break
             self._context_length = int(value) if isinstance(value, int) and value > 0 else None
         return self._context_length
 

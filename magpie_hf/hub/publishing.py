@@ -362,7 +362,8 @@ def check_publish(repo_id: str, version: str, *, token: str | None = None, force
     api = HfApi(token=token)
     step = "checking the token"
     try:
-        name = repo_id if "/" in repo_id else f"{api.whoami()['name']}/{repo_id}"
+        user = api.whoami()["name"]
+        name = repo_id if "/" in repo_id else f"{user}/{repo_id}"
         step = f"reading the tags of {name}"
         try:
             tags = {t.name for t in api.list_repo_refs(name, repo_type=REPO_TYPE).tags}
@@ -374,7 +375,11 @@ def check_publish(repo_id: str, version: str, *, token: str | None = None, force
         return
     except HfHubHTTPError as err:
         if _status(err) in (401, 403):
-            raise HubAuthError(_auth_message(_status(err), repo_id, step, "--push_to_hub after fixing the token")) from None
+            raise HubAuthError(
+                f"The Hugging Face Hub refused the token (HTTP {_status(err)}) while {step}; nothing was generated yet. "
+                f"Use a token with write access to {repo_id.split('/')[0]!r} (https://huggingface.co/settings/tokens, "
+                "then `hf auth login` or HF_TOKEN), or drop --push_to_hub and push the folder later with `magpie-hf push`."
+            ) from None
         logger.warning("The Hub answered HTTP %s while %s; the push is tried when the run is done.", _status(err), step)
         return
     if tag in tags and not force:
