@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from magpie_hf import engines
@@ -148,9 +149,25 @@ class Pipeline:
             MissingColumnsError: naming the step, the missing columns and the ones it could have.
         """
         available: set[str] = set(self.input_dataset.column_names) if self.input_dataset is not None else set()
+        if "conversation_id" in available:
+            self._check_unique_ids()
         for step in self.steps:
             step.check_inputs(sorted(available), source="no earlier stage declares")
             available.update(step.output_features())
+
+    def _check_unique_ids(self) -> None:
+        """Refuse an input dataset whose ``conversation_id`` s repeat: they key the rows (a neighbour's
+        ``min_similar_conversation_id``, preference pairs), so a repeated one would be ambiguous."""
+        ids = self.input_dataset.with_format("arrow")["conversation_id"]
+        if pa.compute.count_distinct(ids, mode="all").as_py() == len(ids):
+            return
+        counts = pa.compute.value_counts(ids).to_pylist()
+        repeated = [c["values"] for c in counts if c["counts"] > 1]
+        raise ValueError(
+            f"The input dataset has {len(repeated)} conversation_id value(s) that repeat (e.g. {repeated[:3]}); ids key "
+            "the rows (min_similar_conversation_id, preference pairs). Make them unique first, e.g. "
+            "dataset.map(lambda row, i: {'conversation_id': f\"{row['conversation_id']}-{i}\"}, with_indices=True)."
+        )
 
     def plan(self, executor: Executor | None = None) -> list[dict[str, Any]]:
         """What each stage is (kind, columns read and written, what a worker reserves), without

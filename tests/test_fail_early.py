@@ -319,3 +319,38 @@ def test_a_push_that_did_not_happen_exits_non_zero_and_keeps_the_data(tmp_path):
     assert "magpie-hf push" in proc.stdout and "error: the dataset was not pushed" in proc.stderr
     assert (tmp_path / "run" / "dataset" / "README.md").exists()
     assert TOKEN not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------ bad rows are rows
+def test_missing_empty_and_unencodable_instructions_are_null_rows_with_a_reason(embedded_engine, tmp_path):
+    import datasets
+    import pyarrow as pa
+
+    from magpie_hf.steps import Responses
+
+    step = Responses(engine=embedded_engine, max_tokens=4)
+    step.load()
+    batch = {"conversation_id": ["a", "b", "c", "d"], "instruction": ["Say hi.", None, "  ", "caf" + chr(0xD800)]}
+    out = step.process(batch, seed=0)
+    assert out["conversation_id"] == ["a", "b", "c", "d"]  # nothing dropped
+    assert isinstance(out["response"][0], str) and out["response_error"][0] is None
+    assert out["response"][1:] == [None, None, None] and out["response_finish_reason"][1:] == ["error"] * 3
+    assert out["response_error"][1:] == ["no instruction (null)", "empty instruction",
+                                         "instruction is not valid Unicode (a lone surrogate at character 3); kept with it escaped"]
+    assert out["instruction"][3] == "caf\\ud800" and step.stats["invalid_instruction"] == 3
+    pa.table({"instruction": out["instruction"], "response_error": out["response_error"]})  # storable
+    # in a pipeline: the rows are kept and counted in the stage report (and so in the card's stage statistics)
+    data = datasets.Dataset.from_dict({"conversation_id": ["x", "y"], "instruction": [None, "Name a fruit."]})
+    pipe = Pipeline([Responses(engine=embedded_engine, max_tokens=4)], tmp_path, input_dataset=data, progress=False)
+    rows = pipe.run()
+    assert rows["response_error"][0] == "no instruction (null)" and rows["response"][1]
+    assert pipe.manifest()["stages"][0]["stats"]["invalid_instruction"] == 1
+
+
+def test_repeated_conversation_ids_are_refused_up_front(tmp_path):
+    import datasets
+
+    data = datasets.Dataset.from_dict({"conversation_id": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})
+    with pytest.raises(ValueError, match=r"1 conversation_id value\(s\) that repeat \(e\.g\. \['a'\]\).*with_indices=True"):
+        Pipeline([Double()], tmp_path, input_dataset=data, progress=False).run()
+    assert not (tmp_path / "pipeline.json").exists()
