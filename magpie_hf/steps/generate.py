@@ -434,7 +434,9 @@ class Responses(Step, ChatTemplateMixin):
     Row ``i`` of a batch samples from its own seed (recorded in ``gen_response_configs["seed"]``). A
     row whose prompt does not fit in the model's context (or whose request the engine aborted) is
     kept with ``response`` and ``conversations`` null and the reason in ``response_error`` (null for
-    the other rows), and is counted in ``stats`` (``prompt_too_long``, ``aborted``, ``failed``).
+    the other rows), and is counted in ``stats`` (``prompt_too_long``, ``aborted``, ``failed``). So is a row
+    whose instruction is missing, empty or not valid Unicode (:func:`instruction_problem`; counted as
+    ``invalid_instruction``, a lone surrogate kept escaped so the row can be stored): it is never sent.
     """
 
     inputs = ("instruction",)
