@@ -278,30 +278,38 @@ def test_recipe_server_flags_reach_the_engine(pro):
 
 # ------------------------------------------------------------------------------ no secret, truthful exit status
 @pytest.mark.slow
-def test_a_key_in_base_url_reaches_no_log_line_or_file(server, tmp_path):
+def test_a_key_in_base_url_reaches_no_log_line_file_or_hub(server, hub, tmp_path):
     """The key planted in --base_url authenticates (it goes in the header) and appears in no byte of stdout,
-    stderr or the output folder."""
+    stderr, the output folder or what reached the Hub (files and commit messages); nor does the Hub token."""
     from magpie_hf.embedded import embedded_chat_model
 
     model_dir, gguf = embedded_chat_model()
     host = server.base_url.split("://", 1)[1]
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != server.key_env}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    for url in (f"http://user:{server.secret}@{host}", f"http://{host}?api_key={server.secret}"):
+    env = {k: v for k, v in os.environ.items() if k != server.key_env and not k.startswith("HF_")}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_XET="1",
+               HF_HOME=str(tmp_path / "home"), HF_TOKEN=TOKEN)
+    for version, url in (("1.0.0", f"http://user:{server.secret}@{host}"), ("1.0.1", f"http://{host}?api_key={server.secret}")):
         proc = subprocess.run(
             [sys.executable, str(ROOT / "recipes" / "magpie_pro.py"), "--engine", "openai", "--base_url", url,
              "--model", str(model_dir), "--gguf_file", gguf, "--num_rows", "2", "--shard_size", "2",
              "--instruction_max_tokens", "16", "--instructions_only", "--no_filter", "--output_dir", str(out),
-             "--overwrite"],
+             "--overwrite", "--push_to_hub", f"{USER}/secret-check", "--version", version],
             capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert server.secret not in proc.stdout + proc.stderr
-        for path in out.rglob("*"):
-            if path.is_file():
-                assert server.secret.encode() not in path.read_bytes(), path
+        for secret in (server.secret, TOKEN):
+            assert secret not in proc.stdout + proc.stderr
+            for path in out.rglob("*"):
+                if path.is_file():
+                    assert secret.encode() not in path.read_bytes(), path
     assert server.requests_seen() >= 2  # the key from the URL authenticated
+    repo = hub.repo(f"{USER}/secret-check")
+    assert set(repo.tags) == {"v1.0.0", "v1.0.1"}
+    for commit in repo.commits.values():
+        for secret in (server.secret, TOKEN):
+            assert secret not in commit.title + commit.message
+            assert all(secret.encode() not in blob.data for blob in commit.files.values())
 
 
 @pytest.mark.slow
