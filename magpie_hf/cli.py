@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from magpie_hf.logs import setup_logging
+
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     return int(args.func(args) or 0)
 
 

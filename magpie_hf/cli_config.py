@@ -70,20 +70,51 @@ class ConfigParser:
                             help="YAML file of settings (the flags' names); flags override it")
         return parser
 
+    #: where a value came from, lowest precedence first (:attr:`sources`)
+    LEVELS = ("default", "preset", "file", "flag")
+
     def parse(self, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
-        """The section instances for ``argv`` (default: ``sys.argv[1:]``)."""
+        """The section instances for ``argv`` (default: ``sys.argv[1:]``).
+
+        Afterwards :attr:`sources` maps each field to where its value came from (an index into
+        :attr:`LEVELS`: 0 default, 1 the preset, 2 the ``--config`` file, 3 a flag). Values from a file or
+        a preset are held to the same ``choices`` as flags.
+        """
         argv = list(sys.argv[1:] if argv is None else argv)
         path = _flag_value(argv, "--config")
         from_file = load_yaml_config(path, self.fields) if path else {}
         preset = _flag_value(argv, "--preset") or from_file.get("preset") or self.defaults.get("preset")
+        known = self._preset_names()
+        if preset is not None and known and preset not in known:
+            where = "--preset" if _flag_value(argv, "--preset") else f"'preset' in --config {path}"
+            raise ConfigError(f"{where}: unknown preset {preset!r}; choose among {', '.join(sorted(known))}.")
         values = dict(self.defaults)
+        sources = dict.fromkeys(self.fields, 0)
         if preset in self.presets:
             values.update(self.presets[preset])
+            sources.update(dict.fromkeys(self.presets[preset], 1))
         values.update(from_file)
+        sources.update(dict.fromkeys((k for k in from_file if k in self.fields), 2))
+        sources.update(dict.fromkeys(_flag_names(argv, self.fields), 3))
         parser = self._new_parser()
         parser.set_defaults(**values)
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
-        return tuple(parsed[: len(self.sections)])
+        self.sources = sources
+        sections = tuple(parsed[: len(self.sections)])
+        for section in sections:
+            check_choices(section)
+        return sections
+
+    def _preset_names(self) -> set[str]:
+        """The presets ``--preset`` takes: those given to the parser plus the field's own choices and default."""
+        names = set(self.presets)
+        section = self.fields.get("preset")
+        if section is not None:
+            field = next(f for f in dataclasses.fields(section) if f.name == "preset")
+            names.update(field.metadata.get("choices") or ())
+            if isinstance(field.default, str):
+                names.add(field.default)
+        return names
 
     def format_help(self) -> str:
         return self._new_parser().format_help()
@@ -105,6 +136,30 @@ def load_yaml_config(path: str | Path, fields: Mapping[str, Any]) -> dict[str, A
         named = ", ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
         raise ConfigError(f"--config {path} has unknown settings {named}; see --help for the names.")
     return data
+
+
+def check_choices(section: Any) -> None:
+    """Refuse a value outside a field's ``choices`` (argparse checks those of flags only, not those of a
+    ``--config`` file or a preset)."""
+    for f in dataclasses.fields(section):
+        choices = f.metadata.get("choices")
+        value = getattr(section, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"--{f.name} {value!r} is not one of the choices: {', '.join(map(str, choices))}.")
+
+
+def _flag_names(argv: Sequence[str], fields: Mapping[str, Any]) -> set[str]:
+    """The fields ``argv`` sets (``--name``, ``--name=V``, ``--name-with-dashes``, ``--no_name`` of a boolean)."""
+    names = set()
+    for item in argv:
+        if not item.startswith("--"):
+            continue
+        name = item[2:].split("=", 1)[0].replace("-", "_")
+        if name in fields:
+            names.add(name)
+        elif name.startswith("no_") and name[3:] in fields:
+            names.add(name[3:])
+    return names
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

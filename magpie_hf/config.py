@@ -74,6 +74,9 @@ class RunArguments:
                                 "(default: all the recipe uses); 'none' for none.")
     dry_run: bool = _field(False, "Print the fully resolved configuration (YAML) and the stage plan, then exit "
                            "without loading any model.")
+    overwrite: bool = _field(False, "Discard what --output_dir keeps from an earlier run (its shards, settings and "
+                             "dataset) and start over; without it a run whose settings would change kept rows is refused.")
+    debug: bool = _field(False, "Show the full traceback of an error instead of its one-line message.")
 
     def stage_list(self) -> list[str] | None:
         """The ``--stages`` asked for (None: the recipe's default), validated."""
@@ -94,9 +97,13 @@ class InstructionArguments:
     gguf_file: str | None = _field(None, "GGUF file inside --model (transformers engine).")
     mixture: str | None = _field(None, "Step-1 decoding mixture: 'pro' or 'air' (the paper's Table 6), 'embedded', "
                           "'T:P:W,T:P:W' (temperature:top_p:weight), or in YAML a list of {temperature, top_p, weight}. "
-                          "Unset: one setting, --temperature/--top_p.")
-    temperature: float = _field(1.0, "Sampling temperature of the instructions when no --mixture is given.")
-    top_p: float = _field(1.0, "Nucleus sampling of the instructions when no --mixture is given.")
+                          "Unset or 'none': one setting, --temperature/--top_p. --temperature/--top_p given above a "
+                          "preset's or recipe's mixture replace it (said in the log); given with --mixture at the same "
+                          "level (both flags, or both in one file) they are refused.")
+    temperature: float | None = _field(None, "Sampling temperature of the instructions (>= 0; unset: 1.0), one setting "
+                                       "instead of a mixture.")
+    top_p: float | None = _field(None, "Nucleus sampling of the instructions (0 < top_p <= 1; unset: 1.0), one setting "
+                                 "instead of a mixture.")
     instruction_max_tokens: int = _field(2048, "Token limit of an instruction (longer ones are dropped and counted).")
     system_prompt: str | None = _field(None, "A system prompt before the user turn (the paper uses none: it lowers "
                                        "quality and difficulty, Appendix C.3).")
@@ -132,21 +139,38 @@ class InstructionArguments:
     def decoding_mixture(self) -> tuple[DecodingSetting, ...]:
         """The step-1 decoding settings this configuration asks for."""
         value = self.mixture
-        if value is None:
-            return (DecodingSetting(self.temperature, self.top_p),)
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return (DecodingSetting(1.0 if self.temperature is None else self.temperature,
+                                    1.0 if self.top_p is None else self.top_p),)
         if isinstance(value, str) and value in MIXTURES:
             return MIXTURES[value]
+        expected = f"a name ({', '.join(MIXTURES)}), 'none', or T:P:W,T:P:W (temperature:top_p:weight, e.g. 1.0:1.0:3,1.2:0.99:1)"
         if isinstance(value, str):
             settings = []
             for item in value.split(","):
                 parts = item.strip().split(":")
-                if len(parts) != 3:
-                    raise ValueError(f"--mixture {value!r}: expected a name ({', '.join(MIXTURES)}) or T:P:W,T:P:W")
-                settings.append(DecodingSetting(float(parts[0]), float(parts[1]), float(parts[2])))
-            return tuple(settings)
-        if isinstance(value, (list, tuple)):
-            return tuple(v if isinstance(v, DecodingSetting) else DecodingSetting(**v) for v in value)
-        raise ValueError(f"mixture must be a name, a T:P:W list or a list of settings, got {value!r}")
+                try:
+                    if len(parts) != 3:
+                        raise ValueError
+                    numbers = [float(x) for x in parts]
+                except ValueError:
+                    raise ValueError(f"--mixture {value!r}: {item.strip()!r} is not T:P:W; expected {expected}") from None
+                settings.append(dict(zip(("temperature", "top_p", "weight"), numbers)))
+        elif isinstance(value, (list, tuple)):
+            settings = list(value)
+        else:
+            raise ValueError(f"--mixture {value!r}: expected {expected}, or in YAML a list of {{temperature, top_p, weight}}")
+        out = []
+        for setting in settings:
+            if isinstance(setting, DecodingSetting):
+                out.append(setting)
+                continue
+            try:
+                out.append(DecodingSetting(**setting))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"--mixture {value!r}: the setting {setting} is refused ({err}); each needs "
+                                 "temperature >= 0, 0 < top_p <= 1 and weight > 0") from None
+        return tuple(out)
 
     def template_kwargs(self) -> dict[str, Any] | None:
         """``--chat_template_kwargs`` as a dict (or None)."""
@@ -260,6 +284,12 @@ class EngineArguments:
     base_url: str | None = _field(None, "OpenAI-compatible server for --engine openai/openai-chat, e.g. http://127.0.0.1:8000/v1.")
     max_n_per_request: int | None = _field(None, "OpenAI-compatible servers: most samples per request (llama.cpp: its parallel slots).")
     batch_size: int | None = _field(None, "transformers engine: sequences decoded at once.")
+    request_timeout: float = _field(300.0, "OpenAI-compatible servers: seconds to wait for one reply before retrying it "
+                                    "(raise it for very long answers on a busy server). A server that does not answer "
+                                    "at all is found at start within a minute.")
+    max_retries: int = _field(2, "OpenAI-compatible servers: retries of a request that timed out or failed with "
+                              "408/409/429/5xx or a dropped connection; the run stops after (1 + max_retries) x "
+                              "--request_timeout at most, naming the URL.")
     trust_remote_code: bool = _field(False, "Allow model repositories to run their own code.")
 
 
@@ -345,12 +375,65 @@ class HubArguments:
         if self.version is not None:
             from magpie_hf.hub.publishing import parse_version
 
-            self.version = parse_version(self.version)
+            try:
+                self.version = parse_version(self.version)
+            except ValueError as err:
+                raise ValueError(f"--version: {err}") from None
 
     def check(self) -> None:
-        """Refuse ``push_to_hub`` without ``version`` before hours of generation, not after."""
-        if self.push_to_hub and not self.version:
+        """Refuse ``push_to_hub`` without ``version``, or with a malformed repo id, before hours of generation, not
+        after (the token and the tag are checked when the run starts: :func:`magpie_hf.hub.publishing.check_publish`)."""
+        if self.push_to_hub is None:
+            return
+        from magpie_hf.hub.publishing import _REPO_ID
+
+        if not _REPO_ID.match(self.push_to_hub):
+            raise ValueError(f"--push_to_hub {self.push_to_hub!r} is not a Hub repository id: expected 'user/name' "
+                             "(letters, digits, '-', '_', '.').")
+        if not self.version:
             raise ValueError("--push_to_hub needs --version X.Y.Z (the tag that pins this version, e.g. --version 1.0.0)")
+
+
+#: the allowed range of each numeric setting, by field name: (low, low inclusive, high, high inclusive); a
+#: bound of None is open. :func:`check_limits` holds every section to it, so a bad value stops before any
+#: model loads with the flag and its range named.
+LIMITS: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    **dict.fromkeys(("temperature", "response_temperature", "sampling_temperature"), (0, True, None, False)),
+    **dict.fromkeys(("top_p", "response_top_p", "gpu_memory_utilization"), (0, False, 1, True)),
+    **dict.fromkeys(("response_repetition_penalty", "first_token_temperature_scale", "request_timeout"),
+                    (0, False, None, False)),
+    **dict.fromkeys(("num_rows", "shard_size", "instruction_max_tokens", "response_max_tokens", "thinking_budget",
+                     "answer_budget", "judge_reward_samples", "judge_max_tokens", "max_model_len",
+                     "tensor_parallel_size", "tagging_tensor_parallel_size", "max_n_per_request", "batch_size",
+                     "n_turns", "min_turns", "ray_replicas"), (1, True, None, False)),
+    **dict.fromkeys(("seed", "max_retries", "ray_max_restarts", "ray_num_cpus", "ray_num_gpus", "margin"),
+                    (0, True, None, False)),
+    "num_responses": (2, True, None, False),
+    "test_size": (0, False, 1, False),
+}
+
+
+def check_limits(section: Any) -> None:
+    """Refuse a value of ``section`` outside its :data:`LIMITS`, naming the flag and the range.
+
+    Example:
+        >>> check_limits(InstructionArguments(temperature=-0.5))
+        Traceback (most recent call last):
+        ...
+        ValueError: --temperature must be >= 0, got -0.5
+    """
+    for f in dataclasses.fields(section):
+        limit = LIMITS.get(f.name)
+        value = getattr(section, f.name)
+        if limit is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, low_in, high, high_in = limit
+        too_low = low is not None and (value < low if low_in else value <= low)
+        too_high = high is not None and (value > high if high_in else value >= high)
+        if too_low or too_high or value != value:  # NaN is never in range
+            parts = [f"{'>=' if low_in else '>'} {low:g}" if low is not None else "",
+                     f"{'<=' if high_in else '<'} {high:g}" if high is not None else ""]
+            raise ValueError(f"--{f.name} must be {' and '.join(p for p in parts if p)}, got {value}")
 
 
 def parse_stage_resources(text: str) -> tuple[str, dict[str, float]]:

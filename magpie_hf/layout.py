@@ -44,7 +44,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-*.parquet"
 STAGE_RECORD = "_stage.json"
+#: step settings that do not change a row (how much is batched, where it runs, whether a bar shows): a
+#: resume with other values of these is never refused
+NON_ROW_SETTINGS = frozenset({"batch_size", "read_batch_size", "forward_batch_size", "device", "progress"})
 
 
 class PipelineMismatchError(RuntimeError):
@@ -159,26 +162,91 @@ class RunLayout:
             stale.unlink(missing_ok=True)
 
     def stage_record(self, stage_dir: Path) -> dict[str, Any] | None:
+        """The stage's record (None when missing; a damaged one is named in a warning and treated as missing,
+        so the stage is checked and finished again)."""
         path = stage_dir / STAGE_RECORD
-        return self.read_json(path) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            record = self.read_json(path)
+        except (OSError, ValueError) as err:
+            logger.warning("stage record %s is damaged (%s); the stage is checked and finished again", path, err)
+            return None
+        return record if isinstance(record, dict) else None
 
     def write_stage_record(self, stage_dir: Path, report: dict[str, Any]) -> None:
         self.write_json(stage_dir / STAGE_RECORD, report)
 
     # -- run settings ----------------------------------------------------------------------------
-    def check_or_write_settings(self, settings: dict[str, Any]) -> None:
-        """Write ``pipeline.json``, or refuse when it holds a run made with other settings."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "pipeline.json"
-        settings = json.loads(json.dumps(settings))
+    @property
+    def settings_path(self) -> Path:
+        return self.root / "pipeline.json"
+
+    def read_settings(self) -> dict[str, Any] | None:
+        """The settings ``pipeline.json`` holds (None: no run recorded here); a damaged file is an error that
+        names it and the way out."""
+        path = self.settings_path
         if not path.exists():
-            self.write_json(path, settings)
-            return
-        if self.read_json(path) != settings:
+            return None
+        try:
+            settings = self.read_json(path)
+        except (OSError, ValueError) as err:
             raise PipelineMismatchError(
-                f"{self.root} holds a run made with other settings (see {path}). "
-                "Resume it with the same settings, or choose a new output directory."
-            )
+                f"{path} is unreadable ({err}). Restore it, delete it when the run's settings are the ones it "
+                "was made with, or start over with --overwrite (Pipeline(overwrite=True))."
+            ) from None
+        if not isinstance(settings, dict):
+            raise PipelineMismatchError(f"{path} does not hold a run's settings; delete it or use --overwrite.")
+        return settings
+
+    def has_rows(self, stage_dirs: Iterable[Path]) -> bool:
+        """Whether any of ``stage_dirs`` holds a finished shard (work a changed setting would throw away)."""
+        return any(next(d.glob("shard-*.json"), None) is not None for d in stage_dirs if d.is_dir())
+
+    def finished_shards(self) -> int:
+        """How many finished shards the folder holds, every stage together."""
+        return sum(1 for _ in self.stages_dir.glob("*/shard-*.json")) if self.stages_dir.is_dir() else 0
+
+    def check_or_write_settings(self, settings: dict[str, Any], stage_dirs: Sequence[Path] = ()) -> None:
+        """Write ``pipeline.json``, or refuse when the folder keeps rows made with other settings.
+
+        Settings that do not change rows (:data:`NON_ROW_SETTINGS`: batch sizes, devices, progress bars)
+        never block a resume. Other differences are accepted when no finished shard depends on them: the
+        first step that differs (``stage_dirs[k]``, its stage folder) and every later stage hold no rows, so
+        a start that failed before any row was made, or a fix to a stage that had not finished a shard yet,
+        never locks the user out. Otherwise :class:`PipelineMismatchError` names each differing setting and
+        the ways out.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        settings = json.loads(json.dumps(settings))
+        old = self.read_settings()
+        if old is not None and old != settings:
+            diff = settings_diff(old, settings)
+            first = _first_differing_stage(old, settings)
+            kept = [*stage_dirs[first:], *([self.input_dir] if first == 0 else [])]
+            if diff and self.has_rows(kept):
+                lines = "\n".join(f"  {key}: {a} (kept rows) -> {b} (this run)" for key, a, b in diff[:12])
+                more = f"\n  ... and {len(diff) - 12} more" if len(diff) > 12 else ""
+                raise PipelineMismatchError(
+                    f"{self.root} keeps rows made with other settings ({self.settings_path}):\n{lines}{more}\n"
+                    "Either resume with the kept settings, write to a new folder (--output_dir), or discard the "
+                    f"{self.finished_shards()} finished shard(s) and start over with --overwrite "
+                    "(Pipeline(overwrite=True))."
+                )
+            if diff:
+                logger.warning("%s: settings changed where no row was kept yet (%s); recording the new ones",
+                               self.root, ", ".join(key for key, _, _ in diff))
+        if old != settings:
+            self.write_json(self.settings_path, settings)
+
+    def clear(self) -> None:
+        """Remove what a run wrote here (stages, settings, manifest, cache, dataset folder); other files stay."""
+        import shutil
+
+        for name in ("stages", "cache", "dataset"):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for name in ("pipeline.json", "manifest.json"):
+            (self.root / name).unlink(missing_ok=True)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.write_json(self.root / "manifest.json", manifest)
@@ -211,6 +279,60 @@ class RunLayout:
         finally:
             if _read_lock(path) == me:
                 path.unlink(missing_ok=True)
+
+
+def _row_settings(value: Any) -> Any:
+    """``value`` without the keys of :data:`NON_ROW_SETTINGS` (at any depth)."""
+    if isinstance(value, dict):
+        return {k: _row_settings(v) for k, v in value.items() if k not in NON_ROW_SETTINGS}
+    if isinstance(value, list):
+        return [_row_settings(v) for v in value]
+    return value
+
+
+def settings_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``[(key, old value, new value)]`` for each setting that differs and changes rows (dotted keys; a step
+    is named ``steps[i]``).
+
+    Example:
+        >>> settings_diff({"seed": 0, "steps": [{"step": "A", "t": 1.0, "batch_size": 8}]},
+        ...               {"seed": 1, "steps": [{"step": "A", "t": 0.5, "batch_size": 4}]})
+        [('seed', 0, 1), ('steps[0].t', 1.0, 0.5)]
+    """
+    old, new = _row_settings(old), _row_settings(new)
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in new or key not in old:
+                out.append((name, old.get(key, "(unset)"), new.get(key, "(unset)")))
+            else:
+                out.extend(settings_diff(old[key], new[key], name))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and prefix == "steps":
+        out = []
+        for i in range(max(len(old), len(new))):
+            a = old[i] if i < len(old) else "(no step)"
+            b = new[i] if i < len(new) else "(no step)"
+            out.extend(settings_diff(a, b, f"steps[{i}]") if isinstance(a, dict) and isinstance(b, dict)
+                       else [(f"steps[{i}]", _step_name(a), _step_name(b))] if a != b else [])
+        return out
+    return [] if old == new else [(prefix, old, new)]
+
+
+def _step_name(value: Any) -> Any:
+    return value.get("name") or value.get("step") if isinstance(value, dict) else value
+
+
+def _first_differing_stage(old: dict[str, Any], new: dict[str, Any]) -> int:
+    """The first stage whose rows differ between ``old`` and ``new`` settings (0 when a run-wide one does)."""
+    if settings_diff({k: v for k, v in old.items() if k != "steps"}, {k: v for k, v in new.items() if k != "steps"}):
+        return 0
+    a, b = old.get("steps") or [], new.get("steps") or []
+    for i in range(max(len(a), len(b))):
+        if i >= len(a) or i >= len(b) or settings_diff(a[i], b[i]):
+            return i
+    return max(len(a), len(b))
 
 
 def _tmp_name(path: Path) -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from magpie_hf import engines
@@ -77,6 +78,8 @@ class Pipeline:
         seed: the run seed; every row's sampling seed derives from it.
         input_dataset: a ``datasets.Dataset`` to start from instead of a generator step.
         progress: show a progress bar per stage (rows, rows/s, tokens/s).
+        overwrite: discard what an earlier run left in ``output_dir`` (its shards and settings) and start over;
+            without it a run with other settings is refused when ``output_dir`` keeps rows they would change.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Pipeline:
         seed: int = 0,
         input_dataset: "datasets.Dataset | None" = None,
         progress: bool = True,
+        overwrite: bool = False,
     ) -> None:
         self.steps: list[Step] = [steps] if isinstance(steps, Step) else list(steps)
         if not self.steps:
@@ -107,6 +111,7 @@ class Pipeline:
         self.seed = seed
         self.input_dataset = input_dataset
         self.progress = progress
+        self.overwrite = overwrite
         self.stage_reports: list[dict[str, Any]] = []
 
     # -- layout --------------------------------------------------------------------------------
@@ -144,9 +149,25 @@ class Pipeline:
             MissingColumnsError: naming the step, the missing columns and the ones it could have.
         """
         available: set[str] = set(self.input_dataset.column_names) if self.input_dataset is not None else set()
+        if "conversation_id" in available:
+            self._check_unique_ids()
         for step in self.steps:
             step.check_inputs(sorted(available), source="no earlier stage declares")
             available.update(step.output_features())
+
+    def _check_unique_ids(self) -> None:
+        """Refuse an input dataset whose ``conversation_id`` s repeat: they key the rows (a neighbour's
+        ``min_similar_conversation_id``, preference pairs), so a repeated one would be ambiguous."""
+        ids = self.input_dataset.with_format("arrow")["conversation_id"]
+        if pa.compute.count_distinct(ids, mode="all").as_py() == len(ids):
+            return
+        counts = pa.compute.value_counts(ids).to_pylist()
+        repeated = [c["values"] for c in counts if c["counts"] > 1]
+        raise ValueError(
+            f"The input dataset has {len(repeated)} conversation_id value(s) that repeat (e.g. {repeated[:3]}); ids key "
+            "the rows (min_similar_conversation_id, preference pairs). Make them unique first, e.g. "
+            "dataset.map(lambda row, i: {'conversation_id': f\"{row['conversation_id']}-{i}\"}, with_indices=True)."
+        )
 
     def plan(self, executor: Executor | None = None) -> list[dict[str, Any]]:
         """What each stage is (kind, columns read and written, what a worker reserves), without
@@ -176,7 +197,10 @@ class Pipeline:
         if check is not None:
             check([s.name for s in self.steps])
         with self.layout.lock():
-            self.layout.check_or_write_settings(self.settings())
+            if self.overwrite:
+                logger.warning("--overwrite: discarding what %s holds from an earlier run", self.output_dir)
+                self.layout.clear()
+            self.layout.check_or_write_settings(self.settings(), [self.stage_dir(i) for i in range(len(self.steps))])
             if any(not isinstance(s, GlobalStep) for s in self.steps):
                 executor.start()
             self.stage_reports = []

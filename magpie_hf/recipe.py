@@ -34,6 +34,7 @@ from magpie_hf.config import (
     FilterArguments,
     HubArguments,
     InstructionArguments,
+    MultiTurnArguments,
     RayArguments,
     ReasoningArguments,
     ResponseArguments,
@@ -201,6 +202,8 @@ class RecipeConfig:
             # auto picks the server when a URL is given; tagging models run locally unless --engine says openai
             base_url=e.base_url if backend == "openai" or (backend == "auto" and not tagging) else None,
             max_n_per_request=e.max_n_per_request,
+            timeout_s=e.request_timeout,
+            max_retries=e.max_retries,
             trust_remote_code=e.trust_remote_code,
         )
         if e.batch_size:
@@ -299,22 +302,30 @@ def parse_recipe(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeCon
         command=recipe_command(None if argv is None else ["recipes/" + recipe.name + ".py", *argv]),
     )
     try:
-        _resolve(config)
+        _resolve(config, parser.sources)
     except ValueError as err:
+        if config.run.debug:
+            raise
         raise SystemExit(f"error: {err}") from None
     return config
 
 
-def _resolve(config: RecipeConfig) -> None:
+def _resolve(config: RecipeConfig, sources: Mapping[str, int] | None = None) -> None:
     """Fill what the flags left to the recipe (every field concrete, so ``--dry-run`` shows the run) and
-    check what can be checked before any model loads."""
+    check what can be checked before any model loads. ``sources`` says where each value came from
+    (:attr:`magpie_hf.cli_config.ConfigParser.sources`: 0 default, 1 preset, 2 file, 3 flag)."""
+    from magpie_hf.config import check_limits
+
+    sources = sources or {}
     run, i, r = config.run, config.instructions, config.responses
-    if run.num_rows is None or run.num_rows < 1:
+    for section in config.sections:
+        check_limits(section)  # every number in its range, the flag named
+    if run.num_rows is None:
         raise ValueError("--num_rows must be >= 1")
     run.shard_size = min(run.shard_size or run.num_rows, run.num_rows)
-    if run.shard_size < 1:
-        raise ValueError("--shard_size must be >= 1")
     run.output_dir = str(config.output_dir)
+    _resolve_decoding(i, sources)
+    _check_conflicts(config)
     i.model = i.model or EMBEDDED
     r.response_model = r.response_model or i.model
     if r.response_model == i.model and r.response_gguf_file is None:
@@ -352,6 +363,94 @@ def _resolve(config: RecipeConfig) -> None:
     config.stages()
     config.hub.check()
     config.ray.executor()  # parses --ray_stage
+
+
+def _resolve_decoding(i: InstructionArguments, sources: Mapping[str, int]) -> None:
+    """One step-1 decoding rule: ``--temperature``/``--top_p`` given above the mixture's level (a flag over a
+    preset's or recipe's mixture) replace it, said in the log; a mixture given above them wins and they are
+    cleared; both at one level (both flags, or both in one file) are refused with the way out. What is left is
+    what runs and what the card shows."""
+    if isinstance(i.mixture, str) and i.mixture.strip().lower() == "none":
+        i.mixture = None
+    single = max(sources.get("temperature", 0), sources.get("top_p", 0))
+    if i.mixture is not None and single > 0:
+        level = sources.get("mixture", 0)
+        if single == level:
+            where = "flags" if level == 3 else "the same --config file" if level == 2 else "the preset"
+            raise ValueError(f"--mixture {i.mixture!r} and --temperature/--top_p are both given (in {where}): use "
+                             "--mixture none to sample at one --temperature/--top_p, or drop --temperature/--top_p "
+                             "to sample the mixture.")
+        if single > level:
+            logger.info("--temperature/--top_p replace the %s's step-1 mixture %r (pass --mixture again to keep it)",
+                        ("recipe", "preset", "config file")[level], i.mixture)
+            i.mixture = None
+    if i.mixture is None:
+        i.temperature = 1.0 if i.temperature is None else i.temperature
+        i.top_p = 1.0 if i.top_p is None else i.top_p
+    else:
+        i.temperature = i.top_p = None  # the mixture decides; the record shows no unused value
+
+
+def _check_conflicts(config: RecipeConfig) -> None:
+    """Flags that contradict each other are refused, with the one to drop."""
+    run = config.run
+    if run.instructions_only and run.stages is not None:
+        raise ValueError("--instructions_only stops before the tagging stages that --stages chooses; drop one of them.")
+    if FilterArguments in config.extra:
+        f = config.section(FilterArguments)
+        if f.no_filter and f.filter is not None:
+            raise ValueError(f"--no_filter writes no 'filtered' config, so --filter {f.filter} would not run; drop one of them.")
+        if run.instructions_only and f.filter is not None:
+            raise ValueError(f"--instructions_only writes no responses or tags to filter; drop --filter {f.filter}.")
+    if MultiTurnArguments in config.extra:
+        mt = config.section(MultiTurnArguments)
+        if mt.min_turns > mt.n_turns:
+            raise ValueError(f"--min_turns {mt.min_turns} is more than --n_turns {mt.n_turns}: every conversation "
+                             "would be dropped; lower --min_turns or raise --n_turns.")
+    e = config.engine
+    if e.engine == "openai" and not e.base_url:
+        raise ValueError("--engine openai needs --base_url URL, the server's OpenAI-compatible address "
+                         "(e.g. --base_url http://127.0.0.1:8000/v1).")
+    _check_output_dir(config.output_dir)
+    for flag, model in (("--model", config.instructions.model), ("--response_model", config.responses.response_model),
+                        ("--judge_model", config.tagging.judge_model), ("--guard_model", config.tagging.guard_model),
+                        ("--base_model", config.tagging.base_model), ("--embedding_model", config.tagging.embedding_model)):
+        _check_model(flag, model)
+    if config.tagging.reward_model not in (None, "judge"):
+        _check_model("--reward_model", config.tagging.reward_model)
+
+
+def _check_output_dir(path: Path) -> None:
+    """``--output_dir`` must be a folder this user can write (or one that can be made)."""
+    import os
+
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output_dir {path} is a file, not a folder; choose a folder (it is made when missing).")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {path}: {parent} is not writable here; choose a folder you can write to.")
+
+
+def _check_model(flag: str, model: str | None) -> None:
+    """A model named as a local path must exist; a Hub id must be well formed (whether it exists is the Hub's
+    to say when it loads)."""
+    if model in (None, EMBEDDED):
+        return
+    path = Path(model).expanduser()
+    looks_local = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or path.exists()
+    if looks_local:
+        if not path.exists():
+            raise ValueError(f"{flag} {model}: no such folder; give a model folder or a Hub id such as "
+                             "meta-llama/Meta-Llama-3-8B-Instruct.")
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError as err:
+        raise ValueError(f"{flag} {model!r} is neither a folder here nor a valid Hub id ({err})") from None
 
 
 def recipe_command(argv: Sequence[str] | None = None) -> str:
@@ -576,9 +675,32 @@ def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = N
     ``finish(pipeline, last_stage)`` returns the dataset's configs (``{"raw": ...}``) and extra
     provenance for the card; by default the last stage is the ``raw`` config.
     """
+    try:
+        return _run_recipe(config, steps, finish)
+    except user_errors() as err:
+        if config.run.debug:
+            raise
+        raise SystemExit(f"error: {err}\n(rerun with --debug for the traceback)") from None
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user's settings, files, servers or Hub cause: a recipe ends them in one ``error: ...``
+    message and a non-zero status (``--debug`` shows the traceback)."""
+    from magpie_hf.embedded import EmbeddedModelMissing
+    from magpie_hf.engines.openai import OpenAIServerError
+    from magpie_hf.hub.publishing import PublishError
+    from magpie_hf.layout import PipelineMismatchError, RunLockedError
+    from magpie_hf.templates import ChatTemplateError
+
+    return (PipelineMismatchError, RunLockedError, OpenAIServerError, PublishError, ChatTemplateError,
+            EmbeddedModelMissing)
+
+
+def _run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None) -> int:
     from magpie_hf.pipeline import Pipeline
 
-    pipeline = Pipeline(steps, config.output_dir, shard_size=config.run.shard_size, seed=config.run.seed)
+    pipeline = Pipeline(steps, config.output_dir, shard_size=config.run.shard_size, seed=config.run.seed,
+                        overwrite=config.run.overwrite)
     try:
         pipeline.check_columns()
     except MissingColumnsError as err:
@@ -593,6 +715,10 @@ def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = N
         print(yaml.safe_dump({"stages": pipeline.plan(executor)}, sort_keys=False, allow_unicode=True, width=120))
         return 0
     check_hardware(config)
+    if config.hub.push_to_hub:  # token, repo and tag, before hours of generation (the Hub, when reachable)
+        from magpie_hf.hub.publishing import check_publish
+
+        check_publish(config.hub.push_to_hub, config.hub.version or "", force=config.hub.force)
     last = pipeline.run(executor=executor)
     configs, extra = finish(pipeline, last) if finish else ({"raw": last}, {})
 
@@ -604,7 +730,11 @@ def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = N
         source_model_license="apache-2.0" if config.instructions.model == EMBEDDED else config.recipe.source_model_license,
     )
     print(f"Wrote {', '.join(f'{name}: {_rows(ds)} rows' for name, ds in configs.items())} to {folder}")
-    publish_or_hint(config.hub, folder)
+    result = publish_or_hint(config.hub, folder)
+    if config.hub.push_to_hub and (result is None or not result.pushed):
+        print(f"error: the dataset was not pushed to {config.hub.push_to_hub} (see above); it is kept at {folder}.",
+              file=sys.stderr)
+        return 1  # the request was not met: a scheduler must not see success
     return 0
 
 
@@ -643,11 +773,12 @@ def _rows(dataset: Any) -> int:
     return sum(len(split) for split in dataset.values()) if isinstance(dataset, dict) else len(dataset)
 
 
-def publish_or_hint(hub: HubArguments, folder: Path) -> None:
-    """Publish ``folder`` when ``--push_to_hub`` was given; otherwise print how to load and push it."""
+def publish_or_hint(hub: HubArguments, folder: Path) -> Any:
+    """Publish ``folder`` when ``--push_to_hub`` was given (the :class:`~magpie_hf.hub.PublishResult`); otherwise
+    print how to load and push it (None)."""
     from magpie_hf.hub import finish_recipe
 
-    finish_recipe(folder, repo_id=hub.push_to_hub, version=hub.version, private=hub.private,
+    return finish_recipe(folder, repo_id=hub.push_to_hub, version=hub.version, private=hub.private,
                   revision=hub.revision, force=hub.force)
 
 

@@ -14,12 +14,12 @@ multi-turn system prompt, and answered greedily with the normal template. Option
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from magpie_hf.config import MultiTurnArguments
 from magpie_hf.languages import language_system_prompt
 from magpie_hf.postprocess import filters_from_names
+from magpie_hf.logs import setup_logging
 from magpie_hf.recipe import Recipe, RecipeConfig, generation_steps, parse_recipe, response_chat_template_kwargs, run_recipe
 from magpie_hf.steps.multi_turn import MULTI_TURN_SYSTEM_PROMPT, MultiTurn
 
@@ -71,7 +71,7 @@ def multi_turn_step(config: RecipeConfig, filters: tuple = ()) -> MultiTurn:
 
 
 def main(argv: list[str] | None = None, recipe: Recipe = PRO_MT) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = parse_recipe(recipe, argv)
     try:
         filters = filters_from_names(config.section(MultiTurnArguments).instruction_filters)

@@ -19,10 +19,10 @@ row with its scores.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from magpie_hf.config import PreferenceArguments
+from magpie_hf.logs import setup_logging
 from magpie_hf.recipe import (
     EMBEDDED,
     Recipe,
@@ -79,7 +79,7 @@ def pair_steps(config: RecipeConfig) -> StepChain:
 
 
 def main(argv: list[str] | None = None, recipe: Recipe = PO) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = parse_recipe(recipe, argv)
     po = config.section(PreferenceArguments)
     if config.run.instructions_only:

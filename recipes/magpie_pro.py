@@ -17,6 +17,7 @@ import logging
 import sys
 
 from magpie_hf.config import FilterArguments
+from magpie_hf.logs import setup_logging
 from magpie_hf.recipe import (
     Recipe,
     filter_needs_reward_difference,
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None, recipe: Recipe = PRO) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = parse_recipe(recipe, argv)
     options = config.section(FilterArguments)
     filtering = not options.no_filter and not config.run.instructions_only

@@ -19,10 +19,10 @@ Writes OUTPUT_DIR/dataset/ with one config, `raw`.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from magpie_hf.config import ReasoningArguments
+from magpie_hf.logs import setup_logging
 from magpie_hf.recipe import Recipe, generation_steps, parse_recipe, run_recipe, tagging_steps
 
 REASONING = Recipe(
@@ -59,7 +59,7 @@ REASONING = Recipe(
 
 
 def main(argv: list[str] | None = None, recipe: Recipe = REASONING) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = parse_recipe(recipe, argv)
     steps = generation_steps(config)
     if not config.run.instructions_only:

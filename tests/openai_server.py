@@ -15,7 +15,9 @@ Test controls:
   with that status (and a ``Retry-After`` header when given).
 - ``POST /test/config {...}``: ``ignore_n`` (answer one choice whatever ``n``, like a server that ignores
   it), ``max_n`` (refuse ``n`` above this many slots with 400, like ``llama-server -np``),
-  ``max_prompt_tokens`` (refuse longer prompts with vLLM's 400 "maximum context length"); ``{}`` resets.
+  ``max_prompt_tokens`` (refuse longer prompts with vLLM's 400 "maximum context length"), ``html`` (answer
+  every request, ``/v1/models`` too, with 200 and an HTML page, like a proxy's login page), ``delay`` (seconds
+  to wait before answering any request: a silent server); ``{}`` resets.
 - ``GET /test/stats``: ``requests_seen``; ``GET /test/requests``: the bodies of the generation requests
   seen (most recent last); ``POST /test/reset`` clears both.
 
@@ -29,6 +31,7 @@ import json
 import os
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,9 +94,26 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", 0))
         return json.loads(self.rfile.read(length) or b"{}")
 
+    def _misbehave(self) -> bool:
+        """Apply the ``delay`` and ``html`` test settings; True when the reply was sent (an HTML page)."""
+        settings = dict(self.server.settings)
+        if settings.get("delay"):
+            time.sleep(float(settings["delay"]))
+        if not settings.get("html"):
+            return False
+        data = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Please sign in</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return True
+
     def do_GET(self):  # noqa: N802
         server = self.server
         if self.path.rstrip("/") == "/v1/models":
+            if self._misbehave():
+                return None
             card = {"id": "embedded", "object": "model", "owned_by": "test", "max_model_len": server.max_model_len}
             return self._send(200, {"object": "list", "data": [card]})
         if self.path == "/test/stats":
@@ -125,6 +145,8 @@ class Handler(BaseHTTPRequestHandler):
         if path not in GENERATION_PATHS:
             return self._error(404, f"no route {self.path}")
         body = self._read_json()
+        if self._misbehave():
+            return None
         with server.lock:
             server.requests_seen += 1
             if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":

@@ -271,8 +271,9 @@ def test_wrong_key_is_not_retried_and_not_shown(server, monkeypatch, caplog):
 
 
 def test_connection_refused_is_retried_then_reported():
+    """A server that is not there fails when the engine starts (its /models asked twice), naming the URL."""
     config = EngineConfig.embedded(backend="openai", base_url="http://127.0.0.1:9/v1", max_retries=1)
-    with pytest.raises(OpenAIServerError, match=r"127\.0\.0\.1:9/v1/completions failed after 2 attempts"):
+    with pytest.raises(OpenAIServerError, match=r"127\.0\.0\.1:9/v1/models did not answer .* after 2 attempts.*--base_url"):
         OpenAICompletionsEngine(config).generate([PROMPT], SamplingConfig(max_tokens=3))
 
 

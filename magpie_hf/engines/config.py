@@ -66,10 +66,13 @@ class EngineConfig:
     api_key_env: str = "OPENAI_API_KEY"
     #: requests in flight at once
     max_concurrency: int = 16
-    timeout_s: float = 600.0
+    #: seconds to wait for one reply (a non-streamed completion arrives whole, so this bounds the longest
+    #: answer); the server is also asked for ``/models`` when the engine loads, so one that does not answer
+    #: at all fails within a minute
+    timeout_s: float = 300.0
     #: retries of a request on 408/409/429/5xx, timeouts and connection errors (the SDK's backoff,
-    #: ``Retry-After`` honoured)
-    max_retries: int = 5
+    #: ``Retry-After`` honoured): a silent server stops a call after (1 + max_retries) x timeout_s
+    max_retries: int = 2
     #: most samples one request asks for; a larger ``n`` is split over several requests (llama.cpp's
     #: ``llama-server`` serves at most its ``-np`` slots per request). None: the whole ``n`` at once.
     max_n_per_request: int | None = None
@@ -88,6 +91,10 @@ class EngineConfig:
             raise ValueError(f"max_n_per_request must be >= 1 or None, got {self.max_n_per_request}")
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
 
     # equality and hashing by value, with ``extra`` in a canonical JSON form (its values may be dicts)
     def _key(self) -> tuple[Any, ...]:

@@ -102,6 +102,61 @@ class OpenAIServerError(RuntimeError):
     """The server kept failing after every retry, or refused the engine's settings (key, model, URL)."""
 
 
+#: query parameters of a base URL that hold a key (moved to the Authorization header)
+_KEY_PARAMS = frozenset({"api_key", "api-key", "apikey", "key", "token", "access_token", "auth"})
+#: how much of an unexpected body an error quotes
+BODY_START_CHARS = 200
+
+
+def split_credentials(url: str) -> tuple[str, str | None, dict[str, str]]:
+    """``url`` without credentials, the key it carried (``user:KEY@host``, ``KEY@host`` or ``?api_key=KEY``),
+    and its other query parameters (sent with every request).
+
+    Example:
+        >>> split_credentials("http://me:sk-123@127.0.0.1:8000/v1?api_key=sk-456&team=a")
+        ('http://127.0.0.1:8000/v1', 'sk-123', {'team': 'a'})
+        >>> split_credentials("http://127.0.0.1:8000/v1")
+        ('http://127.0.0.1:8000/v1', None, {})
+    """
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    key = None
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name.lower() in _KEY_PARAMS:
+            key = key or value
+        else:
+            query[name] = value
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        key = password or user or key
+    return urlunsplit((parts.scheme, netloc, parts.path, "", parts.fragment)), key, query
+
+
+def _start(text: str) -> str:
+    text = " ".join(text.split())
+    return repr(text[:BODY_START_CHARS] + ("..." if len(text) > BODY_START_CHARS else ""))
+
+
+def _check_json(response: Any, url: str) -> Any:
+    """The JSON body of a reply; one that is not JSON (an HTML login page, a proxy's error text) is refused,
+    naming the URL and the start of the body."""
+    import json
+
+    text = response.text
+    try:
+        return json.loads(text)
+    except ValueError:
+        kind = response.headers.get("content-type", "no content type")
+        raise OpenAIServerError(
+            f"{url} answered HTTP {response.status_code} with something that is not JSON ({kind}): {_start(text)}. "
+            "Is --base_url the OpenAI-compatible address of the server (e.g. http://HOST:8000/v1)?"
+        ) from None
+
+
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(name: str, gguf_file: str | None, revision: str | None, trust_remote_code: bool) -> Any:
     """Load (once per process) the tokenizer used to build prompts and count tokens."""
@@ -168,7 +223,11 @@ class _OpenAIEngine(Engine):
         except ImportError as err:  # pragma: no cover - a dependency of magpie-hf
             raise ImportError("The OpenAI-compatible engines need the openai SDK: pip install 'openai>=1.55.3'") from err
         self._errors = openai
-        self.url = config.base_url.rstrip("/") + "/" + self.endpoint
+        # credentials written into the URL (user:key@host, ?api_key=...) go to the Authorization header, so the
+        # URL the HTTP client sends and logs carries none
+        base_url, url_key, query = split_credentials(config.base_url)
+        self.base_url = base_url
+        self.url = base_url.rstrip("/") + "/" + self.endpoint
         self.shown_url = redact(self.url)  # what messages and logs name (no credentials in a URL)
         self.served_model_name = config.option("served_model_name", config.model)
         extra_body = config.option("extra_body") or {}
@@ -180,8 +239,9 @@ class _OpenAIEngine(Engine):
             raise ValueError(f"response_format must be 'json_schema' or 'json_object', got {self.response_format!r}")
         # the key goes to the SDK client only: never to a log, a config record or an error message
         self._client = openai.OpenAI(
-            base_url=config.base_url,
-            api_key=os.environ.get(config.api_key_env) or NO_KEY,
+            base_url=base_url,
+            api_key=url_key or os.environ.get(config.api_key_env) or NO_KEY,
+            default_query=query or None,
             max_retries=config.max_retries,
             timeout=config.timeout_s,
         )
@@ -191,10 +251,45 @@ class _OpenAIEngine(Engine):
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._context_length: Any = _UNKNOWN
+        #: the server's ``/models`` answer (None when it has none), read once by :meth:`_check_server`
+        self._models: dict[str, Any] | None = None
+        self._check_server()
 
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    #: seconds the start-up check waits for ``GET {base_url}/models`` (twice at most)
+    PROBE_TIMEOUT_S = 30.0
+
+    def _check_server(self) -> None:
+        """Ask the server for ``/models`` once at start, so a wrong URL, a server that is down or silent, or one
+        that answers with something other than JSON (a proxy's HTML page) fails now, in a minute at most,
+        naming the URL; an HTTP error status is left to the requests (some servers have no ``/models``)."""
+        url = redact(self.base_url.rstrip("/") + "/models")
+        client = self._client.with_options(max_retries=1, timeout=min(self.PROBE_TIMEOUT_S, self.config.timeout_s))
+        try:
+            raw = client.models.with_raw_response.list()
+        except self._errors.APIStatusError as err:
+            logger.debug("%s answered HTTP %s; the requests will tell", url, err.status_code)
+            return
+        except self._errors.APIConnectionError as err:  # APITimeoutError included
+            raise OpenAIServerError(
+                f"{url} did not answer ({type(err).__name__}: {err}) after 2 attempts. Is the server running and "
+                f"reachable at --base_url {redact(self.base_url)}? (A slow server: raise --request_timeout.)"
+            ) from None
+        body = _check_json(raw.http_response, url)
+        self._models = body if isinstance(body, dict) else None
+
+    def _parsed(self, raw: Any) -> Any:
+        """The SDK object of a raw response, after checking that the body is JSON (else an error naming the URL
+        and the start of the body, instead of the SDK handing back a string)."""
+        _check_json(raw.http_response, self.shown_url)
+        response = raw.parse()
+        if not hasattr(response, "choices"):
+            raise OpenAIServerError(f"{self.shown_url} answered with JSON that is no completion: "
+                                    f"{_start(raw.http_response.text)}")
+        return response
 
     def close(self) -> None:
         self._client.close()
@@ -205,15 +300,11 @@ class _OpenAIEngine(Engine):
         ``ModelCard.max_model_len``; SGLang's ``ModelCard`` has it too), else None."""
         if self._context_length is _UNKNOWN:
             value = None
-            try:
-                models = self._client.with_options(max_retries=1, timeout=min(30.0, self.config.timeout_s)).models.list()
-                cards = list(models.data)
-                for card in cards:
-                    if card.id == self.served_model_name or len(cards) == 1:
-                        value = (card.model_extra or {}).get("max_model_len")
-                        break
-            except self._errors.OpenAIError as err:
-                logger.debug("could not read %s/models: %s", redact(self.config.base_url), type(err).__name__)
+            cards = [c for c in (self._models or {}).get("data") or [] if isinstance(c, dict)]
+            for card in cards:
+                if card.get("id") == self.served_model_name or len(cards) == 1:
+                    value = card.get("max_model_len")
+                    break
             self._context_length = int(value) if isinstance(value, int) and value > 0 else None
         return self._context_length
 
@@ -508,7 +599,7 @@ class OpenAICompletionsEngine(_OpenAIEngine):
             extra_body = {"response_format": self._response_format(sampling.json_schema), **extra_body}
         elif sampling.regex is not None:
             extra_body = {**self._regex_fields(sampling.regex), **extra_body}
-        response = self._client.completions.create(
+        response = self._parsed(self._client.completions.with_raw_response.create(
             model=self.served_model_name,
             prompt=item,
             max_tokens=sampling.max_tokens,
@@ -516,7 +607,7 @@ class OpenAICompletionsEngine(_OpenAIEngine):
             seed=seed,
             extra_body=extra_body,
             **fields,
-        )
+        ))
         choices = sorted(response.choices or [], key=lambda c: c.index or 0)
         return [_Choice(c.text or "", c.finish_reason) for c in choices], self._usage_tokens(response)
 
@@ -581,14 +672,14 @@ class OpenAIChatEngine(_OpenAIEngine):
             fields["response_format"] = self._response_format(sampling.json_schema)
         elif sampling.regex is not None:
             extra_body = {**self._regex_fields(sampling.regex), **extra_body}
-        response = self._client.chat.completions.create(
+        response = self._parsed(self._client.chat.completions.with_raw_response.create(
             model=self.served_model_name,
             messages=item,
             n=n,
             seed=seed,
             extra_body=extra_body,
             **fields,
-        )
+        ))
         choices = sorted(response.choices or [], key=lambda c: c.index or 0)
         return [_Choice((c.message.content if c.message else None) or "", c.finish_reason) for c in choices], (
             self._usage_tokens(response)

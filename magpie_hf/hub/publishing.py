@@ -338,6 +338,57 @@ def _next_patch(tag: str) -> str:
     return f"{major}.{minor}.{int(patch) + 1}"
 
 
+def check_publish(repo_id: str, version: str, *, token: str | None = None, force: bool = False) -> None:
+    """What :func:`publish` would refuse after hours of generation, checked before it: the version, the repo id,
+    a token, and (when the Hub answers) that the token is accepted and the tag is still free. An unreachable Hub
+    only warns: the push is tried when the run is done, and the dataset is kept if it fails.
+
+    Raises:
+        ValueError: invalid version or repo id. PublishError: no token. HubAuthError: the token is refused.
+        TagExistsError: the tag exists and ``force`` is False.
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    tag = parse_version(version)
+    if not _REPO_ID.match(repo_id):
+        raise ValueError(f"--push_to_hub {repo_id!r} is not a Hub repository id: expected 'user/name' or 'name'.")
+    token = token or get_token()
+    if not token:
+        raise PublishError(
+            "--push_to_hub needs a Hugging Face token with write access: set HF_TOKEN or run `hf auth login`; or drop "
+            "--push_to_hub and publish the dataset folder later with `magpie-hf push FOLDER USER/REPO --version X.Y.Z`."
+        )
+    api = HfApi(token=token)
+    step = "checking the token"
+    try:
+        user = api.whoami()["name"]
+        name = repo_id if "/" in repo_id else f"{user}/{repo_id}"
+        step = f"reading the tags of {name}"
+        try:
+            tags = {t.name for t in api.list_repo_refs(name, repo_type=REPO_TYPE).tags}
+        except RepositoryNotFoundError:
+            return  # a new repository, made when the run publishes
+    except _network_errors() as err:
+        logger.warning("Could not reach the Hugging Face Hub while %s (%s); the push is tried when the run is done.",
+                       step, type(err).__name__)
+        return
+    except HfHubHTTPError as err:
+        if _status(err) in (401, 403):
+            raise HubAuthError(
+                f"The Hugging Face Hub refused the token (HTTP {_status(err)}) while {step}; nothing was generated yet. "
+                f"Use a token with write access to {repo_id.split('/')[0]!r} (https://huggingface.co/settings/tokens, "
+                "then `hf auth login` or HF_TOKEN), or drop --push_to_hub and push the folder later with `magpie-hf push`."
+            ) from None
+        logger.warning("The Hub answered HTTP %s while %s; the push is tried when the run is done.", _status(err), step)
+        return
+    if tag in tags and not force:
+        raise TagExistsError(
+            f"{name} already has the tag {tag}; a published version never changes. Choose another --version (e.g. "
+            f"{_next_patch(tag)}), or pass --force to move the tag."
+        )
+
+
 def publish(
     folder: str | os.PathLike,
     repo_id: str,

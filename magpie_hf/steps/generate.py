@@ -393,6 +393,40 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
         return batch
 
 
+def instruction_problem(text: Any) -> str | None:
+    """Why ``text`` cannot be answered (None when it can): missing, empty, or not encodable as UTF-8.
+
+    Example:
+        >>> [instruction_problem(t) for t in ("Hi", None, "  ")]
+        [None, 'no instruction (null)', 'empty instruction']
+        >>> instruction_problem("a" + chr(0xD800))
+        'instruction is not valid Unicode (a lone surrogate at character 1); kept with it escaped'
+        >>> encodable("a" + chr(0xD800))
+        'a\\\\ud800'
+    """
+    if text is None:
+        return "no instruction (null)"
+    if not isinstance(text, str):
+        return f"instruction is a {type(text).__name__}, not text"
+    if not text.strip():
+        return "empty instruction"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"instruction is not valid Unicode (a lone surrogate at character {err.start}); kept with it escaped"
+    return None
+
+
+def encodable(text: Any) -> Any:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes, so the row can be stored (other values as they are)."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 @dataclasses.dataclass(kw_only=True)
 class Responses(Step, ChatTemplateMixin):
     """Magpie step 2: answer each instruction with the model's normal chat template (greedy by default).
@@ -400,7 +434,9 @@ class Responses(Step, ChatTemplateMixin):
     Row ``i`` of a batch samples from its own seed (recorded in ``gen_response_configs["seed"]``). A
     row whose prompt does not fit in the model's context (or whose request the engine aborted) is
     kept with ``response`` and ``conversations`` null and the reason in ``response_error`` (null for
-    the other rows), and is counted in ``stats`` (``prompt_too_long``, ``aborted``, ``failed``).
+    the other rows), and is counted in ``stats`` (``prompt_too_long``, ``aborted``, ``failed``). So is a row
+    whose instruction is missing, empty or not valid Unicode (:func:`instruction_problem`; counted as
+    ``invalid_instruction``, a lone surrogate kept escaped so the row can be stored): it is never sent.
     """
 
     inputs = ("instruction",)
@@ -446,13 +482,31 @@ class Responses(Step, ChatTemplateMixin):
         assert self._engine is not None and self._templates is not None, "call load() first"
         templates = self._templates
         sampling = self._sampling.replace(stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids)
-        conversations = [[{"role": "user", "content": q}] for q in batch["instruction"]]
-        seeds = row_seeds(seed, len(conversations))
-        outs = self._engine.generate_chat(conversations, sampling, templates=templates, seeds=seeds,
-                                          progress=self.progress_callback)
+        # a missing, empty or unencodable instruction is a row with a null response and the reason, not a failed run
+        instructions = list(batch["instruction"])
+        problems = [instruction_problem(q) for q in instructions]
+        instructions = [encodable(q) for q in instructions]
+        good = [i for i, problem in enumerate(problems) if problem is None]
+        conversations = [[{"role": "user", "content": instructions[i]}] for i in good]
+        seeds = row_seeds(seed, len(instructions))
+        answered = self._engine.generate_chat(conversations, sampling, templates=templates,
+                                              seeds=[seeds[i] for i in good], progress=self.progress_callback)
+        outs: list[Any] = [[None] for _ in problems]
+        for i, out in zip(good, answered):
+            outs[i] = out
+        for problem in problems:
+            if problem:
+                self.stats["invalid_instruction"] += 1
         keep: list[bool] = []
         new: Batch = {name: [] for name in self.outputs}
-        for instruction, row_seed_, (completion,) in zip(batch["instruction"], seeds, outs):
+        for index, (instruction, row_seed_, (completion,)) in enumerate(zip(instructions, seeds, outs)):
+            if problems[index]:
+                keep.append(True)
+                for name, value in (("response", None), ("conversations", None), ("response_num_tokens", 0),
+                                    ("response_finish_reason", "error"), ("response_error", problems[index]),
+                                    ("gen_response_configs", None)):
+                    new[name].append(value)
+                continue
             self.stats["generated_tokens"] += completion.num_tokens
             failure = completion.failure
             text = None if failure else templates.clean(completion.text)
@@ -481,4 +535,4 @@ class Responses(Step, ChatTemplateMixin):
             new["response_num_tokens"].append(completion.num_tokens)
             new["response_finish_reason"].append(completion.finish_reason)
             new["response_error"].append(completion.error if failure else None)
-        return select_rows({**batch, **new}, keep)
+        return select_rows({**batch, "instruction": instructions, **new}, keep)

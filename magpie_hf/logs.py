@@ -1,0 +1,41 @@
+"""Logging of the command-line tools and recipes: our own messages at INFO, every other library's at WARNING,
+and each line passed through :func:`magpie_hf.redaction.redact`, so no log line carries a secret (an HTTP
+client logging request URLs, a library echoing its settings).
+
+Example:
+    >>> import logging
+    >>> setup_logging()
+    >>> logging.getLogger("magpie_hf").level == logging.INFO and logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+
+from magpie_hf.redaction import redact
+
+FORMAT = "%(levelname)s %(name)s: %(message)s"
+#: the loggers that speak at the chosen level; every other one (httpx, openai, transformers, datasets, ...) at WARNING
+OWN_LOGGERS = ("magpie_hf", "__main__")
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets in a record's message (its arguments merged in first)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log our messages at ``level`` and other libraries' at WARNING, every line redacted."""
+    logging.basicConfig(level=logging.WARNING, format=FORMAT)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
