@@ -27,11 +27,15 @@ the step. Global steps (neighbours, filters, pairing) run on the driver (see
   directory must be shared storage mounted at the same path: the pipeline verifies every shard a
   worker reports written on the driver and stops the stage, naming the shards and the nodes, when it
   cannot read them (:meth:`magpie_hf.pipeline.Pipeline._verify_outputs`).
-- **Environment**: the driver's offline switches and cache places (:data:`FORWARDED_ENV`) and its Hugging
-  Face token (``huggingface_hub.get_token()``: ``HF_TOKEN`` or the login's token file) reach the actors
-  as Ray ``runtime_env`` ``env_vars`` of the stage's actors (merged per variable with the job's
-  ``runtime_env``: ``ray/runtime_env/runtime_env.py:640-651``), never through a file, a log, the card or
-  ``pipeline.json``. Anyone who can inspect the cluster's actors can read them.
+- **Environment**: the driver's offline switches, cache places and vLLM's batch-invariant switch
+  (:data:`FORWARDED_ENV`) reach the actors as Ray ``runtime_env`` ``env_vars`` of the stage's actors
+  (merged per variable with the job's ``runtime_env``: ``ray/runtime_env/runtime_env.py:640-651``). The
+  driver's Hugging Face token (``huggingface_hub.get_token()``: ``HF_TOKEN`` or the login's token file), for
+  gated models, does not: Ray's runtime-env agent logs every ``runtime_env`` it creates, ``env_vars``
+  included, to ``runtime_env_agent.log``
+  (``ray/_private/runtime_env/agent/runtime_env_agent.py:543-546``, Ray 2.60). It travels in the actors'
+  constructor arguments instead (:class:`HiddenToken`, held in Ray's memory) and becomes the actor
+  process's ``HF_TOKEN``; it is never written to a file, a log, the card or ``pipeline.json``.
 - **Failures**: an error raised by a step inside an actor is sent back and stops the stage with
   :class:`~magpie_hf.executors.StageFailedError` carrying the worker's own error type, message and
   traceback as text (so a driver that cannot unpickle it, e.g. a vLLM error on a driver without vllm,
@@ -179,14 +183,9 @@ class RayExecutor(Executor):
         return dataclasses.replace(Hardware.local(), cuda=gpus > 0)
 
     def worker_env(self) -> dict[str, str]:
-        """The environment variables the stage's actors get: :data:`FORWARDED_ENV` as the driver has them,
-        plus ``HF_TOKEN`` when the driver has a Hub token (``huggingface_hub.get_token()``: ``HF_TOKEN``, else
-        the token file of ``hf auth login``; ``huggingface_hub/utils/_auth.py:60-70``), for gated models."""
-        env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
-        token = _hub_token()
-        if token:
-            env["HF_TOKEN"] = token
-        return env
+        """The environment variables the stage's actors get through ``runtime_env`` (logged by Ray, so never a
+        secret): :data:`FORWARDED_ENV` as the driver has them."""
+        return {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
 
     def check_steps(self, steps: Sequence["Step"]) -> None:
         """Refuse, before the first stage, a step whose actor cannot fit on any one node of the cluster.
@@ -270,7 +269,7 @@ class RayExecutor(Executor):
             "batch_size": 1,
             # one shard at a time per actor, so a slow-to-load actor never queues work a free one could do
             "compute": ray.data.ActorPoolStrategy(size=self.pool_size(step, pending), max_tasks_in_flight_per_actor=1),
-            "fn_constructor_kwargs": {"step": self.resolved_step(step), "root": str(layout.root)},
+            "fn_constructor_kwargs": {"step": self.resolved_step(step), "root": str(layout.root), "token": _hub_token()},
             "num_cpus": needs.cpus,
             "max_restarts": self.max_restarts,
             "max_task_retries": self.max_task_retries,
@@ -304,8 +303,11 @@ class RayExecutor(Executor):
                 # _warn_on_ray_remote_args); hence the `ray[data]<2.64` cap in pyproject.toml
                 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
                 dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(ShardActor, **kwargs)
+            # closed explicitly: a for-loop left by an exception keeps Ray Data's executor (and the actors with
+            # their GPUs) alive as long as the traceback lives (ray/data/iterator.py:160-171, Ray 2.60)
+            rows = iter(dataset.iter_rows())
             try:
-                for row in dataset.iter_rows():
+                for row in rows:
                     if row["error_type"] is not None:
                         raise _worker_error(step, row)
                     report = ShardReport.from_dict(json.loads(row["report"]))
@@ -317,6 +319,10 @@ class RayExecutor(Executor):
                 raise StageFailedError(self._unschedulable(step, kwargs)) from err
             except ray.exceptions.RayError as err:
                 raise StageFailedError(f"Stage {step.name!r} failed on Ray: {err}") from err
+            finally:
+                close = getattr(rows, "close", None)
+                if close is not None:
+                    close()
         return [reports[task.shard] for task in tasks]
 
     def _unschedulable(self, step: "Step", kwargs: Mapping[str, Any]) -> str:
@@ -347,8 +353,10 @@ class ShardActor:
     error itself pickled. An engine that died ends the actor's process instead (:func:`_exit_if_engine_died`).
     """
 
-    def __init__(self, step: "Step", root: str) -> None:
+    def __init__(self, step: "Step", root: str, token: "HiddenToken | None" = None) -> None:
         # nothing heavy here: Ray Data's start-up time limit waits for this constructor (see _startup_limit)
+        if token is not None:
+            os.environ["HF_TOKEN"] = token.value  # this actor process's own environment, for gated models
         self.step, self.layout = step, RunLayout(root)
         self.node = _node_name()
         self.loaded = False
@@ -468,12 +476,31 @@ def _node_name() -> str:
     return f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, Ray node {node_id[:12]})"
 
 
-def _hub_token() -> str | None:
+class HiddenToken:
+    """A Hub token on its way to the actors: its ``repr`` never shows it (in case Ray or a log prints the
+    actor's arguments).
+
+    Example:
+        >>> HiddenToken("hf_secret")
+        HiddenToken(<hidden>)
+    """
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "HiddenToken(<hidden>)"
+
+
+def _hub_token() -> HiddenToken | None:
+    """The driver's Hub token (``huggingface_hub.get_token()``: ``HF_TOKEN``, else the token file of
+    ``hf auth login``; ``huggingface_hub/utils/_auth.py:60-70``), or None."""
     try:
         from huggingface_hub import get_token
     except ImportError:
         return None
-    return get_token()
+    token = get_token()
+    return HiddenToken(token) if token else None
 
 
 @contextlib.contextmanager
