@@ -7,9 +7,12 @@ again), and hands the rest to an executor: :class:`~magpie_hf.executors.LocalExe
 process, the default) or :class:`~magpie_hf.executors.ray.RayExecutor` (a Ray cluster). Global steps
 (neighbours, filters, pairing) run here, on the whole stage, through
 :func:`~magpie_hf.runner.run_global`. Seeds derive from (run seed, stage, row) (:mod:`magpie_hf.seeds`),
-so a resumed, re-sharded or distributed run makes exactly the rows of an uninterrupted one. Rows
-live in Parquet and memory-mapped Arrow, never all at once as Python objects. The folder's layout
-is :class:`magpie_hf.layout.RunLayout`'s.
+so a resumed, re-sharded or distributed run draws the same random numbers for every row as an
+uninterrupted one (the same text where the model's logits do not depend on the batch: README,
+"Reproducibility"). After a sharded stage the driver verifies every shard its tasks reported written
+(:meth:`Pipeline._verify_outputs`), and the next stage reads exactly those files, never a listing of
+the folder. Rows live in Parquet and memory-mapped Arrow, never all at once as Python objects. The
+folder's layout is :class:`magpie_hf.layout.RunLayout`'s.
 
 Example:
     >>> from magpie_hf.engines import EngineConfig

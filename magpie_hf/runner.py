@@ -138,7 +138,7 @@ def run_shard(
             table = _process_table(step, source, task.seed, progress)
             rows_in = source.num_rows
     report = ShardReport(rows_in, table.num_rows, _counts_since(before, step.stats), time.perf_counter() - started,
-                         step.provenance(), node=node or socket.gethostname())
+                         _provenance(step), node=node or socket.gethostname())
     layout.write_shard(Path(task.output), table, report.to_dict())
     return report
 
@@ -157,8 +157,20 @@ def run_global(
     table = result.with_format("arrow")[:] if len(result) else pa.table({n: [] for n in result.column_names})
     table = typed_table(step, table, dataset.features.arrow_schema if len(dataset.column_names) else None)
     report = ShardReport(len(dataset), table.num_rows, _counts_since(before, step.stats), time.perf_counter() - started,
-                         step.provenance())
+                         _provenance(step))
     return table, report
+
+
+def _provenance(step: Step) -> dict[str, Any]:
+    """What the step says about how it made its rows, plus, for a step on vLLM, whether vLLM ran
+    batch-invariant where it ran (:func:`magpie_hf.engines.vllm_batch_invariant`): a seed redraws the same
+    text on vLLM only then."""
+    from magpie_hf.engines import resolve_backend, vllm_batch_invariant
+
+    record = step.provenance()
+    if any(resolve_backend(config, log=False) == "vllm" for config in step.engine_configs()):
+        record = {**record, "vllm_batch_invariant": vllm_batch_invariant()}
+    return record
 
 
 def typed_table(step: Step, batch: Batch | pa.Table, input_schema: pa.Schema | None) -> pa.Table:

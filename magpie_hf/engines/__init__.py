@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import os
 import socket
 from typing import Iterable
 
@@ -32,6 +33,7 @@ __all__ = [
     "loaded_engine_configs",
     "release_engines",
     "resolve_backend",
+    "vllm_batch_invariant",
 ]
 
 # Engines stay loaded while consecutive pipeline stages use the same config.
@@ -170,6 +172,23 @@ def engine_died(err: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def vllm_batch_invariant() -> bool:
+    """Whether vLLM runs batch-invariant in this process: ``VLLM_BATCH_INVARIANT`` holds a nonzero integer, the
+    rule vLLM applies (``csrc/core/batch_invariant.hpp``, ``vllm_is_batch_invariant``). Then a request's
+    logits do not depend on the other requests in its batch (beta; NVIDIA compute capability 9.0 or higher:
+    ``docs/features/batch_invariance.md``), so a resumed or re-sharded run redraws the same text.
+
+    Example:
+        >>> import os
+        >>> os.environ.get("VLLM_BATCH_INVARIANT") is None and vllm_batch_invariant()
+        False
+    """
+    try:
+        return int(os.environ.get("VLLM_BATCH_INVARIANT", "0")) != 0
+    except ValueError:
+        return False
 
 
 def loaded_engine_configs() -> frozenset[EngineConfig]:
