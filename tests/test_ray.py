@@ -235,6 +235,7 @@ def test_ray_arguments_build_the_executor():
     assert executor.default == RayStageResources(replicas=3)
     assert executor.stages["language"] == RayStageResources(replicas=1, num_cpus=2.0)
     assert RayArguments(ray="ray://head:10001").executor().address == "ray://head:10001"
+    assert RayArguments(ray="local", ray_startup_timeout=30).executor().startup_timeout_s == 30
     with pytest.raises(ValueError, match="unknown key 'gpus'"):
         RayArguments(ray="local", ray_stage=["language:gpus=1"]).executor()
 

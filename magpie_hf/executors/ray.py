@@ -337,7 +337,7 @@ class RayExecutor(Executor):
             f"{kwargs.get('num_gpus', 0):g} GPU(s) and {kwargs['num_cpus']:g} CPU(s), within {self.startup_timeout_s:g} s "
             f"(nodes: {'; '.join(free) or 'none alive'}; now available in the cluster: {ray.available_resources()}). "
             "Other work may hold the resources, or a runtime_env is still installing: free them, ask for fewer actors "
-            "(--ray_replicas / --ray_stage STEP:replicas=N) or fewer GPUs each, or raise startup_timeout_s."
+            "(--ray_replicas / --ray_stage STEP:replicas=N) or fewer GPUs each, or raise startup_timeout_s (--ray_startup_timeout)."
         )
 
 
