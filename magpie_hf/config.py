@@ -341,7 +341,9 @@ class RayArguments:
                                         "for vLLM, 1 for a model on CUDA, else 0).")
     ray_stage: list[str] = _field([], "Per-stage overrides STEP:KEY=VALUE[,KEY=VALUE] with keys replicas, num_cpus, "
                                   "num_gpus, e.g. responses:replicas=4,num_gpus=2.")
-    ray_max_restarts: int = _field(2, "Restarts of a crashed actor before the stage fails.")
+    ray_max_restarts: int = _field(2, "Restarts of a crashed actor (or one whose engine died) before the stage fails.")
+    ray_startup_timeout: float = _field(600.0, "Seconds a stage waits for its actors to be scheduled and started "
+                                        "(model loading not included) before it fails naming what could not be scheduled.")
 
     def executor(self) -> Any:
         """The local executor, or a :class:`~magpie_hf.executors.ray.RayExecutor` when ``ray`` is set."""
@@ -357,7 +359,8 @@ class RayArguments:
             name, values = parse_stage_resources(text)
             stages[name] = dataclasses.replace(stages.get(name, default), **values)
         return RayExecutor(None if self.ray == "local" else self.ray, default=default, stages=stages,
-                           max_restarts=self.ray_max_restarts, max_task_retries=self.ray_max_restarts)
+                           max_restarts=self.ray_max_restarts, max_task_retries=self.ray_max_restarts,
+                           startup_timeout_s=self.ray_startup_timeout)
 
 
 @dataclasses.dataclass

@@ -73,6 +73,9 @@ class RunLayout:
         output_dir: the run's folder; made absolute at once.
     """
 
+    #: seconds the driver waits for a shard a worker reported written to be readable here (:meth:`wait_for_shard`)
+    VISIBLE_WAIT_S: float = 30.0
+
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.root = Path(output_dir).expanduser().resolve()
 
@@ -135,6 +138,40 @@ class RunLayout:
         return record
 
     # -- completion ----------------------------------------------------------------------------
+    def check_shard(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """``(record, None)`` for a finished, intact shard, else ``(None, why not)``; changes nothing.
+
+        Example:
+            >>> import tempfile
+            >>> RunLayout(tempfile.mkdtemp()).check_shard(Path("/nowhere/shard-00000.parquet"))
+            (None, 'its completion record is missing')
+        """
+        record_path = self.record_path(path)
+        if not record_path.exists():
+            return None, "its completion record is missing"
+        try:
+            record = self.read_json(record_path)
+            problem = _mismatch(path, record)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            record, problem = None, f"unreadable completion record ({err})"
+        return (record, None) if problem is None else (None, problem)
+
+    def wait_for_shard(self, path: Path, timeout_s: float | None = None) -> tuple[dict[str, Any] | None, str | None]:
+        """:meth:`check_shard` after a worker reported ``path`` written, retried for up to ``timeout_s``
+        (default :attr:`VISIBLE_WAIT_S`) while it fails: a network filesystem can show another machine's new
+        file late (NFS caches attributes and negative lookups for up to ``acdirmax``, 60 s by default;
+        ``man 5 nfs``). Listing the folder before each try asks the server again. Changes nothing."""
+        deadline = time.monotonic() + (self.VISIBLE_WAIT_S if timeout_s is None else timeout_s)
+        delay = 0.1
+        while True:
+            with contextlib.suppress(OSError):
+                os.listdir(path.parent)
+            record, problem = self.check_shard(path)
+            if problem is None or time.monotonic() >= deadline:
+                return record, problem
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+
     def verified_record(self, path: Path) -> dict[str, Any] | None:
         """The completion record of a finished, intact shard; None when the shard must be made.
 
@@ -144,11 +181,7 @@ class RunLayout:
         record_path = self.record_path(path)
         if not record_path.exists():
             return None
-        try:
-            record = self.read_json(record_path)
-            problem = _mismatch(path, record)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            problem = f"unreadable completion record ({err})"
+        record, problem = self.check_shard(path)
         if problem is None:
             return record
         logger.warning("shard %s is damaged (%s); making it again", path, problem)

@@ -7,9 +7,12 @@ again), and hands the rest to an executor: :class:`~magpie_hf.executors.LocalExe
 process, the default) or :class:`~magpie_hf.executors.ray.RayExecutor` (a Ray cluster). Global steps
 (neighbours, filters, pairing) run here, on the whole stage, through
 :func:`~magpie_hf.runner.run_global`. Seeds derive from (run seed, stage, row) (:mod:`magpie_hf.seeds`),
-so a resumed, re-sharded or distributed run makes exactly the rows of an uninterrupted one. Rows
-live in Parquet and memory-mapped Arrow, never all at once as Python objects. The folder's layout
-is :class:`magpie_hf.layout.RunLayout`'s.
+so a resumed, re-sharded or distributed run draws the same random numbers for every row as an
+uninterrupted one (the same text where the model's logits do not depend on the batch: README,
+"Reproducibility"). After a sharded stage the driver verifies every shard its tasks reported written
+(:meth:`Pipeline._verify_outputs`), and the next stage reads exactly those files, never a listing of
+the folder. Rows live in Parquet and memory-mapped Arrow, never all at once as Python objects. The
+folder's layout is :class:`magpie_hf.layout.RunLayout`'s.
 
 Example:
     >>> from magpie_hf.engines import EngineConfig
@@ -26,6 +29,7 @@ import collections
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -35,7 +39,7 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from magpie_hf import engines
-from magpie_hf.executors import Executor, LocalExecutor
+from magpie_hf.executors import Executor, LocalExecutor, StageFailedError
 from magpie_hf.layout import PipelineMismatchError, RunLayout
 from magpie_hf.progress import StageProgress
 from magpie_hf.redaction import redact
@@ -48,7 +52,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Pipeline", "PipelineMismatchError", "dataset_from_parquet"]
+__all__ = ["Pipeline", "PipelineMismatchError", "ShardsNotVisibleError", "dataset_from_parquet"]
+
+
+class ShardsNotVisibleError(StageFailedError):
+    """Shards a stage's workers reported written are missing or damaged where the driver reads them."""
 
 
 def dataset_from_parquet(files: Sequence[Path], cache_dir: Path | None = None) -> "datasets.Dataset":
@@ -113,6 +121,8 @@ class Pipeline:
         self.progress = progress
         self.overwrite = overwrite
         self.stage_reports: list[dict[str, Any]] = []
+        #: each finished stage's shards in this run, as its tasks wrote them (verified): the next stage's inputs
+        self._outputs: dict[int, list[Path]] = {}
 
     # -- layout --------------------------------------------------------------------------------
     @property
@@ -123,6 +133,10 @@ class Pipeline:
         return self.layout.stage_dir(index, self.steps[index].name or "")
 
     def stage_files(self, index: int) -> list[Path]:
+        """The shards of stage ``index``: those its tasks wrote and the driver verified in this run, else (a
+        stage this object did not run) the finished-looking shards in its folder."""
+        if index in self._outputs:
+            return list(self._outputs[index])
         return self.layout.shard_files(self.stage_dir(index))
 
     def stage_dataset(self, index: int) -> "datasets.Dataset":
@@ -203,7 +217,8 @@ class Pipeline:
             self.layout.check_or_write_settings(self.settings(), [self.stage_dir(i) for i in range(len(self.steps))])
             if any(not isinstance(s, GlobalStep) for s in self.steps):
                 executor.start()
-            self.stage_reports = []
+                executor.check_steps([s for s in self.steps if not isinstance(s, GlobalStep)])
+            self.stage_reports, self._outputs = [], {}
             loaded_before = engines.loaded_engine_configs()
             for index, step in enumerate(self.steps):
                 self.stage_reports.append(self._run_stage(index, step, executor))
@@ -226,7 +241,7 @@ class Pipeline:
         report = {
             "stage": stage_dir.name,
             "step": type(step).__name__,
-            "shards": len(self.stage_files(index)),
+            "shards": len(self._outputs[index]),
             "rows_in": sum(r.rows_in for r in reports),
             "rows_out": sum(r.rows_out for r in reports),
             "stats": dict(counts),
@@ -282,10 +297,39 @@ class Pipeline:
             logger.info("stage %s: %d shard(s) finished earlier, %d to do", self.stage_dir(index).name, len(done), len(pending))
         try:
             if pending:
-                done.update(zip((t.shard for t in pending), executor.run_stage(step, pending, self.layout, bar)))
+                reports = executor.run_stage(step, pending, self.layout, bar)
+                self._verify_outputs(index, pending, reports)
+                done.update(zip((t.shard for t in pending), reports))
         finally:
             bar.close()
+        self._outputs[index] = [Path(t.output) for t in tasks]
         return [done[t.shard] for t in tasks]
+
+    def _verify_outputs(self, index: int, tasks: Sequence[ShardTask], reports: Sequence[ShardReport]) -> None:
+        """Check here, on the driver, every shard the workers reported written: its completion record, size,
+        checksum and row count (retried briefly, :meth:`RunLayout.wait_for_shard`). The next stage reads
+        exactly these files, so a shard written where the driver cannot see it (a node without the shared
+        mount, Ray Client, a stale NFS view) stops the run here instead of silently dropping its rows.
+
+        Raises:
+            ShardsNotVisibleError: naming every such shard, the node that wrote it, its path and the fix.
+        """
+        problems = []
+        for task, report in zip(tasks, reports, strict=True):
+            path = Path(task.output)
+            record, problem = self.layout.wait_for_shard(path)
+            if problem is None and record is not None and record["rows"] != report.rows_out:
+                problem = f"{record['rows']} rows on disk, {report.rows_out} reported by the worker"
+            if problem is not None:
+                problems.append(f"  shard {task.shard} at {path}, written by {report.node or 'an unknown node'}: {problem}")
+        if problems:
+            raise ShardsNotVisibleError(
+                f"Stage {self.stage_dir(index).name!r}: {len(problems)} of {len(tasks)} shard(s) the workers "
+                f"reported written cannot be read here (the driver, on {socket.gethostname()}):\n"
+                + "\n".join(problems)
+                + "\nThey are not on a filesystem the driver can read: put output_dir on shared storage mounted at "
+                "the same path on every node (NFS, Lustre, a shared disk), then run again (finished shards are kept)."
+            )
 
     def _input_files(self, index: int) -> list[Path]:
         if index > 0:
@@ -308,6 +352,7 @@ class Pipeline:
         previous = self.layout.stage_record(stage_dir)
         if previous is not None and self._global_shards_intact(stage_dir, previous.get("shards")):
             logger.info("stage %s already finished; skipping", stage_dir.name)
+            self._outputs[index] = [self.layout.shard_path(stage_dir, s) for s in range(previous["shards"])]
             return [ShardReport.from_dict(previous)]
         self.layout.clear_stage(stage_dir)
         dataset = dataset_from_parquet(self._input_files(index), self.layout.cache_dir)
@@ -319,9 +364,11 @@ class Pipeline:
             step.unload()
             bar.close()
         # written in shards of shard_size, so the next stage distributes as usual
-        for shard in range(max(1, math.ceil(table.num_rows / self.shard_size))):
+        paths = [self.layout.shard_path(stage_dir, s) for s in range(max(1, math.ceil(table.num_rows / self.shard_size)))]
+        for shard, path in enumerate(paths):
             part = table.slice(shard * self.shard_size, self.shard_size)
-            self.layout.write_shard(self.layout.shard_path(stage_dir, shard), part, {"rows_in": part.num_rows})
+            self.layout.write_shard(path, part, {"rows_in": part.num_rows})
+        self._outputs[index] = paths
         return [report]
 
     def _global_shards_intact(self, stage_dir: Path, count: int | None) -> bool:

@@ -26,7 +26,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from magpie_hf.config import (
     TAGGING_STAGES,
@@ -757,6 +757,51 @@ def language_report(config: RecipeConfig, stages: Sequence[dict[str, Any]]) -> d
     return report
 
 
+def reproducibility_report(backends: Iterable[str], stages: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the run's seed guarantees, for the card: per engine backend used, and whether vLLM ran
+    batch-invariant (``vllm_batch_invariant`` in the stages' provenance, recorded where each stage ran).
+
+    Example:
+        >>> report = reproducibility_report(["vllm"], [{"provenance": {"vllm_batch_invariant": False}}])
+        >>> report["vllm_batch_invariant"], report["statements"][0][:33]
+        (False, 'Every row owns its sampling seeds')
+    """
+    used = sorted(set(backends))
+    flags = {s["provenance"]["vllm_batch_invariant"] for s in stages if "vllm_batch_invariant" in (s.get("provenance") or {})}
+    invariant = None if not flags else (flags == {True})
+    statements = [
+        "Every row owns its sampling seeds (from the run seed, its stage and its row; recorded in the row), so a "
+        "resumed, re-sharded or distributed run draws the same random numbers for every row. It redraws the same "
+        "text only where the model also computes the same logits for that row:"
+    ]
+    if "transformers" in used:
+        statements.append(
+            "transformers: each completion samples from its own generator, so its draws do not depend on its batch; "
+            "its logits can (padding and batch shape change floating-point sums, most in bf16 on GPU). A rerun with "
+            "the same shard and batch sizes, hardware and library versions redraws the same text; a re-sharded one "
+            "can differ in some rows."
+        )
+    if "vllm" in used or invariant is not None:
+        if invariant:
+            statements.append(
+                "vLLM ran batch-invariant (VLLM_BATCH_INVARIANT=1): a row's logits do not depend on the other requests "
+                "in its batch, so a rerun with the same model, vLLM version, GPU type and tensor parallelism redraws "
+                "the same text."
+            )
+        else:
+            statements.append(
+                "vLLM ran without batch invariance: a row's logits depend on which requests were batched with it, so a "
+                "resumed or re-sharded run can draw different text from the same seeds. VLLM_BATCH_INVARIANT=1 (beta; "
+                "compute capability 9.0+ GPUs such as H100/H200) makes them independent of the batch."
+            )
+    if {"openai", "openai-chat"} & set(used):
+        statements.append(
+            "OpenAI-compatible server: each request carries its row's seed; whether the server honours it and batches "
+            "invariantly is the server's."
+        )
+    return {"backends": used, "vllm_batch_invariant": invariant, "statements": statements}
+
+
 def reasoning_report(stages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """For a reasoning run: the thinking tags and budgets, and how many responses had, lacked or lost a
     thinking block (from the ``ReasoningResponses`` stage)."""
@@ -790,13 +835,18 @@ def run_info(config: RecipeConfig, manifest: dict[str, Any], **extra: Any) -> di
     stages = manifest.get("stages", [])
     provenance = stages[0].get("provenance", {}) if stages else {}
     models = {"instruct": config.instruction_engine().describe()}
+    engines = [config.instruction_engine()]
+    if not config.run.instructions_only:
+        engines.append(config.response_engine())
     if config.responses.response_model != config.instructions.model:
         models["response"] = config.response_engine().describe()
     chosen = config.stages()
     if {"task_category", "input_quality", "difficulty"} & set(chosen):
         models["judge"] = config.judge_engine().describe()
+        engines.append(config.judge_engine())
     if "safety" in chosen:
         models["guard"] = config.guard_engine().describe()
+        engines.append(config.guard_engine())
     if "reward" in chosen:
         reward = config.tagging.reward_model or "judge"
         models["reward"] = f"{config.judge_engine().describe()} as a 1-10 judge" if reward == "judge" else reward
@@ -816,6 +866,9 @@ def run_info(config: RecipeConfig, manifest: dict[str, Any], **extra: Any) -> di
             for m in config.instructions.decoding_mixture()
         ],
         "stage_stats": stages,
+        "reproducibility": reproducibility_report(
+            (e.backend if e.backend != "auto" else resolve_backend(e, log=False) for e in engines), stages
+        ),
     }
     if not config.run.instructions_only:
         r = config.responses

@@ -35,6 +35,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -99,6 +100,8 @@ class ShardReport:
     seconds: float
     #: what the step says about how it made the rows (:meth:`~magpie_hf.steps.Step.provenance`)
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the machine (and Ray node) that wrote the shard, so a shard the driver cannot read can be traced
+    node: str = ""
 
     @property
     def tokens(self) -> int:
@@ -110,13 +113,16 @@ class ShardReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ShardReport":
         return cls(rows_in=data["rows_in"], rows_out=data["rows_out"], stats=dict(data["stats"]), seconds=data["seconds"],
-                   provenance=dict(data.get("provenance") or {}))
+                   provenance=dict(data.get("provenance") or {}), node=str(data.get("node") or ""))
 
 
 def run_shard(
-    step: Step, task: ShardTask, layout: RunLayout, progress: "StageProgress | None" = None
+    step: Step, task: ShardTask, layout: RunLayout, progress: "StageProgress | None" = None, *, node: str | None = None
 ) -> ShardReport:
-    """Run ``step`` on ``task`` (the step is already loaded), write the shard, return its report."""
+    """Run ``step`` on ``task`` (the step is already loaded), write the shard, return its report.
+
+    ``node`` names where this runs (default: this machine's host name; the Ray executor adds the Ray node).
+    """
     before, started = collections.Counter(step.stats), time.perf_counter()
     with _reporting(step, progress):
         if isinstance(step, GeneratorStep):
@@ -132,7 +138,7 @@ def run_shard(
             table = _process_table(step, source, task.seed, progress)
             rows_in = source.num_rows
     report = ShardReport(rows_in, table.num_rows, _counts_since(before, step.stats), time.perf_counter() - started,
-                         step.provenance())
+                         _provenance(step), node=node or socket.gethostname())
     layout.write_shard(Path(task.output), table, report.to_dict())
     return report
 
@@ -151,8 +157,20 @@ def run_global(
     table = result.with_format("arrow")[:] if len(result) else pa.table({n: [] for n in result.column_names})
     table = typed_table(step, table, dataset.features.arrow_schema if len(dataset.column_names) else None)
     report = ShardReport(len(dataset), table.num_rows, _counts_since(before, step.stats), time.perf_counter() - started,
-                         step.provenance())
+                         _provenance(step))
     return table, report
+
+
+def _provenance(step: Step) -> dict[str, Any]:
+    """What the step says about how it made its rows, plus, for a step on vLLM, whether vLLM ran
+    batch-invariant where it ran (:func:`magpie_hf.engines.vllm_batch_invariant`): a seed redraws the same
+    text on vLLM only then."""
+    from magpie_hf.engines import resolve_backend, vllm_batch_invariant
+
+    record = step.provenance()
+    if any(resolve_backend(config, log=False) == "vllm" for config in step.engine_configs()):
+        record = {**record, "vllm_batch_invariant": vllm_batch_invariant()}
+    return record
 
 
 def typed_table(step: Step, batch: Batch | pa.Table, input_schema: pa.Schema | None) -> pa.Table:

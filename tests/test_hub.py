@@ -424,3 +424,20 @@ def test_safety_statistics_read_verdicts_not_free_text():
     assert _safety_label("unsafe\nS2") == "unsafe (S2)" and _safety_label("safe") == "safe"
     # a guard that wrote anything but a verdict is counted as missing, not as a category of its own
     assert _safety_label("<|im_start|>user\nCan you help me?") == MISSING
+
+
+def test_card_states_what_the_seed_reproduces():
+    from magpie_hf.hub.card import _environment, templates_dir
+    from magpie_hf.recipe import reproducibility_report
+
+    template = _environment(str(templates_dir())).get_template("_provenance.md.j2")
+    for invariant, expected in ((True, "vLLM ran batch-invariant (VLLM_BATCH_INVARIANT=1)"),
+                                (False, "vLLM ran without batch invariance")):
+        stages = [{"stage": "00-magpie_instructions", "provenance": {"vllm_batch_invariant": invariant}}]
+        report = reproducibility_report(["vllm", "transformers"], stages)
+        assert report["vllm_batch_invariant"] is invariant
+        text = template.render(run={"reproducibility": report})
+        assert "### Reproducibility" in text and expected in text
+        assert "- transformers: each completion samples from its own generator" in text
+    cpu_only = template.render(run={"reproducibility": reproducibility_report(["transformers"], [])})
+    assert "vLLM" not in cpu_only and "a re-sharded one can differ in some rows" in cpu_only

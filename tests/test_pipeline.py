@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 from typing import ClassVar
 
+import pyarrow as pa
 import pytest
 
-from magpie_hf.layout import RunLockedError
-from magpie_hf.pipeline import Pipeline, PipelineMismatchError
+from magpie_hf.executors import LocalExecutor
+from magpie_hf.layout import RunLayout, RunLockedError
+from magpie_hf.pipeline import Pipeline, PipelineMismatchError, ShardsNotVisibleError
 from magpie_hf.runner import ColumnTypeError
 from magpie_hf.seeds import SEEDS_PER_ROW, row_seed, stage_seed
 from magpie_hf.steps import DecodingSetting, GeneratorStep, GlobalStep, MagpieInstructions, Responses, Step, StepChain
@@ -298,3 +301,58 @@ def test_reports_keep_zero_counts_a_step_touched(tmp_path):
     pipe = Pipeline(Numbers(num_rows=4) >> Counting(), tmp_path, progress=False)
     pipe.run()
     assert pipe.manifest()["stages"][1]["stats"] == {"removed: nothing": 0}
+
+
+class _LosesShards(LocalExecutor):
+    """Runs shards here, then makes some of them unreadable to the driver, as a worker on a node without
+    the shared folder leaves them (their completion record never reaches the driver's view)."""
+
+    def __init__(self, lose: set[int]):
+        self.lose = lose
+
+    def run_stage(self, step, tasks, layout, progress):
+        reports = super().run_stage(step, tasks, layout, progress)
+        for task, report in zip(tasks, reports):
+            report.node = f"node-{task.shard % 2}"
+            if task.stage == 0 and task.shard in self.lose:
+                layout.record_path(Path(task.output)).unlink()
+        return reports
+
+
+def test_a_stage_whose_shards_the_driver_cannot_read_fails_naming_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(RunLayout, "VISIBLE_WAIT_S", 0.2)
+    with pytest.raises(ShardsNotVisibleError) as caught:
+        Pipeline(Numbers(num_rows=40) >> Double(), tmp_path, shard_size=10, progress=False).run(executor=_LosesShards({1, 3}))
+    message = str(caught.value)
+    assert "Stage '00-numbers': 2 of 4 shard(s) the workers reported written cannot be read here" in message
+    assert f"shard 1 at {tmp_path / 'stages' / '00-numbers' / 'shard-00001.parquet'}, written by node-1" in message
+    assert "shard 3 at" in message and "shard 0 at" not in message
+    assert "put output_dir on shared storage" in message
+    assert not (tmp_path / "stages" / "01-double").exists()  # the next stage never ran on fewer shards
+    # a rerun (shared storage now) redoes only the lost shards and loses nothing
+    rows = Pipeline(Numbers(num_rows=40) >> Double(), tmp_path, shard_size=10, progress=False).run()
+    assert len(rows) == 40 - 6  # 0, 7, 14, 21, 28, 35 are dropped
+
+
+def test_the_next_stage_reads_what_the_tasks_wrote_not_the_folder(tmp_path):
+    first = Pipeline(Numbers(num_rows=20) >> Double(), tmp_path, shard_size=10, progress=False)
+    first.run()
+    # a stray shard with a valid completion record (another run's, a copy) sits in the stage folder
+    stray = RunLayout.shard_path(first.stage_dir(0), 7)
+    RunLayout(tmp_path).write_shard(stray, pa.table({"conversation_id": ["stray"], "value": [0.5]}), {"rows_in": 1})
+    again = Pipeline(Numbers(num_rows=20) >> Double(), tmp_path, shard_size=10, progress=False)
+    rows = again.run()
+    assert "stray" not in rows["conversation_id"] and len(rows) == 20 - 3
+    assert again.manifest()["stages"][0]["shards"] == 2 and len(again.stage_files(0)) == 2
+
+
+def test_a_vllm_step_records_whether_vllm_ran_batch_invariant(monkeypatch):
+    from magpie_hf.engines import EngineConfig
+    from magpie_hf.runner import _provenance
+
+    on_vllm = Responses(engine=EngineConfig("org/model", backend="vllm"))
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    assert _provenance(on_vllm) == {"vllm_batch_invariant": True}
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
+    assert _provenance(on_vllm) == {"vllm_batch_invariant": False}
+    assert _provenance(Responses(engine=EngineConfig("org/model", backend="transformers"))) == {}

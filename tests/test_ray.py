@@ -4,6 +4,13 @@ resources each actor reserves, absolute paths, and a worker's own error."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +24,7 @@ from magpie_hf.layout import RunLayout  # noqa: E402
 from magpie_hf.pipeline import Pipeline  # noqa: E402
 from magpie_hf.config import RayArguments  # noqa: E402
 from magpie_hf.steps import GeneratorStep, MagpieInstructions, Responses, Step  # noqa: E402
-from magpie_hf.steps.base import STRING  # noqa: E402
+from magpie_hf.steps.base import INT, STRING  # noqa: E402
 from magpie_hf.steps.filters import Condition, Filter  # noqa: E402
 from magpie_hf.steps.language import Language  # noqa: E402
 
@@ -64,6 +71,55 @@ class Broken(Step):
 
     def process(self, batch, *, seed):
         raise ValueError(f"cannot handle {batch['instruction'][0]!r}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DiesOnce(Step):
+    """Its engine dies the first time any worker runs it: a CUDA error, as torch raises it (the marker
+    file, on storage every worker shares, holds the pid of the process it died in)."""
+
+    inputs = ("instruction",)
+    marker: str = ""
+
+    def output_features(self):
+        return {"pid": INT}
+
+    def process(self, batch, *, seed):
+        import torch
+
+        marker = Path(self.marker)
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return {**batch, "pid": [os.getpid()] * len(batch["instruction"])}
+
+
+@dataclasses.dataclass(kw_only=True)
+class RaisesWorkerOnlyError(Step):
+    """Raises an exception whose class only the worker can import (like a vLLM error on a driver without vllm)."""
+
+    inputs = ("instruction",)
+    module_dir: str = ""
+
+    def process(self, batch, *, seed):
+        sys.path.insert(0, self.module_dir)
+        import worker_only_errors
+
+        raise worker_only_errors.EngineSpecificError("the real cause, from the worker")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TokenProbe(Step):
+    """Writes a digest of the Hub token its worker sees (never the token)."""
+
+    inputs = ("instruction",)
+
+    def output_features(self):
+        return {"token_sha256": STRING}
+
+    def process(self, batch, *, seed):
+        digest = hashlib.sha256(os.environ.get("HF_TOKEN", "").encode()).hexdigest()
+        return {**batch, "token_sha256": [digest] * len(batch["instruction"])}
 
 
 @pytest.fixture(scope="module")
@@ -179,5 +235,88 @@ def test_ray_arguments_build_the_executor():
     assert executor.default == RayStageResources(replicas=3)
     assert executor.stages["language"] == RayStageResources(replicas=1, num_cpus=2.0)
     assert RayArguments(ray="ray://head:10001").executor().address == "ray://head:10001"
+    assert RayArguments(ray="local", ray_startup_timeout=30).executor().startup_timeout_s == 30
     with pytest.raises(ValueError, match="unknown key 'gpus'"):
         RayArguments(ray="local", ray_stage=["language:gpus=1"]).executor()
+
+
+def test_an_engine_that_dies_ends_its_actor_and_ray_retries_the_shard(ray_cluster, tmp_path):
+    marker = tmp_path / "died"
+    executor = RayExecutor(default=RayStageResources(replicas=1))
+    rows = Pipeline(Letters(num_rows=2) >> DiesOnce(marker=str(marker)), tmp_path / "run", shard_size=1,
+                    progress=False).run(executor=executor)
+    assert rows["conversation_id"] == ["row-0", "row-1"]  # nothing lost
+    died = int(marker.read_text())
+    assert died not in rows["pid"]  # the shard was redone by a new actor process
+    assert not Path(f"/proc/{died}").exists()  # the one whose engine died is gone
+    # without restarts the same death stops the stage (bounded, never a hang)
+    marker.unlink()
+    with pytest.raises(StageFailedError, match="failed on Ray"):
+        Pipeline(Letters(num_rows=2) >> DiesOnce(marker=str(marker)), tmp_path / "again", shard_size=1,
+                 progress=False).run(executor=RayExecutor(default=RayStageResources(replicas=1), max_restarts=0,
+                                                          max_task_retries=0))
+
+
+def test_a_worker_error_crosses_as_text_when_the_driver_cannot_unpickle_it(ray_cluster, tmp_path):
+    modules = tmp_path / "worker_only"
+    modules.mkdir()
+    (modules / "worker_only_errors.py").write_text("class EngineSpecificError(RuntimeError):\n    pass\n")
+    step = RaisesWorkerOnlyError(module_dir=str(modules))
+    with pytest.raises(StageFailedError) as caught:
+        Pipeline(Letters(num_rows=1) >> step, tmp_path / "run", progress=False).run(executor=RayExecutor())
+    message = str(caught.value)
+    assert "worker_only_errors.EngineSpecificError: the real cause, from the worker" in message
+    assert "Worker traceback" in message and 'raise worker_only_errors.EngineSpecificError' in message
+    assert "Ray node" in message  # where it happened
+    assert caught.value.__cause__ is None  # its class is not importable here; the text still says what it was
+    assert "ModuleNotFoundError" not in message
+
+
+def test_the_backend_is_resolved_once_on_the_driver(ray_cluster, tmp_path, monkeypatch):
+    executor = RayExecutor()
+    step = Responses(engine=EngineConfig("org/model"))  # auto
+    shipped = executor.map_batches_kwargs(step, RunLayout(tmp_path), pending=2)["fn_constructor_kwargs"]["step"]
+    # the cluster has (logical) GPUs, the driver no vllm: transformers, on the one GPU the actor reserves
+    assert shipped.engine.backend == "transformers" and step.engine.backend == "auto"
+    assert shipped.engine == dataclasses.replace(step.engine, backend="transformers")
+    # a driver with vllm chooses vLLM for every actor; a worker without it fails at load, once, saying so
+    monkeypatch.setattr(Hardware, "local", classmethod(lambda cls: Hardware(cuda=False, vllm=True)))
+    assert executor.resolved_step(step).engine.backend == "vllm"
+    assert executor.actor_resources(step) == Resources(gpus=1, cpus=1.0)
+    with pytest.raises(StageFailedError, match="runs on vLLM, but vllm is not installed on this machine") as caught:
+        Pipeline(Letters(num_rows=1) >> step, tmp_path / "run", progress=False).run(executor=executor)
+    headline = str(caught.value).splitlines()[0]
+    assert "ImportError: Engine 'org/model' runs on vLLM, but vllm is not installed" in headline
+    assert "pip install 'magpie-hf[vllm]'" in headline
+
+
+def test_tensor_parallel_larger_than_any_node_is_refused_before_anything_starts(ray_cluster, tmp_path):
+    step = Responses(engine=EngineConfig("org/model", backend="vllm", tensor_parallel_size=4))
+    with pytest.raises(ValueError, match=r"needs 4 GPU\(s\).*largest: 2 GPU\(s\).*tensor_parallel_size 4 .* at most 2"):
+        Pipeline(Letters(num_rows=2) >> step, tmp_path, progress=False).run(executor=RayExecutor())
+    assert not (tmp_path / "stages").exists()
+
+
+def test_actors_that_cannot_be_scheduled_fail_in_bounded_time(ray_cluster, tmp_path):
+    import datasets
+
+    # 3 actors of 1 GPU each on a cluster of 2 GPUs: each fits a node, the pool never does
+    executor = RayExecutor(stages={"gpu_probe": RayStageResources(replicas=3)}, startup_timeout_s=5)
+    rows = datasets.Dataset.from_dict({"instruction": ["a", "b", "c"]})
+    started = time.monotonic()
+    with pytest.raises(StageFailedError, match=r"could not start its 3 actor\(s\), each needing 1 GPU\(s\).*within 5 s"):
+        Pipeline([GpuProbe()], tmp_path, shard_size=1, input_dataset=rows, progress=False).run(executor=executor)
+    assert time.monotonic() - started < 60
+
+
+def test_the_hub_token_reaches_workers_and_is_written_nowhere(ray_cluster, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    token = "hf_" + secrets.token_hex(16)
+    monkeypatch.setenv("HF_TOKEN", token)
+    rows = Pipeline(Letters(num_rows=2) >> TokenProbe(), tmp_path / "run", progress=False).run(executor=RayExecutor())
+    assert set(rows["token_sha256"]) == {hashlib.sha256(token.encode()).hexdigest()}  # the workers had it
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    leaked = [p for folder in (tmp_path, session) for p in folder.rglob("*")
+              if p.is_file() and not p.is_symlink() and token.encode() in p.read_bytes()]
+    assert leaked == []  # not in the run's files (shards, pipeline.json, manifest) nor Ray's logs
+    assert token not in caplog.text

@@ -9,7 +9,10 @@ Example:
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
+import os
+import socket
 from typing import Iterable
 
 from magpie_hf.engines.base import Completion, Engine, SamplingConfig
@@ -24,11 +27,13 @@ __all__ = [
     "EngineConfig",
     "SamplingConfig",
     "check_backend",
+    "engine_died",
     "engine_resources",
     "load_engine",
     "loaded_engine_configs",
     "release_engines",
     "resolve_backend",
+    "vllm_batch_invariant",
 ]
 
 # Engines stay loaded while consecutive pipeline stages use the same config.
@@ -131,6 +136,14 @@ def load_engine(config: EngineConfig) -> Engine:
     if config in _LOADED:
         return _LOADED[config]
     backend = resolve_backend(config)
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        # a Ray actor receives the backend the driver chose (magpie_hf.executors.ray): it never falls back
+        raise ImportError(
+            f"Engine {config.describe()!r} runs on vLLM, but vllm is not installed on this machine "
+            f"({socket.gethostname()}). Install it on every machine that runs the step (pip install "
+            "'magpie-hf[vllm]'; on Ray, every worker node or the runtime_env), or choose backend='transformers' "
+            "(CLI --engine transformers)."
+        )
     if backend == "transformers":
         from magpie_hf.engines.transformers import TransformersEngine as cls
     elif backend == "vllm":
@@ -146,6 +159,52 @@ def load_engine(config: EngineConfig) -> Engine:
     engine = cls(config)
     _LOADED[config] = engine
     return engine
+
+
+def engine_died(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) says the engine cannot serve another request in this
+    process: vLLM's ``EngineDeadError`` ("Raised when the EngineCore dies. Unrecoverable.",
+    ``vllm/v1/engine/exceptions.py:10-11``), a CUDA error (``torch.AcceleratorError``, or a ``RuntimeError``
+    whose message starts with ``CUDA error``: a sticky device error poisons the CUDA context) or an NCCL
+    error (``torch.distributed.DistBackendError``). Out-of-memory is not one: the next batch may fit.
+
+    Example:
+        >>> engine_died(RuntimeError("CUDA error: an illegal memory access was encountered"))
+        True
+        >>> engine_died(ValueError("bad prompt"))
+        False
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        kind = type(current)
+        names = {f"{c.__module__}.{c.__qualname__}" for c in kind.__mro__}
+        if any(n.startswith("vllm.") and n.endswith(".EngineDeadError") for n in names):
+            return True
+        if {"torch.AcceleratorError", "torch.distributed.DistBackendError"} & names:
+            return True
+        if isinstance(current, RuntimeError) and str(current).lstrip().startswith(("CUDA error", "NCCL error")):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def vllm_batch_invariant() -> bool:
+    """Whether vLLM runs batch-invariant in this process: ``VLLM_BATCH_INVARIANT`` holds a nonzero integer, the
+    rule vLLM applies (``csrc/core/batch_invariant.hpp``, ``vllm_is_batch_invariant``). Then a request's
+    logits do not depend on the other requests in its batch (beta; NVIDIA compute capability 9.0 or higher:
+    ``docs/features/batch_invariance.md``), so a resumed or re-sharded run redraws the same text.
+
+    Example:
+        >>> import os
+        >>> os.environ.get("VLLM_BATCH_INVARIANT") is None and vllm_batch_invariant()
+        False
+    """
+    try:
+        return int(os.environ.get("VLLM_BATCH_INVARIANT", "0")) != 0
+    except ValueError:
+        return False
 
 
 def loaded_engine_configs() -> frozenset[EngineConfig]:

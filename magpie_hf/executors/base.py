@@ -30,6 +30,10 @@ class Executor(abc.ABC):
     def start(self) -> None:
         """Get ready to run (connect to a cluster); called once before the first stage."""
 
+    def check_steps(self, steps: Sequence["Step"]) -> None:
+        """Refuse, after :meth:`start` and before the first stage, steps the workers can never run (default:
+        nothing to check)."""
+
     def hardware(self) -> Hardware:
         """What the workers have (default: this machine)."""
         return Hardware.local()

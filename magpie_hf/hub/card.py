@@ -65,6 +65,7 @@ KNOWN_RUN_KEYS = (
     "reasoning",
     "task_control",
     "configuration",
+    "reproducibility",
 )
 
 
