@@ -167,10 +167,16 @@ class RunLayout:
 
     # -- run settings ----------------------------------------------------------------------------
     def check_or_write_settings(self, settings: dict[str, Any]) -> None:
-        """Write ``pipeline.json``, or refuse when it holds a run made with other settings."""
+        """Write ``pipeline.json``, or refuse when it holds a run made with other settings.
+
+        Absolute local paths (a model folder, the embedded model's files) are written relative to the run's folder
+        or by name (:func:`magpie_hf.redaction.hide_local_paths`), so the file can be shared as it is.
+        """
+        from magpie_hf.redaction import hide_local_paths
+
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "pipeline.json"
-        settings = json.loads(json.dumps(settings))
+        settings = hide_local_paths(json.loads(json.dumps(settings)), base=self.root)
         if not path.exists():
             self.write_json(path, settings)
             return

@@ -54,7 +54,6 @@ REASONING = Recipe(
     },
     sections=(ReasoningArguments,),
     stages=("task_category", "input_quality", "difficulty", "language"),
-    source_model_license="llama3.3",
 )
 
 
