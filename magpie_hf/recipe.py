@@ -553,6 +553,29 @@ def filter_step(config: RecipeConfig, steps: Sequence[Step] = ()) -> Step:
                          before=hygiene_conditions(columns))
 
 
+def hygiene_step(steps: Sequence[Step]) -> Step:
+    """For a recipe without a ``--filter`` preset (magpie_mt, magpie_reasoning): a filter of only
+    :func:`~magpie_hf.steps.filters.hygiene_conditions` on the columns ``steps`` write, which makes the ``filtered``
+    config (no errored, truncated or guard-unsafe row)."""
+    from magpie_hf.steps.filters import Filter, hygiene_conditions
+
+    return Filter(conditions=hygiene_conditions([c for step in steps for c in step.output_features()]), name="filtered")
+
+
+def filtered_and_raw(pipeline: "Pipeline", last: "datasets.Dataset", extra: dict[str, Any] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dataset configs of a run whose last stage is a filter: ``filtered`` (the default, first) and ``raw`` (the
+    stage before it), with the filter report. An empty ``filtered`` is left out with a warning (``datasets`` cannot
+    load an empty split)."""
+    report = filter_report(pipeline.manifest()["stages"][-1])
+    configs = {"filtered": last, "raw": pipeline.stage_dataset(len(pipeline.steps) - 2)}
+    if len(last) == 0:
+        del configs["filtered"]
+        logger.warning("The filter removed every row (%s); writing only the 'raw' config.",
+                       ", ".join(f"{r['condition']}: {r['removed']}" for r in report))
+    return configs, {**(extra or {}), "filter_report": report}
+
+
 def filter_needs_reward_difference(name: str) -> bool:
     from magpie_hf.steps.filters import FILTER_PRESETS
 
