@@ -8,7 +8,9 @@ embedded SmolLM2 tokenizer and chat template (nothing downloads)."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,7 +133,22 @@ def test_stock_trl_sft_trains_on_filtered(folder, tiny_chat_model, tmp_path):
                        cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "model.safetensors").exists()
-    print(result.stdout[-2000:], result.stderr[-2000:])
+    # the Trainer's log lines: {'loss': '10.81', ...} once per step
+    losses = [float(v) for v in re.findall(r"'loss': '?([0-9.]+)", result.stdout + result.stderr)]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), result.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_stock_trl_dpo_trains_on_dpo(folder, tiny_chat_model, tmp_path):
+    pytest.importorskip("trl")
+    result = run_stock([trl_cli(), "dpo", "--model_name_or_path", str(tiny_chat_model), "--dataset_name", str(folder),
+                        "--dataset_config", "dpo", "--output_dir", str(tmp_path / "dpo"), "--max_steps", "2",
+                        "--per_device_train_batch_size", "2", "--max_length", "128", "--report_to", "none",
+                        "--use_cpu", "true", "--bf16", "false", "--save_strategy", "no", "--logging_steps", "1"],
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = [float(v) for v in re.findall(r"'loss': '?([0-9.]+)", result.stdout + result.stderr)]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), result.stdout[-2000:]
 
 
 @pytest.mark.slow
@@ -139,7 +156,6 @@ def test_sft_recipe_trains_a_chat_model_of_another_family(folder, tiny_chat_mode
     """``recipes/sft.py`` on a ChatML model (SmolLM2's tokenizer and template): its own EOS, and the loss on every
     token since TRL cannot mark this template's assistant turns (said in the log instead of failing)."""
     import json
-    import math
 
     from tests.conftest import load_recipe
 
