@@ -45,7 +45,7 @@ KNOWN_MODEL_LICENSES: tuple[tuple[str, str | tuple[str, str]], ...] = (
     ("meta-llama/Llama-2-", "llama2"),
     ("meta-llama/Meta-Llama-Guard-2", "llama3"),
     ("meta-llama/Llama-Guard-3", "llama3.1"),
-    ("sfairXC/FsfairX-LLaMA3-RM", "cc-by-nc-4.0"),
+    ("sfairXC/FsfairX-LLaMA3-RM", "llama3 (derived from Llama-3)"),
     ("HuggingFaceTB/SmolLM2-", "apache-2.0"),
     ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
     ("sentence-transformers/all-mpnet-base-v2", "apache-2.0"),
