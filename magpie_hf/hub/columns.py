@@ -60,7 +60,8 @@ def _turns(row: dict[str, Any]) -> list[dict[str, str]] | None:
 
 
 def _add_columns(batch: dict[str, list], names: set[str]) -> dict[str, list]:
-    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    needed = [c for c in ("conversations", "instruction", "response") if c in batch]
+    rows = [dict(zip(needed, values)) for values in zip(*(batch[c] for c in needed))]
     turns = [_turns(row) for row in rows]
     out: dict[str, list] = {
         "messages": turns,
