@@ -6,6 +6,7 @@ which adds its parser and sets ``func`` to the function that runs it.
 Example:
     $ magpie-hf template HuggingFaceTB/SmolLM2-135M-Instruct
     $ magpie-hf push runs/pro/dataset me/magpie-pro --version 1.0.0
+    $ magpie-hf pro --preset cpu            # recipes/magpie_pro.py; also air, mt, po, reasoning, sft, dpo
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import sys
 
 #: modules that contribute subcommands
-SUBCOMMAND_MODULES = ("magpie_hf.templates", "magpie_hf.hub.cli")
+SUBCOMMAND_MODULES = ("magpie_hf.templates", "magpie_hf.hub.cli", "magpie_hf.recipes_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from magpie_hf.recipes_cli import RECIPES, run_recipe_script
+
+    if argv and argv[0] in RECIPES:  # every argument after it, --help included, belongs to the recipe
+        return run_recipe_script(RECIPES[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
     from magpie_hf.logs import setup_logging
 

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import sys
@@ -29,6 +30,17 @@ from magpie_hf.steps.base import jsonable
 
 class ConfigError(ValueError):
     """A configuration file or flag that cannot be used; the message says what to change."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` as written: the description keeps its lines (a recipe's usage examples), reST ``double backticks``
+    show as `single` ones, and "(default: X)" is added once, only to a help text that does not name its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").replace("``", "`")
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class ConfigParser:
@@ -65,7 +77,9 @@ class ConfigParser:
         """A fresh parser per parse, so defaults set for one command line never leak into the next."""
         from transformers import HfArgumentParser
 
-        parser = HfArgumentParser(self.sections, prog=self._prog, description=self._description)
+        description = self._description.replace("``", "`") if self._description else self._description
+        parser = HfArgumentParser(self.sections, prog=self._prog, description=description,
+                                  formatter_class=HelpFormatter)
         parser.add_argument("--config", default=None, metavar="FILE.yaml",
                             help="YAML file of settings (the flags' names); flags override it")
         return parser

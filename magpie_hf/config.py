@@ -372,7 +372,8 @@ class HubArguments:
     private: bool = _field(False, "Create the Hub repository private.")
     revision: str | None = _field(None, "Commit to this branch instead of main.")
     force: bool = _field(False, "Move an existing version tag instead of refusing.")
-    license: str = _field("other", "License of the dataset (a Hub license id).")
+    license: str | None = _field(None, "License of the dataset (a Hub license id); default: the license of the "
+                                       "models that wrote the rows (e.g. llama3, apache-2.0).")
 
     def __post_init__(self) -> None:
         if self.version is not None:

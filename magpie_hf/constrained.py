@@ -333,8 +333,12 @@ def regex_to_gbnf(pattern: str) -> str:
         >>> print(regex_to_gbnf("[ \\\\n]{0,2}(safe|unsafe\\\\nS(1|10)(,S(1|10)){0,1})"))
         root ::= [ \\n]{0,2} (("safe" | "unsafe\\nS" ("1" ("" | "0")) (",S" ("1" ("" | "0")))?))
     """
-    import re._constants as c
-    import re._parser as parser
+    try:  # Python 3.11+ (the same modules were sre_constants / sre_parse before)
+        import re._constants as c
+        import re._parser as parser
+    except ImportError:  # Python 3.10
+        import sre_constants as c  # type: ignore[no-redef]
+        import sre_parse as parser  # type: ignore[no-redef]
 
     try:
         tree = parser.parse(pattern)

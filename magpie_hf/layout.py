@@ -250,8 +250,12 @@ class RunLayout:
         never locks the user out. Otherwise :class:`PipelineMismatchError` names each differing setting and
         the ways out.
         """
+        from magpie_hf.redaction import hide_local_paths
+
         self.root.mkdir(parents=True, exist_ok=True)
-        settings = json.loads(json.dumps(settings))
+        # absolute local paths (a model folder, the embedded model's files) are written relative to the run's
+        # folder or by name, so the file can be shared as it is
+        settings = hide_local_paths(json.loads(json.dumps(settings)), base=self.root)
         old = self.read_settings()
         if old is not None and old != settings:
             diff = settings_diff(old, settings)

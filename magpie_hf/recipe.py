@@ -123,7 +123,6 @@ class Recipe:
         sections: argument sections beyond :data:`COMMON_SECTIONS`.
         stages: the tagging stages it runs by default.
         choose_stages: whether ``--stages`` chooses them (False: the recipe's stages are fixed, ``--stages`` is refused).
-        source_model_license: license of the paper's generating model (for the card).
     """
 
     name: str
@@ -133,7 +132,6 @@ class Recipe:
     sections: tuple[type, ...] = ()
     stages: tuple[str, ...] = ()
     choose_stages: bool = True
-    source_model_license: str = "llama3"
 
 
 @dataclasses.dataclass
@@ -644,12 +642,39 @@ def reward_step(config: RecipeConfig, *, name: str, **columns: str) -> Step:
     return RewardModel(model=model, trust_remote_code=config.engine.trust_remote_code, name=name, **columns)
 
 
-def filter_step(config: RecipeConfig) -> Step:
-    """The ``--filter`` preset, its length cut scaled by this run's size against the paper's."""
-    from magpie_hf.steps.filters import preset_filter
+def filter_step(config: RecipeConfig, steps: Sequence[Step] = ()) -> Step:
+    """The ``--filter`` preset, its length cut scaled by this run's size against the paper's, after the
+    conditions every trainable config needs on the columns ``steps`` write
+    (:func:`~magpie_hf.steps.filters.hygiene_conditions`: no error, no truncated response, guard-safe)."""
+    from magpie_hf.steps.filters import hygiene_conditions, preset_filter
 
     paper_rows = config.recipe.paper.get("num_rows") or config.run.num_rows
-    return preset_filter(config.section(FilterArguments).filter, scale=config.run.num_rows / paper_rows)
+    columns = [c for step in steps for c in step.output_features()]
+    return preset_filter(config.section(FilterArguments).filter, scale=config.run.num_rows / paper_rows,
+                         before=hygiene_conditions(columns))
+
+
+def hygiene_step(steps: Sequence[Step]) -> Step:
+    """For a recipe without a ``--filter`` preset (magpie_mt, magpie_reasoning): a filter of only
+    :func:`~magpie_hf.steps.filters.hygiene_conditions` on the columns ``steps`` write, which makes the ``filtered``
+    config (no errored, truncated or guard-unsafe row)."""
+    from magpie_hf.steps.filters import Filter, hygiene_conditions
+
+    return Filter(conditions=hygiene_conditions([c for step in steps for c in step.output_features()]), name="filtered")
+
+
+def filtered_and_raw(pipeline: "Pipeline", last: "datasets.Dataset", extra: dict[str, Any] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dataset configs of a run whose last stage is a filter: ``filtered`` (the default, first) and ``raw`` (the
+    stage before it), with the filter report. An empty ``filtered`` is left out with a warning (``datasets`` cannot
+    load an empty split)."""
+    report = filter_report(pipeline.manifest()["stages"][-1])
+    configs = {"filtered": last, "raw": pipeline.stage_dataset(len(pipeline.steps) - 2)}
+    if len(last) == 0:
+        del configs["filtered"]
+        logger.warning("The filter removed every row (%s); writing only the 'raw' config.",
+                       ", ".join(f"{r['condition']}: {r['removed']}" for r in report))
+    return configs, {**(extra or {}), "filter_report": report}
 
 
 def filter_needs_reward_difference(name: str) -> bool:
@@ -725,10 +750,8 @@ def _run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None) -
     from magpie_hf.hub import save_dataset_folder
 
     info = run_info(config, pipeline.manifest(), **extra)
-    folder = save_dataset_folder(
-        config.dataset_dir, configs, info, license=config.hub.license,
-        source_model_license="apache-2.0" if config.instructions.model == EMBEDDED else config.recipe.source_model_license,
-    )
+    # the card's license: --license, else the license of the models that wrote the rows (info["models"])
+    folder = save_dataset_folder(config.dataset_dir, configs, info, license=config.hub.license)
     print(f"Wrote {', '.join(f'{name}: {_rows(ds)} rows' for name, ds in configs.items())} to {folder}")
     result = publish_or_hint(config.hub, folder)
     if config.hub.push_to_hub and (result is None or not result.pushed):

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
@@ -72,6 +73,55 @@ def use_llama3_template_if_missing(tokenizer: PreTrainedTokenizerBase, training_
         return "the model's own chat template"
     training_args.chat_template_path = str(LLAMA3_CHAT_TEMPLATE_PATH)
     return f"TRL's Llama-3 template ({LLAMA3_CHAT_TEMPLATE_PATH})"
+
+
+def derive_chat_format(tokenizer: PreTrainedTokenizerBase, training_args: Any) -> str:
+    """Fill ``eos_token`` and ``assistant_only_loss`` from the model's chat format where the user left them unset
+    (None), after :func:`use_llama3_template_if_missing`; returns what was chosen, for the log.
+
+    - TRL's Llama-3 template (a base model without one): ``<|eot_id|>`` ends a turn, loss on the assistant turns.
+    - The model's own template (or ``--chat_template_path``): its own EOS (the tokenizer's: ``<|im_end|>`` for
+      Qwen/SmolLM2, ``<end_of_turn>``... TRL's default), and loss on the assistant turns when TRL can mark them (the
+      template has ``{% generation %}`` markers, or TRL ships a training twin of it: Llama-3, Qwen2.5/3, Gemma,
+      Phi-3, DeepSeek, ...); otherwise on every token, said here rather than failing in the trainer.
+
+    Example:
+        >>> args = SFTConfig(output_dir="x", assistant_only_loss=None)                       # doctest: +SKIP
+        >>> derive_chat_format(AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct"), args)  # doctest: +SKIP
+        "EOS '<|im_end|>' (the model's), loss on the assistant turns (TRL's training twin of the template)"
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    llama3 = training_args.chat_template_path == str(LLAMA3_CHAT_TEMPLATE_PATH)
+    if training_args.eos_token is None and llama3:
+        training_args.eos_token = LLAMA3_EOT
+    eos = training_args.eos_token or tokenizer.eos_token
+    eos_from = "given" if training_args.eos_token and not llama3 else ("TRL's Llama-3 template" if llama3 else "the model's")
+    if training_args.assistant_only_loss is not None:
+        loss = "on the assistant turns" if training_args.assistant_only_loss else "on every token"
+        return f"EOS {eos!r} ({eos_from}), loss {loss} (given)"
+    template = tokenizer.chat_template
+    path = training_args.chat_template_path
+    if path is not None and str(path).endswith(".jinja"):
+        template = Path(path).read_text()
+    elif path is not None:
+        training_args.assistant_only_loss = True  # a tokenizer to clone: TRL checks its template itself
+        return f"EOS {eos!r} ({eos_from}), loss on the assistant turns"
+    if template is not None and has_generation_markers(template):
+        why = "the template's {% generation %} markers"
+    else:
+        try:
+            probe = copy.copy(tokenizer)
+            probe.chat_template = template
+            get_training_chat_template(probe)
+            why = "TRL's training twin of the template"
+        except ValueError:
+            why = None
+    training_args.assistant_only_loss = why is not None
+    if why is None:
+        return (f"EOS {eos!r} ({eos_from}), loss on every token: TRL cannot mark the assistant turns of this chat "
+                "template (pass --chat_template_path FILE.jinja with {% generation %} markers for assistant-only loss)")
+    return f"EOS {eos!r} ({eos_from}), loss on the assistant turns ({why})"
 
 
 # --- model loading, as TRL's scripts do it ----------------------------------------------------------------------------
@@ -201,12 +251,14 @@ def _normalize_message(message: dict[str, Any]) -> dict[str, str]:
     raise ValueError(f"A message needs role/content (or from/value) keys, got {sorted(message)}.")
 
 
-def to_messages(dataset: Dataset, column: str = "conversations", num_proc: int | None = None) -> Dataset:
-    """Keep only a ``messages`` column (TRL's conversational format) made from ``column``.
+def to_messages(dataset: Dataset, column: str | None = None, num_proc: int | None = None) -> Dataset:
+    """Keep only a ``messages`` column (TRL's conversational format) made from ``column`` (default: ``messages``
+    when the dataset has it, as this package's folders do, else ``conversations``).
 
-    Accepts ``{role, content}`` messages (this package's pipeline) and ``{from, value}`` ones (the published
-    Magpie-Align datasets). Rows whose conversation has no assistant turn are dropped, since they carry no loss.
+    Accepts ``{role, content}`` messages and ``{from, value}`` ones (ShareGPT: the published Magpie-Align datasets).
+    Rows whose conversation is null or has no assistant turn are dropped, since they carry no loss.
     """
+    column = column or ("messages" if "messages" in dataset.column_names else "conversations")
     if column not in dataset.column_names:
         raise ValueError(
             f"The dataset has no {column!r} column (columns: {dataset.column_names}). Use the SFT config of a Magpie "
@@ -214,7 +266,7 @@ def to_messages(dataset: Dataset, column: str = "conversations", num_proc: int |
         )
 
     def convert(batch: dict[str, list]) -> dict[str, list]:
-        return {"messages": [[_normalize_message(m) for m in conversation] for conversation in batch[column]]}
+        return {"messages": [[_normalize_message(m) for m in conversation or []] for conversation in batch[column]]}
 
     dataset = dataset.map(convert, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
                           desc="Formatting conversations")
@@ -384,12 +436,16 @@ def embedded_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
 
 
-def build_tiny_base_model(output_dir: str | Path, *, seed: int = 0, size: TinyLlamaConfig | None = None) -> Path:
+def build_tiny_base_model(
+    output_dir: str | Path, *, seed: int = 0, size: TinyLlamaConfig | None = None, chat: bool = False
+) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` and a tokenizer laid out like Meta-Llama-3-8B's to ``output_dir``.
 
     The tokenizer is the embedded SmolLM2 one with the Llama-3 special tokens added, ``<|begin_of_text|>`` as BOS,
     ``<|end_of_text|>`` as EOS and no chat template, as a base model has: the SFT recipe then treats it exactly like
     Meta-Llama-3-8B (TRL's Llama-3 template, ``<|eot_id|>`` as EOS, no tokens added, no embeddings resized).
+    With ``chat=True`` the tokenizer is SmolLM2's as it is (its ChatML template, ``<|im_end|>`` as EOS): a chat
+    model of another family, as stock ``trl sft`` takes one.
 
     Example:
         >>> path = build_tiny_base_model("outputs/tiny-base")  # doctest: +SKIP
@@ -401,9 +457,10 @@ def build_tiny_base_model(output_dir: str | Path, *, seed: int = 0, size: TinyLl
 
     size = size or TinyLlamaConfig()
     tokenizer = embedded_tokenizer()
-    tokenizer.add_tokens([t for t in LLAMA3_SPECIAL_TOKENS if t not in tokenizer.get_vocab()], special_tokens=True)
-    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|end_of_text|>", None
-    tokenizer.chat_template = None
+    if not chat:
+        tokenizer.add_tokens([t for t in LLAMA3_SPECIAL_TOKENS if t not in tokenizer.get_vocab()], special_tokens=True)
+        tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|end_of_text|>", None
+        tokenizer.chat_template = None
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=size.hidden_size,
@@ -465,6 +522,27 @@ class RecipeArguments(ScriptArguments):
     )
 
 
+#: project-only settings that a shipped YAML keeps under TRL's ``env:`` key, so that stock ``trl sft|dpo --config`` loads
+#: the same file (TRL exports ``env`` as environment variables, which nothing in TRL reads): variable -> (field, type).
+#: The recipes read them from the YAML (not from the environment), where the flag is unset.
+YAML_ENV_SETTINGS: dict[str, tuple[str, type]] = {
+    "MAGPIE_HF_DATASET_REVISION": ("dataset_revision", str),
+    "MAGPIE_HF_MAX_PROMPT_LENGTH": ("max_prompt_length", int),
+}
+
+
+def _yaml_env(argv: list[str]) -> dict[str, Any]:
+    """The ``env:`` mapping of the ``--config`` YAML in ``argv`` ({} without one)."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path is not None:
+            config = yaml.safe_load(Path(path).read_text()) or {}
+            return dict(config.get("env") or {}) if isinstance(config, dict) else {}
+    return {}
+
+
 def parse_recipe_args(
     parser: TrlParser, presets: dict[str, dict[str, Any]], argv: list[str] | None = None
 ) -> tuple[Any, ...]:
@@ -488,4 +566,10 @@ def parse_recipe_args(
         unknown = parser.set_defaults_with_config(**presets[preset])
         if unknown:
             raise ValueError(f"Preset {preset!r} sets unknown arguments: {unknown[::2]}")
-    return parser.parse_args_and_config(args=argv)
+    parsed = parser.parse_args_and_config(args=argv)
+    env = _yaml_env(argv)
+    for variable, (name, kind) in YAML_ENV_SETTINGS.items():
+        for section in parsed:
+            if variable in env and hasattr(section, name) and getattr(section, name) is None:
+                setattr(section, name, kind(env[variable]))
+    return parsed

@@ -20,7 +20,16 @@ from magpie_hf.config import MultiTurnArguments
 from magpie_hf.languages import language_system_prompt
 from magpie_hf.postprocess import filters_from_names
 from magpie_hf.logs import setup_logging
-from magpie_hf.recipe import Recipe, RecipeConfig, generation_steps, parse_recipe, response_chat_template_kwargs, run_recipe
+from magpie_hf.recipe import (
+    Recipe,
+    RecipeConfig,
+    filtered_and_raw,
+    generation_steps,
+    hygiene_step,
+    parse_recipe,
+    response_chat_template_kwargs,
+    run_recipe,
+)
 from magpie_hf.steps.multi_turn import MULTI_TURN_SYSTEM_PROMPT, MultiTurn
 
 PRO_MT = Recipe(
@@ -79,8 +88,9 @@ def main(argv: list[str] | None = None, recipe: Recipe = PRO_MT) -> int:
         raise SystemExit(f"error: {err}") from None
     multi_turn = multi_turn_step(config, filters)
     steps = generation_steps(config, postprocess=filters) >> multi_turn
-    return run_recipe(config, steps, lambda pipeline, last: (
-        {"raw": last}, {"multi_turn": multi_turn.config_summary(), "instruction_filters": [f.name for f in filters]}
+    steps = steps >> hygiene_step(steps)  # `filtered` (the default config): no errored or truncated first response
+    return run_recipe(config, steps, lambda pipeline, last: filtered_and_raw(
+        pipeline, last, {"multi_turn": multi_turn.config_summary(), "instruction_filters": [f.name for f in filters]}
     ))
 
 

@@ -1,7 +1,8 @@
 """Magpie-Pro: instructions and responses from Llama-3-70B-Instruct with the paper's settings,
 tagged, de-duplicated and filtered (arXiv 2406.08464: Table 6 decoding mixture, Table 4 filters).
 
-Writes OUTPUT_DIR/dataset/ with two configs, `raw` (every tagged row) and `filtered`.
+Writes OUTPUT_DIR/dataset/ with two configs: `filtered` (the default: what to train on; no errored, truncated or
+guard-unsafe row, then the --filter preset) and `raw` (every tagged row).
 
     python recipes/magpie_pro.py --preset cpu                    # embedded SmolLM2, minutes on a CPU
     python recipes/magpie_pro.py                                 # the paper's run: 1M rows, vLLM, 4 GPUs
@@ -51,12 +52,12 @@ def main(argv: list[str] | None = None, recipe: Recipe = PRO) -> int:
     if not config.run.instructions_only:
         steps = steps >> tagging_steps(config, reward_difference=filtering and filter_needs_reward_difference(options.filter))
     if filtering:
-        steps = steps >> filter_step(config)
+        steps = steps >> filter_step(config, steps)
 
     def finish(pipeline, last):
         if not filtering:
             return {"raw": last}, {}
-        configs = {"raw": pipeline.stage_dataset(len(steps) - 2), "filtered": last}
+        configs = {"filtered": last, "raw": pipeline.stage_dataset(len(steps) - 2)}  # the first is the default
         report = filter_report(pipeline.manifest()["stages"][-1])
         if len(last) == 0:  # datasets cannot load an empty split: say so instead of writing one
             del configs["filtered"]

@@ -9,7 +9,7 @@ its recommended sampling (temperature 0.6, top_p 0.95), a thinking budget of 28,
 quality, difficulty and language as the published sets are. A response whose thinking block is cut by the
 length limit, never closed or over its budget is dropped and counted (see the card's "Reasoning" section).
 
-Writes OUTPUT_DIR/dataset/ with one config, `raw`.
+Writes OUTPUT_DIR/dataset/ with two configs: `filtered` (the default: no errored or truncated answer) and `raw`.
 
     python recipes/magpie_reasoning.py --preset cpu              # embedded SmolLM2 on both sides (its answers carry no thinking)
     python recipes/magpie_reasoning.py --config recipes/configs/magpie_reasoning/paper-v2-deepseek-r1-llama-70b.yaml
@@ -23,7 +23,15 @@ import sys
 
 from magpie_hf.config import ReasoningArguments
 from magpie_hf.logs import setup_logging
-from magpie_hf.recipe import Recipe, generation_steps, parse_recipe, run_recipe, tagging_steps
+from magpie_hf.recipe import (
+    Recipe,
+    filtered_and_raw,
+    generation_steps,
+    hygiene_step,
+    parse_recipe,
+    run_recipe,
+    tagging_steps,
+)
 
 REASONING = Recipe(
     name="magpie_reasoning",
@@ -54,7 +62,6 @@ REASONING = Recipe(
     },
     sections=(ReasoningArguments,),
     stages=("task_category", "input_quality", "difficulty", "language"),
-    source_model_license="llama3.3",
 )
 
 
@@ -62,9 +69,11 @@ def main(argv: list[str] | None = None, recipe: Recipe = REASONING) -> int:
     setup_logging()
     config = parse_recipe(recipe, argv)
     steps = generation_steps(config)
-    if not config.run.instructions_only:
-        steps = steps >> tagging_steps(config)
-    return run_recipe(config, steps)
+    if config.run.instructions_only:
+        return run_recipe(config, steps)
+    steps = steps >> tagging_steps(config)
+    steps = steps >> hygiene_step(steps)  # `filtered` (the default config): no errored or truncated answer
+    return run_recipe(config, steps, filtered_and_raw)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ Built like TRL 1.16's ``trl/scripts/sft.py``: the model is passed by name with `
 LoRA come from ``get_quantization_config`` / ``get_peft_config``, and the run ends with ``save_model``,
 ``push_to_hub`` and ``end``. On top of it: the dataset is pinned (a Hub dataset needs ``--dataset_revision``), its
 ``filtered`` config is used by default (the one ``recipes/magpie_pro.py`` writes for training; the run stops and names
-the configs that exist when it is missing), ``conversations`` become ``messages``, a base model without a chat template
-gets TRL's Llama-3 template (``trl/chat_templates/llama3.jinja``; the loss covers the assistant turns only through its
-``{% generation %}`` twin) with ``<|eot_id|>`` as EOS, and the dataset and base model with their revisions go into the
-checkpoint's ``config.json`` and model card.
+the configs that exist when it is missing), ``messages`` (or ``conversations``) are the conversations, a base model
+without a chat template gets TRL's Llama-3 template (``trl/chat_templates/llama3.jinja``; the loss covers the assistant
+turns only through its ``{% generation %}`` twin) with ``<|eot_id|>`` as EOS, a chat model keeps its own template and
+EOS (assistant-only loss where TRL can mark its turns, :func:`magpie_hf.training.derive_chat_format`), and the
+dataset and base model with their revisions go into the checkpoint's ``config.json`` and model card.
 
 Usage:
     # the paper's run, 4 GPUs x batch 1 x grad-accum 8 = 32
@@ -32,11 +33,11 @@ from transformers import AutoTokenizer, set_seed  # noqa: E402
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config  # noqa: E402
 
 from magpie_hf.training import (  # noqa: E402
-    LLAMA3_EOT,
     Provenance,
     ProvenanceMixin,
     RecipeArguments,
     build_tiny_base_model,
+    derive_chat_format,
     load_dataset_split,
     parse_recipe_args,
     quantization_config,
@@ -46,11 +47,11 @@ from magpie_hf.training import (  # noqa: E402
     use_llama3_template_if_missing,
 )
 
-# Defaults of this recipe whatever the config: Magpie data is conversational and the loss is on the replies only.
+# Defaults of this recipe whatever the config: the config to train on, and "derive from the model" (None) for the
+# loss mask; the EOS is the model's own unless TRL's Llama-3 template stands in (derive_chat_format).
 RECIPE_DEFAULTS = {
     "dataset_config": "filtered",
-    "assistant_only_loss": True,
-    "eos_token": LLAMA3_EOT,
+    "assistant_only_loss": None,
     "report_to": "none",
 }
 
@@ -140,7 +141,8 @@ def build_trainer(script_args: RecipeArguments, training_args: SFTConfig, model_
     provenance = Provenance.from_args("SFT", script_args, model_args, config)
     print(f"Training on {len(train_dataset)} conversations of {script_args.dataset_name}, config {config!r}, "
           f"split {script_args.dataset_train_split!r} ({provenance.pinned_dataset()}).")
-    print(f"Chat template: {use_llama3_template_if_missing(tokenizer, training_args)}.")
+    print(f"Chat template: {use_llama3_template_if_missing(tokenizer, training_args)}; "
+          f"{derive_chat_format(tokenizer, training_args)}.")
 
     return MagpieSFTTrainer(
         model=model_args.model_name_or_path,

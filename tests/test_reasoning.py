@@ -242,7 +242,8 @@ def test_reasoning_recipe_cpu_end_to_end(tmp_path):
     assert ds.features["reasoning"].dtype == "string"
     for row in ds:
         assert row["reasoning"] is None and row["reasoning_num_tokens"] == 0 and row["response"]
-        assert row["conversations"][-1] == {"role": "assistant", "content": row["response"]}
+        assert row["messages"][-1] == {"role": "assistant", "content": row["response"]}
+        assert row["conversations"][-1] == {"from": "gpt", "value": row["response"]}  # ShareGPT, as published
         assert row["system_prompt_key"] == "reasoning"
     run = json.loads((out / "dataset" / "magpie_run.json").read_text())["run_info"]
     assert run["reasoning"]["without_reasoning"] == len(ds) and run["reasoning"]["tags_from"] == "default"

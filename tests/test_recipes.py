@@ -88,12 +88,20 @@ def test_pro_cpu_filter_report_adds_up(pro_run):
     filtered = datasets.load_dataset(str(pro_run / "dataset"), "filtered", split="train")
     info = json.loads((pro_run / "dataset" / "magpie_run.json").read_text())["run_info"]
     assert info["filter"] == "Filter3"  # the --preset cpu default
-    # every condition of the preset is reported, those that removed nothing too
-    assert [item["condition"] for item in info["filter_report"]][-1].startswith("keep ")
-    assert len(info["filter_report"]) == 3
+    # every condition is reported, those that removed nothing too: first what no trainable row may have (an
+    # error column set, a truncated response, a guard verdict other than safe), then the preset's three
+    conditions = [item["condition"] for item in info["filter_report"]]
+    assert conditions[-1].startswith("keep ") and len(conditions) == len(ERROR_COLUMNS) + 1 + 2 + 3
+    assert {f"{c} is null" for c in ERROR_COLUMNS.values()} | {"response_error is null"} <= set(conditions)
+    assert "response_finish_reason != 'length'" in conditions and "is_safe == True" in conditions
     removed = sum(item["removed"] for item in info["filter_report"])
-    assert len(raw) - removed == len(filtered)
+    assert len(raw) - removed == len(filtered) >= 1
     assert set(filtered["conversation_id"]) <= set(raw["conversation_id"])
+    for row in filtered:
+        assert row["response_finish_reason"] != "length" and row["is_safe"] is True
+        assert not any(row[c] for c in (*ERROR_COLUMNS.values(), "response_error"))
+    # the default config (no name given) is filtered
+    assert datasets.load_dataset(str(pro_run / "dataset"), split="train")["conversation_id"] == filtered["conversation_id"]
     card = (pro_run / "dataset" / "README.md").read_text()
     assert "load_dataset" in card and "SmolLM2" in card
 

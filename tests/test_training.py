@@ -382,11 +382,12 @@ def test_sft_yaml_matches_paper_table_7():
     assert config["warmup_steps"] == 100 and config["num_train_epochs"] == 2
     assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] * 4 == 32
     assert (config["adam_beta1"], config["adam_beta2"], config["adam_epsilon"]) == (0.9, 0.999, 1e-8)
-    assert config["max_length"] == 8192 and config["assistant_only_loss"] is True
-    assert config["dataset_revision"] and config["dataset_config"] == "default"  # the published dataset's only one
+    assert config["max_length"] == 8192 and config["assistant_only_loss"] is True and config["eos_token"] == "<|eot_id|>"
+    assert config["env"]["MAGPIE_HF_DATASET_REVISION"] and config["dataset_config"] == "default"  # its only one
     # every key is a current argument of the recipe (no removed TRL names such as max_seq_length)
-    _, args, model_args = sft.make_parser().parse_args_and_config(
-        ["--config", str(RECIPES / "sft_llama3_8b.yaml"), "--bf16", "false", "--use_cpu", "true"])
+    script_args, args, model_args = training.parse_recipe_args(sft.make_parser(), sft.PRESETS, [
+        "--config", str(RECIPES / "sft_llama3_8b.yaml"), "--bf16", "false", "--use_cpu", "true"])
+    assert script_args.dataset_revision == config["env"]["MAGPIE_HF_DATASET_REVISION"]  # read from the YAML's env
     assert args.max_length == 8192 and args.optim.startswith("adamw") and args.warmup_steps == 100
     assert args.activation_checkpointing is True
     assert model_args.dtype == "bfloat16"
@@ -397,11 +398,61 @@ def test_dpo_yaml_matches_magpie_dpo_recipe():
     config = yaml.safe_load((RECIPES / "dpo_llama3_8b.yaml").read_text())
     assert config["beta"] == 0.01 and config["learning_rate"] == 1e-6 and config["num_train_epochs"] == 1
     assert config["lr_scheduler_type"] == "cosine" and config["warmup_steps"] == 0.1
-    assert config["max_length"] == 2048 and config["max_prompt_length"] == 1800
-    assert config["dataset_config"] == "dpo" and config["dataset_revision"]
-    script_args, args, _ = dpo.make_parser().parse_args_and_config(
-        ["--config", str(RECIPES / "dpo_llama3_8b.yaml"), "--bf16", "false", "--use_cpu", "true"])
+    assert config["max_length"] == 2048 and config["env"]["MAGPIE_HF_MAX_PROMPT_LENGTH"] == 1800
+    assert config["dataset_config"] == "dpo" and config["env"]["MAGPIE_HF_DATASET_REVISION"]
+    script_args, args, _ = training.parse_recipe_args(dpo.make_parser(), dpo.PRESETS, [
+        "--config", str(RECIPES / "dpo_llama3_8b.yaml"), "--bf16", "false", "--use_cpu", "true"])
     assert args.beta == 0.01 and args.max_length == 2048 and script_args.max_prompt_length == 1800
+    assert script_args.dataset_revision == "v1.0.0"
+    # a flag still wins over the YAML's env
+    script_args, _, _ = training.parse_recipe_args(dpo.make_parser(), dpo.PRESETS, [
+        "--config", str(RECIPES / "dpo_llama3_8b.yaml"), "--bf16", "false", "--use_cpu", "true",
+        "--max_prompt_length", "1000", "--dataset_revision", "v2.0.0"])
+    assert (script_args.max_prompt_length, script_args.dataset_revision) == (1000, "v2.0.0")
+
+
+@pytest.mark.parametrize("name,yaml_file", [("sft", "sft_llama3_8b.yaml"), ("dpo", "dpo_llama3_8b.yaml")])
+def test_shipped_yaml_loads_in_stock_trl(name, yaml_file, monkeypatch):
+    """``trl sft|dpo --config FILE``: TRL's own parser (trl/scripts/{sft,dpo}.py make_parser) leaves no key over,
+    which the ``trl`` command would hand to ``accelerate launch`` as unknown arguments."""
+    import importlib
+
+    for variable in training.YAML_ENV_SETTINGS:  # TRL exports the YAML's env: restore the environment afterwards
+        monkeypatch.delenv(variable, raising=False)
+    parser = importlib.import_module(f"trl.scripts.{name}").make_parser(prog=f"trl {name}")
+    *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
+        ["--config", str(RECIPES / yaml_file), "--bf16", "false", "--use_cpu", "true"],
+        return_remaining_strings=True, separate_remaining_strings=True)
+    assert config_remaining == [] and cli_remaining == []
+    assert parsed[0].dataset_name and parsed[1].learning_rate in (2e-5, 1e-6)
+
+
+def test_chat_format_is_derived_from_the_model(tiny_base, tmp_path):
+    """EOS and assistant-only loss follow the model: TRL's Llama-3 template for a base model, the model's own EOS
+    and TRL's training twin for a known chat template, the whole sequence where TRL cannot mark the turns."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    def derive(tokenizer, **kwargs):
+        args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{"assistant_only_loss": None, **kwargs})
+        training.use_llama3_template_if_missing(tokenizer, args)
+        return training.derive_chat_format(tokenizer, args), args
+
+    base = AutoTokenizer.from_pretrained(tiny_base)
+    text, args = derive(base)
+    assert (args.eos_token, args.assistant_only_loss) == ("<|eot_id|>", True) and "TRL's Llama-3 template" in text
+    qwen = AutoTokenizer.from_pretrained(tiny_base)
+    qwen.chat_template = json.loads((FIXTURES / "qwen2.5-7b-instruct.json").read_text())["chat_template"]
+    qwen.eos_token = "<|im_end|>"
+    qwen.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    text, args = derive(qwen)
+    assert (args.eos_token, args.assistant_only_loss) == (None, True)  # None: TRL uses the tokenizer's
+    assert "'<|im_end|>' (the model's)" in text and "training twin" in text
+    smol = training.embedded_tokenizer()  # SmolLM2's ChatML: no {% generation %} markers, no twin in TRL
+    text, args = derive(smol)
+    assert (args.eos_token, args.assistant_only_loss) == (None, False) and "loss on every token" in text
+    text, args = derive(smol, assistant_only_loss=True, eos_token="<|im_end|>")  # given: kept
+    assert args.assistant_only_loss is True and "(given)" in text
 
 
 @pytest.mark.parametrize("name,kind,processes", [("zero3_4gpu", "DEEPSPEED", 4), ("zero3_8gpu", "DEEPSPEED", 8),

@@ -25,18 +25,24 @@ from typing import Any
 
 
 
+from magpie_hf.redaction import local_path
+
 from .layout import CARD_FILE, RUN_FILE, FolderLayout, read_layout
 
 TEMPLATE = "dataset_card.md.j2"
 PAPER_URL = "https://arxiv.org/abs/2406.08464"
 
-#: licenses of the paper's and the embedded models, by model-id prefix (the card names the source model's license)
-KNOWN_MODEL_LICENSES = (
+#: licenses of known models, first matching model-id prefix first: a Hub license id
+#: (https://huggingface.co/docs/hub/repositories-licenses), or (name, link) for a custom license (the model card's
+#: ``license: other`` + ``license_name`` + ``license_link``)
+_QWEN = "https://huggingface.co/Qwen/{}/blob/main/LICENSE"
+KNOWN_MODEL_LICENSES: tuple[tuple[str, str | tuple[str, str]], ...] = (
     ("meta-llama/Meta-Llama-3.1-", "llama3.1"),
     ("meta-llama/Llama-3.1-", "llama3.1"),
     ("meta-llama/Llama-3.2-", "llama3.2"),
     ("meta-llama/Llama-3.3-", "llama3.3"),
     ("meta-llama/Meta-Llama-3-", "llama3"),
+    ("meta-llama/Llama-2-", "llama2"),
     ("meta-llama/Meta-Llama-Guard-2", "llama3"),
     ("meta-llama/Llama-Guard-3", "llama3.1"),
     ("sfairXC/FsfairX-LLaMA3-RM", "llama3 (derived from Llama-3)"),
@@ -46,6 +52,17 @@ KNOWN_MODEL_LICENSES = (
     ("google/gemma-", "gemma"),
     ("microsoft/Phi-3", "mit"),
     ("mistralai/Mistral-7B-Instruct", "apache-2.0"),
+    ("01-ai/Yi-1.5-", "apache-2.0"),
+    ("Qwen/Qwen2.5-72B-Instruct", ("qwen", _QWEN.format("Qwen2.5-72B-Instruct"))),
+    ("Qwen/Qwen2.5-Math-72B-Instruct", ("qwen", _QWEN.format("Qwen2.5-Math-72B-Instruct"))),
+    ("Qwen/Qwen2.5-3B-Instruct", ("qwen-research", _QWEN.format("Qwen2.5-3B-Instruct"))),
+    ("Qwen/Qwen2-72B-Instruct", ("tongyi-qianwen", _QWEN.format("Qwen2-72B-Instruct"))),
+    ("Qwen/Qwen2.5-", "apache-2.0"),
+    ("Qwen/Qwen2-", "apache-2.0"),
+    ("Qwen/Qwen3-", "apache-2.0"),
+    ("deepseek-ai/DeepSeek-Coder-V2-Lite", ("deepseek-license",
+                                            "https://github.com/deepseek-ai/DeepSeek-Coder-V2/blob/main/LICENSE-MODEL")),
+    ("deepseek-ai/DeepSeek-R1", "mit"),
 )
 #: run_info keys the templates render in their own sections; any other key is listed under "Other settings"
 KNOWN_RUN_KEYS = (
@@ -86,10 +103,55 @@ def templates_dir() -> Path:
 
 
 def model_license(model_id: str) -> str | None:
-    for prefix, license_name in KNOWN_MODEL_LICENSES:
-        if str(model_id).startswith(prefix):
-            return license_name
-    return None
+    """The license of a known model: its Hub license id, or the name of its custom license; None when unknown."""
+    found = _known_license(model_id)
+    return found[0] if isinstance(found, tuple) else found
+
+
+def _known_license(model_id: str) -> str | tuple[str, str] | None:
+    return next((license_ for prefix, license_ in KNOWN_MODEL_LICENSES if str(model_id).startswith(prefix)), None)
+
+
+def dataset_license(models: dict | None, license: str | None = None) -> dict[str, str]:  # noqa: A002
+    """The card's license metadata: ``{"license": id}``, or ``{"license": "other", "license_name", "license_link"}``.
+
+    ``license`` (the user's ``--license``) wins; otherwise it is the license of the models that wrote the rows
+    (instruction and response models; not the judge, guard, reward or embedding models): the Hub's id where the
+    model has one, its custom license's name and link where not, every license named when they differ.
+
+    Example:
+        >>> dataset_license({"instruct": "Qwen/Qwen2.5-7B-Instruct", "judge": "meta-llama/Meta-Llama-3-8B-Instruct"})
+        {'license': 'apache-2.0'}
+        >>> dataset_license({"instruct": "Qwen/Qwen2.5-72B-Instruct"})["license_name"]
+        'qwen'
+    """
+    if license:
+        return {"license": license}
+    generators = [str(m) for role, m in (models or {}).items() if m and str(role).lower() not in NON_GENERATOR_ROLES]
+    found: dict[str, str | None] = {}  # license name -> link (None: a Hub id)
+    for model in dict.fromkeys(generators):
+        known = _known_license(model)
+        if isinstance(known, tuple):
+            found[known[0]] = known[1]
+        elif known is not None:
+            found[known] = None
+        else:  # unknown here: the model's own card says it
+            model_id = model.split("::")[0].split(" (")[0]
+            found[f"license-of-{_slug(model_id)}"] = (
+                f"https://huggingface.co/{model_id}" if re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) else None)
+    if len(found) == 1 and next(iter(found.values())) is None and not next(iter(found)).startswith("license-of-"):
+        return {"license": next(iter(found))}
+    if not found:
+        return {"license": "other", "license_name": "see-dataset-card"}
+    metadata = {"license": "other", "license_name": "-and-".join(_slug(name) for name in found)}
+    link = next((link for link in found.values() if link), None)
+    if link:
+        metadata["license_link"] = link
+    return metadata
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
 
 
 def size_category(rows: int) -> str:
@@ -161,13 +223,9 @@ def card_data(record: dict, layout: FolderLayout):
 
     largest = max(layout.config_rows(c) for c in layout.configs)
     tags = ["synthetic", "magpie", "magpie-hf"] + [c for c in ("sft", "dpo") if c in layout.configs]
-    extra: dict[str, Any] = {}
-    if record["license"] == "other":
-        source_license = model_sources(record)[1] or "see-dataset-card"
-        extra["license_name"] = re.sub(r"[^a-z0-9.]+", "-", source_license.lower()).strip("-")
+    extra = record_license(record)
     languages = _hub_languages(record.get("statistics") or {})
     data = DatasetCardData(
-        license=record["license"],
         pretty_name=record["pretty_name"],
         language=languages or None,
         task_categories=["text-generation"],
@@ -178,6 +236,14 @@ def card_data(record: dict, layout: FolderLayout):
     )
     layout.dataset_infos().to_dataset_card_data(data)
     return data
+
+
+def record_license(record: dict) -> dict[str, str]:
+    """The license metadata of a run record (a record from before license metadata was recorded: from its fields)."""
+    if record.get("license_metadata"):
+        return dict(record["license_metadata"])
+    license_ = record.get("license")
+    return dataset_license((record.get("run_info") or {}).get("models"), None if license_ in (None, "other") else license_)
 
 
 def _hub_languages(statistics: dict) -> list[str]:
@@ -248,14 +314,15 @@ def render_card(
     context = {
         "card_data": data.to_yaml(),
         "pretty_name": record["pretty_name"],
-        "license": record["license"],
+        "license": record_license(record),
+        "license_chosen": record.get("license") not in (None, "other"),
         "source_model_license": source_license,
         "generators": [s for s in sources if s["generator"]],
         "sources": sources,
         "paper_url": PAPER_URL,
         "repo_id": repo_id,
         "version": version,
-        "folder": str(root.resolve()),
+        "folder": local_path(str(root.resolve())),
         "configs": [
             {"name": c, "splits": layout.rows[c], "rows": layout.config_rows(c), "default": i == 0}
             for i, c in enumerate(layout.configs)

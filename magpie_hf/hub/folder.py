@@ -20,9 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magpie_hf.redaction import redact
+from magpie_hf.redaction import LOCAL_PATHS_NOTE, hide_local_paths, redact
 
-from .card import write_card
+from .card import dataset_license, write_card
+from .columns import stock_columns
 from .layout import MAX_SHARD_BYTES, RUN_FILE, write_configs
 from .plots import write_plots
 from .stats import compute_stats
@@ -38,7 +39,7 @@ def save_dataset_folder(
     configs: Mapping[str, datasets.Dataset | datasets.DatasetDict],
     run_info: dict,
     *,
-    license: str = "other",  # noqa: A002 - the Hub metadata field is called license
+    license: str | None = None,  # noqa: A002 - the Hub metadata field is called license
     source_model_license: str | None = None,
     pretty_name: str | None = None,
     embedding_map: bool = True,
@@ -50,10 +51,14 @@ def save_dataset_folder(
     Args:
         folder: the dataset folder (created; files of the same configs are replaced).
         configs: config name -> ``Dataset`` (split "train") or ``DatasetDict``; the first config is the default.
+            Configs with conversations get the published columns (:func:`magpie_hf.hub.columns.stock_columns`:
+            ``messages``, ShareGPT ``conversations``, lengths, ``model``, upper-case ``language``).
         run_info: what the recipe knows about the run (``recipe``, ``command``, ``package_version``, ``models``,
             ``pre_query_template``, ``decoding_mixture``, ``seed``, ``response_sampling``, ``stage_stats``,
-            ``filter_report``, ``preset``, ...). Every key is optional; anything that looks like a token is redacted.
-        license: the license the user chooses for the data (Hub license id, default "other").
+            ``filter_report``, ``preset``, ...). Every key is optional; anything that looks like a token is redacted,
+            and absolute local paths are written relative to the working directory or by name.
+        license: the license the user chooses for the data (a Hub license id); default: the license of the models
+            that wrote the rows (``run_info["models"]``, :func:`magpie_hf.hub.card.dataset_license`).
         source_model_license: the generating model's license; default: looked up for known models.
         pretty_name: the card's title; default from the recipe name.
         embedding_map: draw the 2-D map of instruction embeddings (needs the embedded all-MiniLM-L6-v2).
@@ -67,8 +72,9 @@ def save_dataset_folder(
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    run_info = redact(dict(run_info or {}))
+    run_info = hide_local_paths(redact(dict(run_info or {})))
     run_info.setdefault("package_version", __version__)
+    configs = {name: _published(value) for name, value in configs.items()}
     layout = write_configs(root, configs, max_shard_bytes=max_shard_bytes)
     stats = compute_stats(layout, stats_config, seed=int(run_info.get("seed") or 0))
     try:
@@ -81,7 +87,9 @@ def save_dataset_folder(
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "package_version": __version__,
         "license": license,
+        "license_metadata": dataset_license(run_info.get("models"), license),
         "source_model_license": source_model_license,
+        "local_paths": LOCAL_PATHS_NOTE,
         "pretty_name": pretty_name or _default_name(run_info),
         "run_info": run_info,
         "configs": layout.rows,
@@ -94,7 +102,28 @@ def save_dataset_folder(
     return root
 
 
+def _published(value):
+    """A config with the published columns (a DatasetDict split by split); other values as they are."""
+    import datasets
+
+    if isinstance(value, datasets.DatasetDict):
+        return datasets.DatasetDict({split: stock_columns(ds) for split, ds in value.items()})
+    return stock_columns(value) if isinstance(value, datasets.Dataset) else value
+
+
+#: the published names of the recipes' datasets (paper and official repository)
+RECIPE_TITLES = {"magpie_pro": "Magpie-Pro", "magpie_air": "Magpie-Air", "magpie_mt": "Magpie-Pro-MT",
+                 "magpie_po": "Magpie-PO", "magpie_reasoning": "Magpie-Reasoning"}
+
+
 def _default_name(run_info: dict) -> str:
+    """``Magpie-Pro from Qwen2.5-72B-Instruct``: the recipe's published name and the instruction model's."""
     recipe = str(run_info.get("recipe") or "magpie")
     name = recipe.replace("_", " ").replace("-", " ").strip()
-    return " ".join(w if w.isupper() else w.capitalize() for w in name.split()) or "Magpie"
+    title = RECIPE_TITLES.get(recipe) or "-".join(w if w.isupper() else w.capitalize() for w in name.split()) or "Magpie"
+    models = run_info.get("models")
+    model = (models.get("instruct") or models.get("instruction") or models.get("generator")) if isinstance(models, dict) else models
+    if model:
+        short = str(model).split("::")[0].split(" (")[0].rstrip("/").rsplit("/", 1)[-1]
+        return f"{title} from {short}" if short else title
+    return title

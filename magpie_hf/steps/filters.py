@@ -13,10 +13,14 @@ Conditions:
 - ``Condition("task_category", "in", ["Math", "Coding & Debugging"])`` / ``"not in"``;
 - ``Condition("min_similar_conversation_id", "==", ColumnRef("conversation_id"))`` — compare two
   columns (this one keeps one row per near-duplicate cluster, see :data:`DEDUPLICATE`);
-- ``Condition("instruction", lambda text: not text.endswith(":"))`` — any callable on the value.
+- ``Condition("instruction", lambda text: not text.endswith(":"))`` — any callable on the value;
+- ``Condition("response_error", "is null")`` — the column is not set (``"is not null"``: it is).
 
 A **null** value (the judge failed to label the row) **fails** every condition on its column,
-including ``!=`` and ``not in``: a filter keeps only rows it knows satisfy it.
+including ``!=`` and ``not in`` (but not ``is null``): a filter keeps only rows it knows satisfy it.
+
+:func:`hygiene_conditions` are what every recipe's filter applies before its preset: drop rows with an
+error column set, responses cut by the length limit and rows the guard did not call safe.
 
 Presets (:func:`preset_filter`, names as in the paper's Table 4, ``tau1 = -12``, ``tau2 = 0``):
 ``Filter``, ``Filter1`` ... ``Filter6``. The row counts are the paper's (300K, 200K); pass
@@ -64,6 +68,7 @@ def _pc() -> Any:
 
     return pc
 _MEMBERSHIP = ("in", "not in")
+_NULL_TESTS = ("is null", "is not null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +85,7 @@ class ColumnRef:
 class Condition:
     """``column op value`` on every row; a row passes when the predicate is true (null fails).
 
-    ``op`` is one of ``== != > >= < <= in "not in"`` or a callable ``value -> bool``.
+    ``op`` is one of ``== != > >= < <= in "not in" "is null" "is not null"`` or a callable ``value -> bool``.
     ``scale`` orders string labels (defaults to :data:`ORDINAL_SCALES` for known columns).
     """
 
@@ -92,8 +97,11 @@ class Condition:
     def __post_init__(self) -> None:
         if callable(self.op):
             return
-        if self.op not in _COMPARE and self.op not in _MEMBERSHIP:
-            raise ValueError(f"Unknown operator {self.op!r}; use one of {[*_COMPARE, *_MEMBERSHIP]} or a callable.")
+        if self.op not in _COMPARE and self.op not in _MEMBERSHIP and self.op not in _NULL_TESTS:
+            raise ValueError(f"Unknown operator {self.op!r}; use one of {[*_COMPARE, *_MEMBERSHIP, *_NULL_TESTS]} "
+                             "or a callable.")
+        if self.op in _NULL_TESTS:
+            return
         if self.op in _MEMBERSHIP and (isinstance(self.value, (str, bytes)) or not isinstance(self.value, Sequence)):
             raise ValueError(f"{self.op!r} needs a list of values, got {self.value!r}")
         scale = self.ordinal_scale
@@ -110,6 +118,8 @@ class Condition:
     def __str__(self) -> str:
         if callable(self.op):
             return f"{getattr(self.op, '__name__', 'predicate')}({self.column})"
+        if self.op in _NULL_TESTS:
+            return f"{self.column} {self.op}"
         value = list(self.value) if self.op in _MEMBERSHIP else self.value
         return f"{self.column} {self.op} {value if isinstance(value, ColumnRef) else repr(value)}"
 
@@ -126,6 +136,9 @@ class Condition:
             return np.fromiter(
                 (v is not None and bool(self.op(v)) for v in values.to_pylist()), dtype=bool, count=len(values)
             )
+        if self.op in _NULL_TESTS:
+            nulls = values.is_null().to_numpy(zero_copy_only=False).astype(bool)
+            return nulls if self.op == "is null" else ~nulls
         if pa.types.is_null(values.type):  # every value null: every row fails
             return np.zeros(len(values), dtype=bool)
         scale = self.ordinal_scale
@@ -296,6 +309,27 @@ def _quotas(total: int, shares: Sequence[float]) -> list[int]:
     return quotas
 
 
+# -- what every recipe drops first ------------------------------------------------------------------
+
+
+def hygiene_conditions(columns: Sequence[str]) -> list[Condition]:
+    """The conditions a recipe's filter applies before its preset, for the ``columns`` its rows have: no
+    error column set (``*_error``: a failed response, judge, guard or reward), no response cut by the
+    length limit (``response_finish_reason``), and, when the guard ran, only rows it called safe
+    (``is_safe``; a row it could not judge goes too). Each is one line of the filter report.
+
+    Example:
+        >>> [str(c) for c in hygiene_conditions(["response", "response_error", "response_finish_reason", "is_safe"])]
+        ['response_error is null', "response_finish_reason != 'length'", 'is_safe == True']
+    """
+    conditions = [Condition(c, "is null") for c in dict.fromkeys(columns) if c.endswith("_error")]
+    if "response_finish_reason" in columns:
+        conditions.append(Condition("response_finish_reason", "!=", "length"))
+    if "is_safe" in columns:
+        conditions.append(Condition("is_safe", "==", True))
+    return conditions
+
+
 # -- the paper's presets (Table 4) ------------------------------------------------------------------
 
 
@@ -355,7 +389,14 @@ FILTER_PRESETS: dict[str, FilterPreset] = {
 }
 
 
-def preset_filter(name: str, *, max_rows: int | None = None, scale: float | None = None, **kwargs: Any) -> Filter:
+def preset_filter(
+    name: str,
+    *,
+    max_rows: int | None = None,
+    scale: float | None = None,
+    before: Sequence[Condition] = (),
+    **kwargs: Any,
+) -> Filter:
     """A :class:`Filter` for one of the paper's Table 4 presets.
 
     Args:
@@ -363,6 +404,7 @@ def preset_filter(name: str, *, max_rows: int | None = None, scale: float | None
         max_rows: replace the preset's length cut (300K / 200K) by this many rows. Presets without a
             length cut (``Filter5``) ignore it.
         scale: or multiply the paper's cut by this factor (``scale=1e-3`` keeps 300 of 300K).
+        before: conditions applied before the preset's (a recipe passes :func:`hygiene_conditions`).
 
     Example:
         >>> preset_filter("Filter6", max_rows=10).strata[0].condition
@@ -382,7 +424,7 @@ def preset_filter(name: str, *, max_rows: int | None = None, scale: float | None
         rows = max(1, round(rows * scale))
     return Filter(
         name=kwargs.pop("name", name),
-        conditions=list(preset.conditions),
+        conditions=[*before, *preset.conditions],
         keep_longest=rows,
         strata=list(preset.strata) if preset.strata else None,
         **kwargs,
