@@ -171,7 +171,7 @@ def test_every_step_gives_every_sample_its_own_seed(standin):
 
 
 # ---------------------------------------------------------------------- sampling rules and the guard's regex
-def test_first_token_rules_load_the_processor_and_travel_in_extra_args(standin, embedded_tokenizer):
+def test_first_token_rules_load_the_processor_and_travel_in_extra_args(standin, first_token_rules, embedded_tokenizer):
     plain = VLLMEngine(EngineConfig("org/chat-model", backend="vllm", max_model_len=256))
     rules = SamplingConfig(temperature=0.6, max_tokens=8, first_token_banned_ids=(712, 19), first_token_temperature_scale=1.2)
     with pytest.raises(ValueError, match="first_token_rules=True"):
@@ -282,3 +282,17 @@ def test_first_token_rules_processor_changes_only_first_steps(first_token_rules)
         with pytest.raises(ValueError, match="magpie_first_token"):
             cls.validate_params(vllm_standin.SamplingParams(extra_args={FIRST_TOKEN_ARGS: bad}))
     cls.validate_params(plain)
+
+
+def test_first_token_rules_refused_before_loading_where_vllm_cannot_take_them(standin):
+    """A vLLM without the logits-processor interfaces (here: the stand-in without them), or speculative decoding
+    (which vLLM's V1 runner refuses with custom logits processors), is refused before any LLM starts."""
+    with pytest.raises(ImportError, match="drop the first-step rules"):
+        VLLMEngine(EngineConfig("org/chat-model", backend="vllm", first_token_rules=True))
+    speculative = EngineConfig("org/chat-model", backend="vllm", first_token_rules=True,
+                               extra={"speculative_config": {"method": "ngram", "num_speculative_tokens": 3}})
+    with pytest.raises(ValueError, match="speculative"):
+        resolve_backend(speculative)
+    with pytest.raises(ValueError, match="speculative"):
+        VLLMEngine(speculative)
+    assert standin.LLM.instances == []

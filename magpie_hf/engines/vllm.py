@@ -138,6 +138,22 @@ def first_token_args(sampling: SamplingConfig) -> dict[str, Any]:
     }
 
 
+def _check_first_token_rules(vllm: Any) -> None:
+    """Import the first-step logits processor here, before vLLM loads any weights: a vLLM without the
+    logits-processor interfaces it implements (both exist from 0.32 on) is refused with the way out."""
+    import importlib
+
+    try:
+        importlib.import_module(FIRST_TOKEN_RULES_PROCESSOR.split(":")[0])
+    except ImportError as err:
+        raise ImportError(
+            f"EngineConfig(first_token_rules=True) needs vLLM's logits-processor interfaces, which vLLM "
+            f"{getattr(vllm, '__version__', '?')} lacks ({err}). Install vLLM >= 0.32, or drop the first-step rules "
+            "(--no_markdown_start then filters headings after generation; --first_token_temperature_scale needs "
+            "--engine transformers)."
+        ) from err
+
+
 class VLLMEngine(Engine):
     """Generate with ``vllm.LLM`` (offline batched inference on one or more GPUs)."""
 
@@ -151,6 +167,8 @@ class VLLMEngine(Engine):
         vllm = _import_vllm()
         if getattr(vllm, "__version__", CHECKED_VLLM_VERSION) != CHECKED_VLLM_VERSION:
             logger.info("vLLM %s; magpie_hf's adapter was checked against %s", vllm.__version__, CHECKED_VLLM_VERSION)
+        if config.first_token_rules:
+            _check_first_token_rules(vllm)
         logger.info("Loading vLLM engine for %s (tensor_parallel_size=%d)", config.describe(), config.tensor_parallel_size)
         self.llm = vllm.LLM(**llm_kwargs(config))
         self._tokenizer = self.llm.get_tokenizer()

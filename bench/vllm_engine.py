@@ -10,7 +10,7 @@ The embedded SmolLM2-135M-Instruct is dequantized once to a temporary folder tha
 alternate ``--rounds`` times so a busy machine slows both alike; (c) runs once after them. The last line is
 ``pipeline/raw=R1 vllm/transformers=R2`` (tokens/s ratios). vLLM must be installed (``make setup-vllm``):
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python bench/vllm.py --rows 64 --max-tokens 128
+    VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python bench/vllm_engine.py --rows 64 --max-tokens 128
 """
 
 from __future__ import annotations
