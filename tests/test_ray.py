@@ -1,5 +1,7 @@
-"""The Ray executor: the same shards as the local executor on a small local Ray cluster, the
-resources each actor reserves, absolute paths, and a worker's own error."""
+"""The Ray executor on a small local Ray cluster: the same shards as the local executor, the resources
+each actor reserves, absolute paths, a worker's own error (as text too), one backend decision, refusal
+of actors no node fits, a bounded start-up, a dead engine's actor restarted, and the Hub token reaching
+workers without being written anywhere. The two-node checks are in test_ray_cluster.py."""
 
 from __future__ import annotations
 
