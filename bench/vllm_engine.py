@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _timing import TokenTimer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -71,15 +73,8 @@ def main() -> None:
     start = time.perf_counter()
     engine = load_engine(vllm_config)
     print(f"vLLM engine loaded in {time.perf_counter() - start:.1f}s", flush=True)
-    totals = {"pipeline": [0, 0.0], "raw": [0, 0.0], "transformers": [0, 0.0]}
-
-    def timed(name: str, fn) -> None:
-        start = time.perf_counter()
-        tokens = fn()
-        seconds = time.perf_counter() - start
-        totals[name][0] += tokens
-        totals[name][1] += seconds
-        print(f"{name:>12}: {tokens:6d} tokens in {seconds:7.1f}s = {tokens / seconds:7.1f} tokens/s", flush=True)
+    timer = TokenTimer("pipeline", "raw", "transformers")
+    timed = timer.run
 
     run_pipeline(engine, 8, 16, work / "warmup", seed=99)  # first-call costs (compilation, caches) out of the timings
     for r in range(args.rounds):
@@ -95,8 +90,7 @@ def main() -> None:
     timed("transformers", lambda: run_pipeline(hf_engine, args.rows, args.max_tokens, work / "hf", seed=0))
     release_engines([hf_config])
 
-    rate = {k: (t / s if s else float("nan")) for k, (t, s) in totals.items()}
-    print(" ".join(f"{k}={v:.1f}tok/s" for k, v in rate.items()))
+    rate = timer.rates()
     print(f"pipeline/raw={rate['pipeline'] / rate['raw']:.2f} vllm/transformers={rate['pipeline'] / rate['transformers']:.2f}")
 
 
