@@ -4,10 +4,11 @@ transformers engine, in one run on the same model, prompts, seeds and sampling.
 (a) ``pipeline``: ``MagpieInstructions`` through ``Pipeline`` on the loaded ``VLLMEngine``;
 (b) ``raw``: ``LLM.generate`` on the same ``LLM`` with the same token-id prompts, one ``SamplingParams`` per row
     with the row's own seed (what (a) sends), tokens counted from ``token_ids`` up to the end-of-turn;
-(c) ``transformers``: the same step through ``Pipeline`` on our transformers engine (same float32 weights).
+(c) ``transformers``: the same step through ``Pipeline`` on our transformers engine (same float32 weights),
+    run first, before vLLM starts in the process.
 
 The embedded SmolLM2-135M-Instruct is dequantized once to a temporary folder that all three load. (a) and (b)
-alternate ``--rounds`` times so a busy machine slows both alike; (c) runs once after them. The last line is
+alternate ``--rounds`` times so a busy machine slows both alike; (c) runs once before them. The last line is
 ``pipeline/raw=R1 vllm/transformers=R2`` (tokens/s ratios). vLLM must be installed (``make setup-vllm``):
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python bench/vllm_engine.py --rows 64 --max-tokens 128
@@ -69,13 +70,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="magpie_bench_vllm_"))
     print(f"saving the dequantized embedded model to {work / 'model'}", flush=True)
     model = dequantize_gguf(*embedded_chat_model(), work / "model")
+    timer = TokenTimer("pipeline", "raw", "transformers")
+    timed = timer.run
+
+    # (c) first, in a process vLLM has not touched yet (vLLM's CPU backend changes the process's threading)
+    hf_config = EngineConfig(str(model), backend="transformers", dtype="float32", batch_size=args.batch_size)
+    hf_engine = load_engine(hf_config)
+    run_pipeline(hf_engine, 8, 16, work / "warmup-hf", seed=99)
+    timed("transformers", lambda: run_pipeline(hf_engine, args.rows, args.max_tokens, work / "hf", seed=0))
+    release_engines([hf_config])
+
     vllm_config = EngineConfig(str(model), backend="vllm", dtype="float32", max_model_len=1024, extra={"enforce_eager": True})
     start = time.perf_counter()
     engine = load_engine(vllm_config)
     print(f"vLLM engine loaded in {time.perf_counter() - start:.1f}s", flush=True)
-    timer = TokenTimer("pipeline", "raw", "transformers")
-    timed = timer.run
-
     run_pipeline(engine, 8, 16, work / "warmup", seed=99)  # first-call costs (compilation, caches) out of the timings
     for r in range(args.rounds):
         a = ("pipeline", lambda: run_pipeline(engine, args.rows, args.max_tokens, work / f"run{r}", seed=r))
@@ -83,12 +91,6 @@ def main() -> None:
         for name, fn in (a, b) if r % 2 == 0 else (b, a):
             timed(name, fn)
     release_engines([vllm_config])
-
-    hf_config = EngineConfig(str(model), backend="transformers", dtype="float32", batch_size=args.batch_size)
-    hf_engine = load_engine(hf_config)
-    run_pipeline(hf_engine, 8, 16, work / "warmup-hf", seed=99)
-    timed("transformers", lambda: run_pipeline(hf_engine, args.rows, args.max_tokens, work / "hf", seed=0))
-    release_engines([hf_config])
 
     rate = timer.rates()
     print(f"pipeline/raw={rate['pipeline'] / rate['raw']:.2f} vllm/transformers={rate['pipeline'] / rate['transformers']:.2f}")
