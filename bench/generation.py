@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
+
+from _timing import TokenTimer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -97,15 +98,8 @@ def main() -> None:
     stop_ids = sorted({*templates.stop_token_ids, tokenizer.eos_token_id})
     print(f"pre-query template {pre_query!r}; stop ids {stop_ids}", flush=True)
 
-    totals = {"pipeline": [0, 0.0], "generate": [0, 0.0], "distilabel": [0, 0.0]}
-
-    def timed(name: str, fn) -> None:
-        start = time.perf_counter()
-        tokens = fn()
-        seconds = time.perf_counter() - start
-        totals[name][0] += tokens
-        totals[name][1] += seconds
-        print(f"{name:>10}: {tokens:6d} tokens in {seconds:7.1f}s = {tokens / seconds:7.1f} tokens/s", flush=True)
+    timer = TokenTimer("pipeline", "generate", "distilabel")
+    timed = timer.run
 
     for r in range(args.rounds):
         a = ("pipeline", lambda: run_pipeline(config, args.rows, args.max_tokens, work / f"run{r}", seed=r))
@@ -115,8 +109,7 @@ def main() -> None:
     if not args.skip_distilabel:
         timed("distilabel", lambda: run_distilabel(str(model_path), pre_query, tokenizer, args.rows, args.batch_size, args.max_tokens))
 
-    rate = {k: (t / s if s else float("nan")) for k, (t, s) in totals.items()}
-    print(" ".join(f"{k}={v:.1f}tok/s" for k, v in rate.items()))
+    rate = timer.rates()
     print(f"pipeline/generate={rate['pipeline'] / rate['generate']:.2f} pipeline/distilabel={rate['pipeline'] / rate['distilabel']:.2f}")
 
 

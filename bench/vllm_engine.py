@@ -4,10 +4,11 @@ transformers engine, in one run on the same model, prompts, seeds and sampling.
 (a) ``pipeline``: ``MagpieInstructions`` through ``Pipeline`` on the loaded ``VLLMEngine``;
 (b) ``raw``: ``LLM.generate`` on the same ``LLM`` with the same token-id prompts, one ``SamplingParams`` per row
     with the row's own seed (what (a) sends), tokens counted from ``token_ids`` up to the end-of-turn;
-(c) ``transformers``: the same step through ``Pipeline`` on our transformers engine (same float32 weights).
+(c) ``transformers``: the same step through ``Pipeline`` on our transformers engine (same float32 weights),
+    run first, before vLLM starts in the process.
 
 The embedded SmolLM2-135M-Instruct is dequantized once to a temporary folder that all three load. (a) and (b)
-alternate ``--rounds`` times so a busy machine slows both alike; (c) runs once after them. The last line is
+alternate ``--rounds`` times so a busy machine slows both alike; (c) runs once before them. The last line is
 ``pipeline/raw=R1 vllm/transformers=R2`` (tokens/s ratios). vLLM must be installed (``make setup-vllm``):
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python bench/vllm_engine.py --rows 64 --max-tokens 128
@@ -20,6 +21,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+from _timing import TokenTimer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -67,20 +70,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="magpie_bench_vllm_"))
     print(f"saving the dequantized embedded model to {work / 'model'}", flush=True)
     model = dequantize_gguf(*embedded_chat_model(), work / "model")
+    timer = TokenTimer("pipeline", "raw", "transformers")
+    timed = timer.run
+
+    # (c) first, in a process vLLM has not touched yet (vLLM's CPU backend changes the process's threading)
+    hf_config = EngineConfig(str(model), backend="transformers", dtype="float32", batch_size=args.batch_size)
+    hf_engine = load_engine(hf_config)
+    run_pipeline(hf_engine, 8, 16, work / "warmup-hf", seed=99)
+    timed("transformers", lambda: run_pipeline(hf_engine, args.rows, args.max_tokens, work / "hf", seed=0))
+    release_engines([hf_config])
+
     vllm_config = EngineConfig(str(model), backend="vllm", dtype="float32", max_model_len=1024, extra={"enforce_eager": True})
     start = time.perf_counter()
     engine = load_engine(vllm_config)
     print(f"vLLM engine loaded in {time.perf_counter() - start:.1f}s", flush=True)
-    totals = {"pipeline": [0, 0.0], "raw": [0, 0.0], "transformers": [0, 0.0]}
-
-    def timed(name: str, fn) -> None:
-        start = time.perf_counter()
-        tokens = fn()
-        seconds = time.perf_counter() - start
-        totals[name][0] += tokens
-        totals[name][1] += seconds
-        print(f"{name:>12}: {tokens:6d} tokens in {seconds:7.1f}s = {tokens / seconds:7.1f} tokens/s", flush=True)
-
     run_pipeline(engine, 8, 16, work / "warmup", seed=99)  # first-call costs (compilation, caches) out of the timings
     for r in range(args.rounds):
         a = ("pipeline", lambda: run_pipeline(engine, args.rows, args.max_tokens, work / f"run{r}", seed=r))
@@ -89,14 +92,7 @@ def main() -> None:
             timed(name, fn)
     release_engines([vllm_config])
 
-    hf_config = EngineConfig(str(model), backend="transformers", dtype="float32", batch_size=args.batch_size)
-    hf_engine = load_engine(hf_config)
-    run_pipeline(hf_engine, 8, 16, work / "warmup-hf", seed=99)
-    timed("transformers", lambda: run_pipeline(hf_engine, args.rows, args.max_tokens, work / "hf", seed=0))
-    release_engines([hf_config])
-
-    rate = {k: (t / s if s else float("nan")) for k, (t, s) in totals.items()}
-    print(" ".join(f"{k}={v:.1f}tok/s" for k, v in rate.items()))
+    rate = timer.rates()
     print(f"pipeline/raw={rate['pipeline'] / rate['raw']:.2f} vllm/transformers={rate['pipeline'] / rate['transformers']:.2f}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no usage report to vLLM's servers (no network here anyway)
 
 import socket  # noqa: E402
 import subprocess  # noqa: E402
