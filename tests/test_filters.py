@@ -219,9 +219,11 @@ def test_hygiene_drops_errors_truncated_and_unsafe_and_reports_each():
 def test_hygiene_step_makes_filtered_the_default_config(tmp_path):
     """What magpie_mt and magpie_reasoning end with: a hygiene-only filter, then `filtered` (first, the default) and
     `raw` (the stage before it) written as a dataset folder."""
+    from magpie_hf.engines import EngineConfig
     from magpie_hf.hub import save_dataset_folder
     from magpie_hf.pipeline import Pipeline
     from magpie_hf.recipe import filtered_and_raw, hygiene_step
+    from magpie_hf.steps import Responses
 
     rows = datasets.Dataset.from_dict({
         "conversation_id": ["a", "b", "c"], "instruction": ["Hi?", "Yo?", "Hm?"], "response": ["Hello.", None, "Cut"],
@@ -229,9 +231,6 @@ def test_hygiene_step_makes_filtered_the_default_config(tmp_path):
                           [{"role": "user", "content": "Hm?"}, {"role": "assistant", "content": "Cut"}]],
         "response_error": [None, "prompt_too_long", None], "response_finish_reason": ["stop", None, "length"],
     })
-    from magpie_hf.engines import EngineConfig
-    from magpie_hf.steps import Responses
-
     # the conditions come from the columns the chain declares (Responses: response_error, response_finish_reason)
     assert [str(c) for c in hygiene_step([Responses(engine=EngineConfig(model="m"))]).conditions] == [
         "response_error is null", "response_finish_reason != 'length'"]
