@@ -355,6 +355,17 @@ def test_missing_empty_and_unencodable_instructions_are_null_rows_with_a_reason(
     assert pipe.manifest()["stages"][0]["stats"]["invalid_instruction"] == 1
 
 
+def test_best_of_n_answers_of_a_bad_instruction_are_null_with_the_reason(embedded_engine):
+    from magpie_hf.steps import MultiResponses
+
+    step = MultiResponses(engine=embedded_engine, n=2, max_tokens=4, temperature=0.8)
+    step.load()
+    out = step.process({"instruction": ["", "Say hi.", None]}, seed=0)
+    assert out["responses"][0] == [None, None] and out["responses_error"][0] == "empty instruction"
+    assert out["responses_error"][2] == "no instruction (null)" and out["responses_finish_reasons"][2] == ["error", "error"]
+    assert all(isinstance(r, str) for r in out["responses"][1]) and step.stats["invalid_instruction"] == 2
+
+
 def test_repeated_conversation_ids_are_refused_up_front(tmp_path):
     import datasets
 

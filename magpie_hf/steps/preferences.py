@@ -35,7 +35,7 @@ from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
 from magpie_hf.hardware import Hardware, Resources
 from magpie_hf.seeds import check_samples_per_row, row_seeds
 from magpie_hf.steps.base import FLOAT, FLOATS, INT, MESSAGES, STRING, STRINGS, Batch, Features, Step, struct
-from magpie_hf.steps.generate import ChatTemplateMixin
+from magpie_hf.steps.generate import ChatTemplateMixin, encodable, instruction_problem
 
 if TYPE_CHECKING:
     import datasets
@@ -178,16 +178,31 @@ class MultiResponses(Step, ChatTemplateMixin):
         assert self._engine is not None and self._templates is not None, "call load() first"
         templates = self._templates
         sampling = self._sampling.replace(stop=templates.stop_strings, stop_token_ids=templates.stop_token_ids)
-        conversations = [[{"role": "user", "content": q}] for q in batch["instruction"]]
+        # a missing, empty or unencodable instruction is never sent: its answers are null, with the reason
+        instructions = [encodable(q) for q in batch["instruction"]]
+        problems = [instruction_problem(q) for q in batch["instruction"]]
+        good = [i for i, problem in enumerate(problems) if problem is None]
+        conversations = [[{"role": "user", "content": instructions[i]}] for i in good]
         # row i's j-th answer draws from row_seed(seed, i) + j
-        seeds = row_seeds(seed, len(conversations))
-        outs = self._engine.generate_chat(conversations, sampling, templates=templates, seeds=seeds,
-                                          progress=getattr(self, "progress_callback", None))
+        seeds = row_seeds(seed, len(instructions))
+        answered = self._engine.generate_chat(conversations, sampling, templates=templates,
+                                              seeds=[seeds[i] for i in good],
+                                              progress=getattr(self, "progress_callback", None))
+        outs: list[Any] = [None] * len(instructions)
+        for i, completions in zip(good, answered):
+            outs[i] = completions
         new: Batch = {name: [] for name in self.outputs}
         record = {"output_generator": self._model_name(), "engine": self._engine.name, "n": self.n,
                   "system_prompt": self.system_prompt, "chat_template_kwargs": self._template_kwargs_record(),
                   **sampling.to_record()}
-        for row_seed_, completions in zip(seeds, outs):
+        for problem, row_seed_, completions in zip(problems, seeds, outs):
+            if problem:
+                self.stats["invalid_instruction"] += 1
+                for name, value in (("responses", [None] * self.n), ("responses_finish_reasons", ["error"] * self.n),
+                                    ("responses_num_tokens", [0] * self.n), ("responses_error", problem),
+                                    ("gen_multi_response_configs", {**record, "seed": row_seed_})):
+                    new[name].append(value)
+                continue
             self.stats["generated_tokens"] += sum(c.num_tokens for c in completions)
             failures = [c for c in completions if c.failure]
             for c in failures:
@@ -197,7 +212,7 @@ class MultiResponses(Step, ChatTemplateMixin):
             new["responses_num_tokens"].append([c.num_tokens for c in completions])
             new["responses_error"].append(failures[0].error if failures else None)
             new["gen_multi_response_configs"].append({**record, "seed": row_seed_})
-        return {**batch, **new}
+        return {**batch, "instruction": instructions, **new}
 
 
 @dataclasses.dataclass(kw_only=True)
