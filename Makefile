@@ -48,4 +48,4 @@ test-fast: setup-dev
 	$(PY) -m pytest -q -m "not slow"
 
 test-vllm: setup-vllm
-	$(VPY) -m pytest -q tests/vllm magpie_hf/engines/vllm_logits.py
+	$(VPY) -m pytest -q tests/real_vllm magpie_hf/engines/vllm_logits.py

