@@ -34,6 +34,9 @@ class RedactingFilter(logging.Filter):
 def setup_logging(level: int = logging.INFO) -> None:
     """Log our messages at ``level`` and other libraries' at WARNING, every line redacted."""
     logging.basicConfig(level=logging.WARNING, format=FORMAT)
+    # basicConfig does nothing where the root logger already has a handler (an earlier setup, a notebook,
+    # pytest): set the root level here too, so other libraries stay at WARNING whoever configured first
+    logging.getLogger().setLevel(logging.WARNING)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(level)
     for handler in logging.getLogger().handlers:

@@ -373,3 +373,21 @@ def test_repeated_conversation_ids_are_refused_up_front(tmp_path):
     with pytest.raises(ValueError, match=r"1 conversation_id value\(s\) that repeat \(e\.g\. \['a'\]\).*with_indices=True"):
         Pipeline([Double()], tmp_path, input_dataset=data, progress=False).run()
     assert not (tmp_path / "pipeline.json").exists()
+
+
+def test_setup_logging_quiets_other_libraries_whoever_configured_logging_first():
+    """An earlier ``logging.basicConfig(level=INFO)`` (a notebook, another tool) must not let third-party INFO
+    lines (an HTTP client's request URLs) through: ``setup_logging`` sets the root level itself."""
+    import logging
+
+    from magpie_hf.logs import setup_logging
+
+    root = logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.INFO)
+        setup_logging()
+        assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("magpie_hf").getEffectiveLevel() == logging.INFO
+    finally:
+        root.setLevel(before)
