@@ -292,6 +292,11 @@ def logits_processor_modules() -> dict[str, types.ModuleType]:
     modules["vllm.v1.worker.gpu.sample.logits_processor"].LogitsProcessor = LogitsProcessor
     modules["vllm.v1.worker.gpu.sample.logits_processor"].LogitsContext = LogitsContext
     modules["vllm.v1.sample.logits_processor"].LogitsProcessor = V1LogitsProcessor
+
+    def process_dict_updates(*args: Any) -> bool:  # the V1 runner's path is tested on real vLLM (tests/real_vllm)
+        raise NotImplementedError("the stand-in drives the V2 interface only")
+
+    modules["vllm.v1.sample.logits_processor"].process_dict_updates = process_dict_updates
     return modules
 
 

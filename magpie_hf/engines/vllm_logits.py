@@ -50,6 +50,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.sample.logits_processor import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from magpie_hf.engines.vllm import FIRST_TOKEN_ARGS
@@ -145,24 +146,16 @@ class FirstTokenRules(V1LogitsProcessor, V2LogitsProcessor):
         return False
 
     def update_state(self, batch_update: Any) -> None:
-        if batch_update is not None:
-            for index in batch_update.removed:
-                self.first_steps.pop(index, None)
-            for index, params, _prompt_ids, output_ids in batch_update.added:
-                rule = self._rule(params)
-                if rule is None or output_ids:  # no rules, or resumed past its first step
-                    self.first_steps.pop(index, None)
-                else:
-                    self.first_steps[index] = (*rule, output_ids)
-            for a, b, direction in batch_update.moved:  # a -> b, or a <-> b for a swap
-                a_entry, b_entry = self.first_steps.pop(a, None), self.first_steps.pop(b, None)
-                if a_entry is not None:
-                    self.first_steps[b] = a_entry
-                if b_entry is not None and direction.name == "SWAP":
-                    self.first_steps[a] = b_entry
+        # vLLM's own bookkeeping of added, removed and moved rows (what its built-in processors use)
+        process_dict_updates(self.first_steps, batch_update, self._first_step)
         # output ids are live references: a request that has sampled its first token leaves
         for index in [i for i, (_, _, output_ids) in self.first_steps.items() if output_ids]:
             del self.first_steps[index]
+
+    def _first_step(self, params: Any, _prompt_ids: Any, output_ids: list[int]) -> tuple[list[int], float, list[int]] | None:
+        """A V1 row's entry: its rules and its live output ids; None without rules or when resumed past its first step."""
+        rule = self._rule(params)
+        return None if rule is None or output_ids else (*rule, output_ids)
 
     # ------------------------------------------------------------------ V2 runner
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
