@@ -5,8 +5,10 @@ client logging request URLs, a library echoing its settings).
 Example:
     >>> import logging
     >>> setup_logging()
-    >>> logging.getLogger("magpie_hf").level == logging.INFO and logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
+    >>> logging.getLogger("magpie_hf").isEnabledFor(logging.INFO)
     True
+    >>> logging.getLogger("httpx").isEnabledFor(logging.INFO)  # at WARNING, or quieter where a library chose so
+    False
 """
 
 from __future__ import annotations

@@ -387,7 +387,9 @@ def test_setup_logging_quiets_other_libraries_whoever_configured_logging_first()
     try:
         root.setLevel(logging.INFO)
         setup_logging()
-        assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
+        # WARNING or quieter: distilabel's own logging setup, imported by the interop tests, puts httpx at CRITICAL
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+        assert logging.getLogger("some.library").getEffectiveLevel() == logging.WARNING
         assert logging.getLogger("magpie_hf").getEffectiveLevel() == logging.INFO
     finally:
         root.setLevel(before)
