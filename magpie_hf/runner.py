@@ -177,16 +177,17 @@ def typed_table(step: Step, batch: Batch | pa.Table, input_schema: pa.Schema | N
     """``batch`` as an Arrow table with every column typed: a column the step declares gets its
     declared type, a column passed through from the input keeps the input's type.
 
-    Refuses a column the step neither declares nor received, a declared column missing from a
-    non-empty batch, and a value whose struct fields the declared type would silently drop.
+    An empty batch gets every declared column (``datasets.concatenate_datasets(axis=1)`` drops the columns
+    of an empty dataset, and the next stage reads them). Refuses a column the step neither declares nor
+    received, a declared column missing from a non-empty batch, and a value whose struct fields the declared type would silently drop.
     """
     declared = step.output_features()
     columns = batch.column_names if isinstance(batch, pa.Table) else list(batch)
     rows = batch.num_rows if isinstance(batch, pa.Table) else batch_len(batch)
-    if rows == 0 and not columns:  # nothing written: the shard still has the stage's columns
-        columns = [*(input_schema.names if input_schema is not None else []), *declared]
-        columns = list(dict.fromkeys(columns))
-    elif rows:
+    if rows == 0:  # nothing written: the shard still has the stage's columns (an empty dataset can lose them)
+        passed = columns or (input_schema.names if input_schema is not None else [])
+        columns = list(dict.fromkeys([*passed, *declared]))
+    else:
         absent = [c for c in declared if c not in columns]
         if absent:
             raise ColumnTypeError(f"Step {step.name!r} declares columns {absent} in output_features() but did not write them.")
@@ -202,6 +203,8 @@ def typed_table(step: Step, batch: Batch | pa.Table, input_schema: pa.Schema | N
                 "nor received from the previous stage. Declare it with its type."
             )
     schema = pa.schema(fields)
+    if rows == 0:
+        return schema.empty_table()
     if isinstance(batch, pa.Table):
         return batch.select(columns).cast(schema) if batch.schema != schema else batch
     arrays = []

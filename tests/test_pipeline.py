@@ -223,6 +223,40 @@ def test_columns_are_typed_even_when_every_value_is_null(tmp_path):
     assert str(pq.read_schema(pipe.stage_files(2)[0]).field("meta").type) == "struct<why: string, score: double>"
 
 
+@dataclasses.dataclass(kw_only=True)
+class Scored(GlobalStep):
+    """Adds a column with ``datasets.concatenate_datasets(axis=1)``, as the neighbours step does: on an empty
+    stage that call returns the input without the new column."""
+
+    inputs = ("value",)
+
+    def output_features(self):
+        return {"score": FLOAT}
+
+    def process_dataset(self, dataset, *, seed):
+        import datasets
+
+        scores = datasets.Dataset.from_dict({"score": [0.5] * len(dataset)}, features=datasets.Features({"score": datasets.Value("float64")}))
+        return datasets.concatenate_datasets([dataset, scores], axis=1)
+
+
+def test_an_empty_stage_still_has_the_declared_columns_for_the_next_one(tmp_path):
+    """Every row dropped early (all instructions cut off in a tiny run) must not make a later step fail on a
+    column that an empty stage lost: the shards of an empty stage carry every declared column."""
+    import pyarrow.parquet as pq
+
+    @dataclasses.dataclass(kw_only=True)
+    class KeepScored(GlobalStep):
+        inputs = ("score",)
+
+        def process_dataset(self, dataset, *, seed):
+            return dataset.filter(lambda row: row["score"] > 0)
+
+    pipe = Pipeline(Numbers(num_rows=6) >> KeepTop(k=0) >> Scored() >> KeepScored(), tmp_path, shard_size=3, progress=False)
+    assert len(pipe.run()) == 0
+    assert pq.read_schema(pipe.stage_files(2)[0]).field("score").type == pa.float64()
+
+
 def test_a_step_must_declare_what_it_writes(tmp_path):
     @dataclasses.dataclass(kw_only=True)
     class Sloppy(Step):
