@@ -26,10 +26,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from magpie_hf.steps.base import jsonable
-
-
-class ConfigError(ValueError):
-    """A configuration file or flag that cannot be used; the message says what to change."""
+from magpie_hf.errors import ConfigError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

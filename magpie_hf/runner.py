@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from magpie_hf.layout import RunLayout
 from magpie_hf.seeds import row_seed
 from magpie_hf.steps.base import Batch, GeneratorStep, GlobalStep, ProgressCallback, Step, batch_len
+from magpie_hf.errors import ColumnTypeError
 
 if TYPE_CHECKING:
     import datasets
@@ -53,10 +54,6 @@ if TYPE_CHECKING:
     from magpie_hf.progress import StageProgress
 
 logger = logging.getLogger(__name__)
-
-
-class ColumnTypeError(TypeError):
-    """A step wrote a column it does not declare, or not one it declares."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,7 @@ import logging
 import os
 import re
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from magpie_hf.errors import ChatTemplateError
 
 if TYPE_CHECKING:
     import argparse
@@ -62,10 +63,6 @@ SYSTEM_SENTINEL = "MagpieSystemSentinel2H6"
 REASONING_TAGS: tuple[tuple[str, str], ...] = (("<think>", "</think>"),)
 
 Message = dict[str, str]
-
-
-class ChatTemplateError(ValueError):
-    """The tokenizer's chat template cannot give what Magpie needs; the message says the way out."""
 
 
 _WAY_OUT = (

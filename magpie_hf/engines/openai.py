@@ -79,6 +79,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from magpie_hf.engines.base import Completion, Engine, FinishReason, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
 from magpie_hf.redaction import redact
+from magpie_hf.errors import OpenAIServerError
 
 if TYPE_CHECKING:
     from magpie_hf.templates import ChatTemplates
@@ -96,10 +97,6 @@ MAX_REASON_CHARS = 300
 #: ``llama_sampler_top_k_impl`` returns at once for ``k <= 0``)
 TOP_K_DISABLED = -1
 _UNKNOWN = object()
-
-
-class OpenAIServerError(RuntimeError):
-    """The server kept failing after every retry, or refused the engine's settings (key, model, URL)."""
 
 
 #: query parameters of a base URL that hold a key (moved to the Authorization header)

@@ -12,16 +12,13 @@ import abc
 from typing import TYPE_CHECKING, Sequence
 
 from magpie_hf.hardware import Hardware
+from magpie_hf.errors import StageFailedError
 
 if TYPE_CHECKING:
     from magpie_hf.layout import RunLayout
     from magpie_hf.progress import StageProgress
     from magpie_hf.runner import ShardReport, ShardTask
     from magpie_hf.steps.base import Step
-
-
-class StageFailedError(RuntimeError):
-    """A stage stopped because a worker failed; the message holds the worker's own error."""
 
 
 class Executor(abc.ABC):

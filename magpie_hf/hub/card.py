@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 
-
 from magpie_hf.redaction import local_path
 
 from .layout import CARD_FILE, RUN_FILE, FolderLayout, read_layout
+from magpie_hf.errors import CardTemplateNotFound
 
 TEMPLATE = "dataset_card.md.j2"
 PAPER_URL = "https://arxiv.org/abs/2406.08464"
@@ -84,10 +84,6 @@ KNOWN_RUN_KEYS = (
     "configuration",
     "reproducibility",
 )
-
-
-class CardTemplateNotFound(FileNotFoundError):
-    """The ``hub_cards`` templates are neither in the source tree nor in the installed package."""
 
 
 def templates_dir() -> Path:

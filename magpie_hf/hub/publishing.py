@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .card import render_card
 from .layout import CARD_FILE, DATA_DIR, PLOTS_DIR, RUN_FILE, read_layout
+from magpie_hf.errors import CommitConflictError, HubAuthError, PublishError, TagExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +44,6 @@ _SEMVER = re.compile(
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
-
-
-class PublishError(RuntimeError):
-    """Publishing failed; the local dataset folder is untouched."""
-
-
-class HubAuthError(PublishError):
-    """The Hub refused the token (HTTP 401/403)."""
-
-
-class TagExistsError(PublishError):
-    """The version tag already exists on the repository (and ``force`` was not given)."""
-
-
-class CommitConflictError(PublishError):
-    """Someone else committed to the branch while this publish ran."""
 
 
 @dataclass

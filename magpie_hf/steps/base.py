@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 import pyarrow as pa
 
 from magpie_hf.hardware import Hardware, Resources
+from magpie_hf.errors import MissingColumnsError
 
 if TYPE_CHECKING:
     import datasets
@@ -68,10 +69,6 @@ STRINGS = pa.list_(pa.string())
 FLOATS = pa.list_(pa.float64())
 #: a conversation: ``[{role, content}, ...]``
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-
-
-class MissingColumnsError(ValueError):
-    """A step needs columns the previous stage did not produce."""
 
 
 def struct(**fields: pa.DataType) -> pa.StructType:

@@ -29,11 +29,11 @@ from magpie_hf.engines.config import EngineConfig
 from magpie_hf.seeds import row_seeds
 from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES, TASK_CATEGORIES
 from magpie_hf.steps.base import STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
+from magpie_hf.errors import JudgeError
 
 logger = logging.getLogger(__name__)
 
 PAPER_JUDGE_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,10 +64,6 @@ def match_label(value: Any, labels: Sequence[str]) -> str | None:
         if key == label.lower():
             return label
     return None
-
-
-class JudgeError(ValueError):
-    """A judge answer that cannot be used; the message is recorded in the error column."""
 
 
 # --------------------------------------------------------------------------------------------

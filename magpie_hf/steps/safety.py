@@ -26,6 +26,7 @@ from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
 from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import BOOL, STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
+from magpie_hf.errors import VerdictError
 
 PAPER_GUARD_MODEL = "meta-llama/Meta-Llama-Guard-2-8B"
 
@@ -64,10 +65,6 @@ TAXONOMIES: dict[str, dict[str, str]] = {"llama-guard-2": LLAMA_GUARD_2_CATEGORI
 Taxonomy = Literal["auto", "llama-guard-2", "llama-guard-3"]
 
 _CODE = re.compile(r"^S\d{1,2}$")
-
-
-class VerdictError(ValueError):
-    """A guard answer that is not ``safe`` / ``unsafe\\n<codes>``."""
 
 
 def parse_guard_verdict(text: str, taxonomy: str = "llama-guard-2") -> tuple[bool, list[str]]:
