@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def save_dequantized(target: Path) -> Path:
     """The embedded GGUF model saved as a plain transformers folder (fp32 safetensors)."""
-    from magpie_hf.embedded import dequantize_gguf, embedded_chat_model
+    from magpie_hf.utils.embedded import dequantize_gguf, embedded_chat_model
 
     return dequantize_gguf(*embedded_chat_model(), target)
 

@@ -4,7 +4,7 @@ lingua tags as the target language, without and with steering, side by side, in 
     python bench/language.py --rows 64 --max-tokens 48 --languages de,fr,zh     # embedded SmolLM2-135M-Instruct, CPU
 
 Without steering the model gets the plain pre-query template (the paper's setting); with steering, the
-language's system prompt (:data:`magpie_hf.languages.LANGUAGE_SYSTEM_PROMPTS`, written in that language) goes
+language's system prompt (:data:`magpie_hf.prompts.languages.LANGUAGE_SYSTEM_PROMPTS`, written in that language) goes
 into its chat template, as ``--language CODE`` does. The unsteered rows are one sample that every language is
 measured on (its prompt does not depend on the target). Sampling: the ``--preset cpu`` step-1 setting
 (T=0.9, top_p=0.95), one seed for all conditions. Every non-empty sampled instruction counts, length-cut ones
@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from magpie_hf.engines import EngineConfig, load_engine
-    from magpie_hf.languages import language_system_prompt
+    from magpie_hf.prompts.languages import language_system_prompt
     from magpie_hf.steps.language import Language
 
     languages = [code.strip() for code in args.languages.split(",") if code.strip()]

@@ -2,7 +2,7 @@
 
     python bench/task_control.py --rows 100 --max-tokens 32      # embedded SmolLM2-135M-Instruct, CPU
 
-Classifier: :func:`magpie_hf.task_prompts.looks_like_math` (digits joined by an operator, a variable with
+Classifier: :func:`magpie_hf.prompts.tasks.looks_like_math` (digits joined by an operator, a variable with
 a power or equals sign, LaTeX, or a math word such as solve/equation/calculate/probability/how many).
 Every sampled query counts (length-cut ones too: the classifier reads the opening words).
 """
@@ -14,7 +14,8 @@ import json
 import time
 
 from magpie_hf.engines import EngineConfig, load_engine
-from magpie_hf.task_prompts import TaskControlledInstructions, looks_like_math
+from magpie_hf.prompts.tasks import looks_like_math
+from magpie_hf.steps.task_control import TaskControlledInstructions
 
 
 def math_share(engine, task, rows: int, max_tokens: int, seed: int) -> tuple[float, int, list[str]]:

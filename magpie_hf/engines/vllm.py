@@ -35,7 +35,7 @@ What this adapter relies on:
   whitespace setting is engine-level only
   (``LLM(structured_outputs_config=...)``, ``entrypoints/llm.py:219-285``;
   ``v1/structured_output/backend_xgrammar.py:39-41,144-155``), built from
-  :data:`magpie_hf.constrained.JSON_GRAMMAR` like the transformers engine's grammar.
+  :data:`magpie_hf.engines.constrained.JSON_GRAMMAR` like the transformers engine's grammar.
 - First-step rules (``SamplingConfig.first_token_banned_ids``, ``first_token_temperature_scale``): vLLM's
   V1 engine dropped per-request logits-processor callables; a custom ``LogitsProcessor`` class is given
   to ``LLM(logits_processors=[...])`` as a ``module:Class`` name (``entrypoints/llm.py:228,342``,
@@ -99,7 +99,7 @@ def llm_kwargs(config: EngineConfig) -> dict[str, Any]:
         >>> llm_kwargs(EngineConfig("m", backend="vllm", first_token_rules=True))["logits_processors"]
         ['magpie_hf.engines.vllm_logits:FirstTokenRules']
     """
-    from magpie_hf.constrained import JSON_GRAMMAR
+    from magpie_hf.engines.constrained import JSON_GRAMMAR
 
     kwargs: dict[str, Any] = {
         "model": config.model,

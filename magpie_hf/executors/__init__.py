@@ -4,7 +4,7 @@
 - :class:`~magpie_hf.executors.ray.RayExecutor`: on a Ray cluster, a pool of actors per stage,
   each with its own model replica on the GPUs the step declares (``pip install 'magpie-hf[ray]'``).
 
-Both run every shard through :func:`magpie_hf.runner.run_shard`.
+Both run every shard through :func:`magpie_hf.executors.runner.run_shard`.
 """
 
 from __future__ import annotations

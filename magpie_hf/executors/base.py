@@ -1,7 +1,7 @@
 """What an executor is: it maps a stage's pending shard tasks to workers.
 
 An executor decides *where* shard tasks run and where a step's ``load()`` happens; the work of a
-task is always :func:`magpie_hf.runner.run_shard`. The pipeline asks it for the workers'
+task is always :func:`magpie_hf.executors.runner.run_shard`. The pipeline asks it for the workers'
 :class:`~magpie_hf.hardware.Hardware` (so ``auto`` engines and the GPUs a step declares are judged
 where the step will run), then hands it one stage at a time.
 """
@@ -15,9 +15,9 @@ from magpie_hf.hardware import Hardware
 from magpie_hf.errors import StageFailedError
 
 if TYPE_CHECKING:
-    from magpie_hf.layout import RunLayout
-    from magpie_hf.progress import StageProgress
-    from magpie_hf.runner import ShardReport, ShardTask
+    from magpie_hf.executors.layout import RunLayout
+    from magpie_hf.executors.progress import StageProgress
+    from magpie_hf.executors.runner import ShardReport, ShardTask
     from magpie_hf.steps.base import Step
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from magpie_hf.executors.base import Executor
-from magpie_hf.runner import run_shard
+from magpie_hf.executors.runner import run_shard
 
 if TYPE_CHECKING:
-    from magpie_hf.layout import RunLayout
-    from magpie_hf.progress import StageProgress
-    from magpie_hf.runner import ShardReport, ShardTask
+    from magpie_hf.executors.layout import RunLayout
+    from magpie_hf.executors.progress import StageProgress
+    from magpie_hf.executors.runner import ShardReport, ShardTask
     from magpie_hf.steps.base import Step
 
 

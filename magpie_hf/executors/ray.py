@@ -1,7 +1,7 @@
 """Run a stage's shards on a Ray cluster: Ray Data ``map_batches`` over a pool of actors.
 
 Each actor holds one copy of the step and loads it once (one model replica per actor, on the GPUs
-the actor reserved); it then runs :func:`magpie_hf.runner.run_shard` for each shard task it is
+the actor reserved); it then runs :func:`magpie_hf.executors.runner.run_shard` for each shard task it is
 given, exactly as the local executor does, and returns the shard's report. The driver never loads
 the step. Global steps (neighbours, filters, pairing) run on the driver (see
 :class:`magpie_hf.pipeline.Pipeline`).
@@ -71,11 +71,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from magpie_hf.executors.base import Executor, StageFailedError
 from magpie_hf.hardware import Hardware, Resources
-from magpie_hf.layout import RunLayout
-from magpie_hf.runner import ShardReport, ShardTask, run_shard
+from magpie_hf.executors.layout import RunLayout
+from magpie_hf.executors.runner import ShardReport, ShardTask, run_shard
 
 if TYPE_CHECKING:
-    from magpie_hf.progress import StageProgress
+    from magpie_hf.executors.progress import StageProgress
     from magpie_hf.steps.base import Step
 
 logger = logging.getLogger(__name__)

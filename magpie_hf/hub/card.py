@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 
-from magpie_hf.redaction import local_path
+from magpie_hf.utils.redaction import local_path
 
 from .layout import CARD_FILE, RUN_FILE, FolderLayout, read_layout
 from magpie_hf.errors import CardTemplateNotFound

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magpie_hf.redaction import LOCAL_PATHS_NOTE, hide_local_paths, redact
+from magpie_hf.utils.redaction import LOCAL_PATHS_NOTE, hide_local_paths, redact
 
 from .card import dataset_license, write_card
 from .columns import stock_columns

@@ -113,7 +113,7 @@ def embed_instructions(texts: list[str], model: str | os.PathLike | None = None)
     """Sentence embeddings (normalised) with the embedded all-MiniLM-L6-v2 unless ``model`` names another."""
     from sentence_transformers import SentenceTransformer
 
-    from magpie_hf.embedded import embedded_embedding_model
+    from magpie_hf.utils.embedded import embedded_embedding_model
 
     encoder = SentenceTransformer(str(model or embedded_embedding_model()), device="cpu")
     return np.asarray(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES
+from magpie_hf.prompts.labels import DIFFICULTIES, INPUT_QUALITIES
 
 from .layout import FolderLayout
 

@@ -16,7 +16,7 @@ Every step declares, from its configuration:
 - :meth:`Step.resources`: the GPUs and CPUs one worker running it needs (a vLLM engine with tensor
   parallelism ``N`` needs ``N`` GPUs, a model on CUDA one), which executors reserve.
 
-Steps never run themselves: :func:`magpie_hf.runner.run_shard` calls :meth:`GeneratorStep.generate`
+Steps never run themselves: :func:`magpie_hf.executors.runner.run_shard` calls :meth:`GeneratorStep.generate`
 or :meth:`Step.process` and writes the shard; executors decide where. Steps compose with ``>>``
 into a :class:`StepChain` that :class:`magpie_hf.pipeline.Pipeline` runs.
 
@@ -41,13 +41,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
-import os
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import pyarrow as pa
 
 from magpie_hf.hardware import Hardware, Resources
 from magpie_hf.errors import MissingColumnsError
+from magpie_hf.utils.serialization import jsonable
 
 if TYPE_CHECKING:
     import datasets
@@ -248,25 +248,3 @@ def resolve_engine(engine: "Engine | EngineConfig") -> "Engine":
 
 def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as JSON/YAML-friendly data: dataclasses and mappings as dicts, sequences as lists, paths
-    as strings, anything else as its ``repr``.
-
-    Example:
-        >>> import pathlib
-        >>> jsonable({"a": (1, pathlib.Path("x")), 2: None})
-        {'a': [1, 'x'], '2': None}
-    """
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: jsonable(v) for k, v in dataclasses.asdict(value).items()}
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return repr(value)

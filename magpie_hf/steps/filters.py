@@ -42,7 +42,7 @@ import numpy as np
 
 from magpie_hf.steps.base import GlobalStep
 
-from magpie_hf.labels import ORDINAL_SCALES
+from magpie_hf.prompts.labels import ORDINAL_SCALES
 
 if TYPE_CHECKING:
     import datasets

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
-from magpie_hf.postprocess import apply_filters
+from magpie_hf.steps.postprocess import apply_filters
 from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import (
     BOOL,
@@ -196,10 +196,10 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
       a sample whose first line is empty comes out empty and is dropped as ``dropped_empty_instruction``
       (the official code keeps it as an empty instruction).
     - ``no_markdown_start``: the first generated token may not be a markdown heading
-      (:func:`~magpie_hf.postprocess.markdown_heading_token_ids` of the engine's tokenizer, banned at the
+      (:func:`~magpie_hf.steps.postprocess.markdown_heading_token_ids` of the engine's tokenizer, banned at the
       first step) on engines with first-step rules (transformers; vLLM with
       ``EngineConfig(first_token_rules=True)``); on the others a query opening with ``#`` is dropped and
-      counted as ``dropped_markdown_heading`` (:class:`~magpie_hf.postprocess.NoMarkdownHeading`).
+      counted as ``dropped_markdown_heading`` (:class:`~magpie_hf.steps.postprocess.NoMarkdownHeading`).
     - ``first_token_temperature_scale``: the first token is sampled at this multiple of the temperature
       (logits divided at the first step); engines without first-step rules refuse it at ``load()``.
 
@@ -271,7 +271,7 @@ class MagpieInstructions(GeneratorStep, ChatTemplateMixin):
 
     def _load_first_token_rules(self) -> None:
         """Resolve ``no_markdown_start`` and ``first_token_temperature_scale`` against the loaded engine."""
-        from magpie_hf.postprocess import NoMarkdownHeading, markdown_heading_token_ids
+        from magpie_hf.steps.postprocess import NoMarkdownHeading, markdown_heading_token_ids
 
         assert self._engine is not None
         able = self._engine.first_token_rules

@@ -3,7 +3,7 @@
 An instruct model (the paper uses Llama-3-8B-Instruct) reads the instruction inside a rubric,
 written in its own chat template, and answers in JSON. Where the engine can, decoding is
 constrained to the answer's JSON schema (``SamplingConfig.json_schema``: vLLM structured outputs,
-or :mod:`magpie_hf.constrained` for transformers). The answer is parsed and validated: labels are
+or :mod:`magpie_hf.engines.constrained` for transformers). The answer is parsed and validated: labels are
 always inside their published sets. A row whose answer cannot be parsed, or whose label falls
 outside the set, gets nulls and the reason in ``<label>_error`` (``task_category_error``,
 ``input_quality_error``, ``difficulty_error``; null when the row parsed), and is counted in
@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Sequence
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
 from magpie_hf.seeds import row_seeds
-from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES, TASK_CATEGORIES
+from magpie_hf.prompts.labels import DIFFICULTIES, INPUT_QUALITIES, TASK_CATEGORIES
 from magpie_hf.steps.base import STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
 from magpie_hf.errors import JudgeError
 

@@ -46,7 +46,7 @@ class Language(Step):
         super().__post_init__()
         self._detector: Any = None
         if self.target is not None:
-            from magpie_hf.languages import check_language
+            from magpie_hf.prompts.languages import check_language
 
             self.target = check_language(self.target)
 

@@ -30,7 +30,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
-from magpie_hf.postprocess import InstructionFilter, apply_filters
+from magpie_hf.steps.postprocess import InstructionFilter, apply_filters
 from magpie_hf.seeds import SEEDS_PER_ROW, row_seeds
 from magpie_hf.steps.base import INT, MESSAGES, STRING, Batch, Features, Step, resolve_engine, select_rows
 from magpie_hf.steps.generate import ChatTemplateMixin
@@ -80,7 +80,7 @@ class MultiTurn(Step, ChatTemplateMixin):
         temperature / top_p / repetition_penalty / max_tokens: replies (greedy by default).
         end_on_truncated: a query or reply cut by ``max_tokens`` ends the conversation before that turn
             (and a turn-1 reply cut by ``max_tokens`` ends it after turn 1). Set False to keep cut turns.
-        postprocess: :mod:`magpie_hf.postprocess` filters applied to follow-up queries (the multi-turn
+        postprocess: :mod:`magpie_hf.steps.postprocess` filters applied to follow-up queries (the multi-turn
             system prompt is what ``DropSystemPromptEcho`` compares against); a rejected query ends the
             conversation.
         min_turns: drop rows that end with fewer user turns (counted as ``dropped_below_min_turns``).

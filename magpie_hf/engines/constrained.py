@@ -10,7 +10,7 @@ that read a GBNF grammar instead of a regex (llama.cpp's ``grammar`` field), :fu
 writes the same pattern as GBNF.
 
 Example:
-    >>> from magpie_hf.constrained import json_schema_logits_processor
+    >>> from magpie_hf.engines.constrained import json_schema_logits_processor
     >>> schema = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}, "required": ["label"]}
     >>> processor = json_schema_logits_processor(tokenizer, schema, vocab_size=model.config.vocab_size)  # doctest: +SKIP
     >>> model.generate(**enc, logits_processor=[processor], max_new_tokens=32)  # doctest: +SKIP

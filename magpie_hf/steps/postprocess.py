@@ -25,7 +25,7 @@ Filters:
 :func:`sanitize_filters` is ``--sanitize``: the official post-processing of Llama-3.x and Gemma-2 queries.
 
 Example:
-    >>> from magpie_hf.postprocess import StripTrailingRoleWord, DropSystemPromptEcho, apply_filters
+    >>> from magpie_hf.steps.postprocess import StripTrailingRoleWord, DropSystemPromptEcho, apply_filters
     >>> filters = (StripTrailingRoleWord(), DropSystemPromptEcho())
     >>> apply_filters("How do I sort a list?\\nassistant", filters)
     ('How do I sort a list?', None)

@@ -7,7 +7,7 @@ came from Qwen2 this way). This module holds:
 
 - :data:`LANGUAGE_SYSTEM_PROMPTS`: one prompt per language (ISO 639-1), each written in that language;
 - :data:`LANGUAGE_TASK_PROMPTS`: task-control prompts (``math``, ``coding``, ``reasoning``) in those
-  languages, used instead of the English ones of :data:`magpie_hf.task_prompts.TASK_PROMPTS` under
+  languages, used instead of the English ones of :data:`magpie_hf.prompts.tasks.TASK_PROMPTS` under
   ``--language``;
 - :func:`check_language`, :func:`language_system_prompt`, :func:`localize_task_prompts`.
 
@@ -15,10 +15,10 @@ How much a prompt moves the share depends on the model: see ``bench/language.py`
 barely moves; multilingual models such as Qwen2 move far more).
 
 Example:
-    >>> from magpie_hf.languages import language_system_prompt, localize_task_prompts
+    >>> from magpie_hf.prompts.languages import language_system_prompt, localize_task_prompts
     >>> language_system_prompt("de")[:40]
     'Du bist ein KI-Assistent für deutschspra'
-    >>> from magpie_hf.task_prompts import TASK_PROMPTS
+    >>> from magpie_hf.prompts.tasks import TASK_PROMPTS
     >>> localize_task_prompts({"math": TASK_PROMPTS["math"]}, "fr")["math"][:45]
     "Tu es un assistant d'IA qui aide des utilisat"
 """
@@ -65,7 +65,7 @@ LANGUAGE_SYSTEM_PROMPTS: dict[str, str] = {
     ),
 }
 
-#: Task-control prompts in other languages (the keys of :data:`magpie_hf.task_prompts.TASK_PROMPTS`).
+#: Task-control prompts in other languages (the keys of :data:`magpie_hf.prompts.tasks.TASK_PROMPTS`).
 LANGUAGE_TASK_PROMPTS: dict[str, dict[str, str]] = {
     "zh": {
         "math": (
@@ -207,7 +207,7 @@ def localize_task_prompts(prompts: Mapping[str, str], code: str) -> dict[str, st
     has one; else the English prompt followed by the language's system prompt. A prompt you gave yourself
     (one that is not the built-in English text) is kept as it is.
     """
-    from magpie_hf.task_prompts import TASK_PROMPTS
+    from magpie_hf.prompts.tasks import TASK_PROMPTS
 
     code = check_language(code)
     own = LANGUAGE_TASK_PROMPTS.get(code, {})

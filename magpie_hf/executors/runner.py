@@ -12,7 +12,7 @@ output path. It is plain data, so it travels to a Ray worker as a dict.
 
 Example:
     >>> import dataclasses, tempfile
-    >>> from magpie_hf.layout import RunLayout
+    >>> from magpie_hf.executors.layout import RunLayout
     >>> from magpie_hf.steps import GeneratorStep
     >>> from magpie_hf.steps.base import INT
     >>> @dataclasses.dataclass(kw_only=True)
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from magpie_hf.layout import RunLayout
+from magpie_hf.executors.layout import RunLayout
 from magpie_hf.seeds import row_seed
 from magpie_hf.steps.base import Batch, GeneratorStep, GlobalStep, ProgressCallback, Step, batch_len
 from magpie_hf.errors import ColumnTypeError
@@ -51,7 +51,7 @@ from magpie_hf.errors import ColumnTypeError
 if TYPE_CHECKING:
     import datasets
 
-    from magpie_hf.progress import StageProgress
+    from magpie_hf.executors.progress import StageProgress
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Locate the small models that ship inside PyPI packages, so nothing is downloaded at run time.
 
 Example:
-    >>> from magpie_hf.embedded import embedded_chat_model
+    >>> from magpie_hf.utils.embedded import embedded_chat_model
     >>> model_dir, gguf_file = embedded_chat_model()   # doctest: +SKIP
 """
 
@@ -48,7 +48,7 @@ def dequantize_gguf(model_dir: str | Path, gguf_file: str, target: str | Path) -
     ``target``: what vLLM (which has no GGUF loader) and plain ``from_pretrained`` can load.
 
     Example:
-        >>> from magpie_hf.embedded import dequantize_gguf, embedded_chat_model
+        >>> from magpie_hf.utils.embedded import dequantize_gguf, embedded_chat_model
         >>> dequantize_gguf(*embedded_chat_model(), "runs/smollm2-135m")   # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

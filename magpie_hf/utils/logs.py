@@ -1,5 +1,5 @@
 """Logging of the command-line tools and recipes: our own messages at INFO, every other library's at WARNING,
-and each line passed through :func:`magpie_hf.redaction.redact`, so no log line carries a secret (an HTTP
+and each line passed through :func:`magpie_hf.utils.redaction.redact`, so no log line carries a secret (an HTTP
 client logging request URLs, a library echoing its settings).
 
 Example:
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from magpie_hf.redaction import redact
+from magpie_hf.utils.redaction import redact
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: the loggers that speak at the chosen level; every other one (httpx, openai, transformers, datasets, ...) at WARNING

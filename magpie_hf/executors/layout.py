@@ -243,7 +243,7 @@ class RunLayout:
         never locks the user out. Otherwise :class:`PipelineMismatchError` names each differing setting and
         the ways out.
         """
-        from magpie_hf.redaction import hide_local_paths
+        from magpie_hf.utils.redaction import hide_local_paths
 
         self.root.mkdir(parents=True, exist_ok=True)
         # absolute local paths (a model folder, the embedded model's files) are written relative to the run's
