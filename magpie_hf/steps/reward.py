@@ -245,7 +245,7 @@ class RewardModel(Step):
 
     def resources(self, hardware: Hardware | None = None) -> Resources:
         """One GPU when the reward model will sit on CUDA (its ``device``, or CUDA where there is one)."""
-        from magpie_hf.engines import on_cuda
+        from magpie_hf.engines.loading import on_cuda
 
         return Resources(gpus=1 if on_cuda(self.device, hardware or Hardware.local()) else 0)
 
