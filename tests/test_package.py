@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import pkgutil
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli, the same parser (a requirement of pytest there)
+    import tomli as tomllib
 from pathlib import Path
 
 import pytest
