@@ -395,7 +395,8 @@ def regex_to_gbnf(pattern: str) -> str:
     by Python's own regex parser and written with GBNF's literals, character classes, groups,
     alternation and repetition (``*``, ``+``, ``?``, ``{m,n}``). Anchors, lookarounds, backreferences
     and inline flags have no GBNF form and raise ``ValueError``; the pattern already has to match the
-    whole output, as for vLLM's and SGLang's ``regex``. ``.`` is any character (newlines too), ``\\d``
+    whole output, as for vLLM's and SGLang's ``regex``. ``.`` is any character but a newline (as llguidance reads it: the
+    transformers engine and vLLM's guidance backend; SGLang's xgrammar takes newlines too), ``\\d``
     ``[0-9]``, ``\\s`` ASCII whitespace and ``\\w`` ``[a-zA-Z0-9_]`` (ASCII only).
 
     Example:
@@ -437,7 +438,7 @@ def _gbnf_item(op: Any, av: Any, c: Any, pattern: str) -> str:
     if op is c.NOT_LITERAL:
         return _gbnf_class([(c.NEGATE, None), (c.LITERAL, av)], c, pattern)
     if op is c.ANY:
-        return "[\\x00-\\U0010FFFF]"  # any character, as xgrammar (vLLM, SGLang) reads "."
+        return "[^\\n]"  # any character but a newline, as llguidance (the transformers engine, vLLM) reads "."
     if op is c.IN:
         return _gbnf_class(av, c, pattern)
     if op is c.CATEGORY:
