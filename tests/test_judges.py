@@ -129,7 +129,7 @@ def test_json_schema_processor_masks_per_row(embedded_tokenizer):
     """
     import json
 
-    pytest.importorskip("xgrammar")
+    pytest.importorskip("llguidance")
     from magpie_hf.constrained import json_schema_logits_processor
 
     tok = embedded_tokenizer
@@ -162,7 +162,7 @@ def test_json_schema_processor_masks_per_row(embedded_tokenizer):
 @pytest.mark.slow
 def test_constrained_decoding_makes_embedded_answers_parse(embedded_engine):
     """Plain model.generate with the JSON-schema processor: every answer parses and is in the set."""
-    pytest.importorskip("xgrammar")
+    pytest.importorskip("llguidance")
     from magpie_hf.constrained import json_schema_logits_processor
 
     tok, model = embedded_engine.tokenizer, embedded_engine.model
@@ -189,7 +189,7 @@ def test_constrained_decoding_makes_embedded_answers_parse(embedded_engine):
 def test_engine_constrains_to_the_schema_in_its_own_loop(embedded_engine):
     """engine.generate with SamplingConfig.json_schema (the continuous-batching path, sampled): every
     finished answer is JSON whose labels are in their sets."""
-    pytest.importorskip("xgrammar")
+    pytest.importorskip("llguidance")
     import json
 
     step = TaskCategory(engine=embedded_engine)

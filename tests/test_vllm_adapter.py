@@ -108,9 +108,15 @@ def test_gguf_is_refused_before_anything_loads(standin):
 def test_both_backends_compile_the_same_json_grammar(engine, embedded_tokenizer):
     """One setting (JSON_GRAMMAR) feeds the transformers constraint and vLLM's engine config."""
     sent = engine.llm.kwargs["structured_outputs_config"]
-    assert sent == JSON_GRAMMAR.vllm_structured_outputs_config() == {"backend": "xgrammar", "disable_any_whitespace": True}
-    assert vllm_standin.vllm_xgrammar_compile_kwargs(sent) == JSON_GRAMMAR.xgrammar_kwargs()
+    assert sent == JSON_GRAMMAR.vllm_structured_outputs_config() == {
+        "backend": "guidance", "disable_any_whitespace": True, "disable_additional_properties": True
+    }
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}
+    # the very grammar vLLM's guidance backend builds is the one the transformers engine compiles
+    import llguidance
+
+    ours = llguidance.LLMatcher.grammar_from_json_schema(JSON_GRAMMAR.json_schema(schema), defaults=JSON_GRAMMAR.llguidance_options())
+    assert vllm_standin.vllm_guidance_json_grammar(sent, schema) == ours
     params = engine.sampling_params(SamplingConfig(temperature=0, json_schema=schema))
     assert params.structured_outputs.json == schema
     # the transformers engine's grammar takes compact JSON and refuses free whitespace
@@ -122,6 +128,7 @@ def test_both_backends_compile_the_same_json_grammar(engine, embedded_tokenizer)
 
     assert accepts(json.dumps({"a": 1, "b": 2}, separators=(",", ":")))
     assert not accepts(json.dumps({"a": 1, "b": 2}))
+    assert not accepts(json.dumps({"a": 1, "b": 2, "c": 3}, separators=(",", ":")))  # no property the schema lacks
 
 
 def test_context_length_and_close(engine):

@@ -37,6 +37,7 @@ real model use the transformers engine.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -300,11 +301,43 @@ def logits_processor_modules() -> dict[str, types.ModuleType]:
     return modules
 
 
-def vllm_xgrammar_compile_kwargs(structured_outputs_config: dict) -> dict:
-    """What vLLM 0.34's xgrammar backend passes to ``compile_json_schema`` for an engine-level
-    ``StructuredOutputsConfig`` (``v1/structured_output/backend_xgrammar.py:39-41, 144-149``)."""
+def vllm_guidance_json_grammar(structured_outputs_config: dict, schema: dict) -> str:
+    """The llguidance grammar vLLM's guidance backend compiles for a JSON-schema request under an engine-level
+    ``StructuredOutputsConfig`` (vllm 0.32/0.34 ``v1/structured_output/backend_guidance.py``
+    ``serialize_guidance_grammar`` with ``process_for_additional_properties``)."""
+    import llguidance
+
+    if structured_outputs_config.get("disable_additional_properties", False):
+        schema = _no_additional_properties(schema)
     disable = bool(structured_outputs_config.get("disable_any_whitespace", False))
-    return {"any_whitespace": not disable, "separators": (",", ":") if disable else None}
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": not disable})
+
+
+def _no_additional_properties(data: Any) -> Any:
+    """vLLM's ``_walk_json_for_additional_properties`` on a copy (the keywords it walks)."""
+    data = copy.deepcopy(data)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"):
+                if isinstance(node.get(key), dict):
+                    for sub in node[key].values():
+                        walk(sub)
+            for key in ("additionalProperties", "unevaluatedProperties", "propertyNames", "contains", "additionalItems",
+                        "unevaluatedItems", "not", "if", "then", "else", "contentSchema", "items", "prefixItems",
+                        "allOf", "anyOf", "oneOf"):
+                if isinstance(node.get(key), (dict, list)):
+                    walk(node[key])
+            if "additionalProperties" not in node and (
+                isinstance(node.get("properties"), dict) or isinstance(node.get("patternProperties"), dict)
+            ):
+                node["additionalProperties"] = False
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(data)
+    return data
 
 
 def module(tokenizer: Any) -> types.SimpleNamespace:
@@ -320,4 +353,4 @@ def module(tokenizer: Any) -> types.SimpleNamespace:
     )
 
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "logits_processor_modules", "module", "vllm_xgrammar_compile_kwargs"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "logits_processor_modules", "module", "vllm_guidance_json_grammar"]

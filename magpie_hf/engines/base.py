@@ -43,7 +43,7 @@ class SamplingConfig:
 
     Constrained decoding (one at a time): ``json_schema`` (a JSON schema) or ``regex`` (the whole
     completion must match it; the model may end it only where the pattern is complete). The
-    transformers engine compiles both with xgrammar, vLLM with its xgrammar structured outputs, the
+    transformers engine compiles both with llguidance, vLLM with its llguidance (guidance) structured outputs, the
     OpenAI-compatible engines send them in each server's own field.
 
     First-step rules (the official Magpie generator's per-model logits processors; engines with
@@ -71,7 +71,7 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     json_schema: dict | None = field(default=None, hash=False, compare=False)
-    #: the completion must match this regular expression (xgrammar's regex dialect, full match)
+    #: the completion must match this regular expression (llguidance's regex dialect, full match)
     regex: str | None = None
     #: token ids the first generated token may not be
     first_token_banned_ids: tuple[int, ...] = ()

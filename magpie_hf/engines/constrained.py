@@ -1,13 +1,14 @@
-"""Constrained decoding for the transformers engine: JSON schemas and regular expressions (xgrammar).
+"""Constrained decoding for the transformers engine: JSON schemas and regular expressions (llguidance).
 
 vLLM maps ``SamplingConfig.json_schema`` and ``SamplingConfig.regex`` to its own structured outputs,
-with the same grammar settings (:data:`JSON_GRAMMAR`). For the transformers backend this module
-compiles the same constraints with `xgrammar <https://github.com/mlc-ai/xgrammar>`_, the grammar
-engine vLLM uses, so both backends accept the same schemas and patterns: :class:`GrammarConstraint`
-masks, at every step and for every row, the tokens that would break the constraint, and
-:class:`GrammarLogitsProcessor` does it inside ``model.generate``. For OpenAI-compatible servers
-that read a GBNF grammar instead of a regex (llama.cpp's ``grammar`` field), :func:`regex_to_gbnf`
-writes the same pattern as GBNF.
+with the same grammar settings (:data:`JSON_GRAMMAR`: vLLM's ``guidance`` backend, which is llguidance too).
+For the transformers backend this module compiles the same constraints with
+`llguidance <https://github.com/guidance-ai/llguidance>`_ (a 3 MB wheel with no dependencies), so both
+backends accept the same schemas and patterns and write the same JSON: :class:`GrammarConstraint` masks,
+at every step and for every row, the tokens that would break the constraint, and
+:class:`GrammarLogitsProcessor` does it inside ``model.generate``. For OpenAI-compatible servers that read
+a GBNF grammar instead of a regex (llama.cpp's ``grammar`` field), :func:`regex_to_gbnf` writes the same
+pattern as GBNF.
 
 Example:
     >>> from magpie_hf.engines.constrained import json_schema_logits_processor
@@ -50,9 +51,8 @@ __all__ = [
 ]
 
 _INSTALL_HINT = (
-    "Constrained decoding (JSON schemas, regular expressions) with the transformers backend needs xgrammar. Install it with "
-    "`pip install xgrammar` (on a CPU-only machine `pip install --no-deps xgrammar apache-tvm-ffi` "
-    "avoids pulling triton)."
+    "Constrained decoding (JSON schemas, regular expressions) with the transformers backend needs llguidance, "
+    "a requirement of magpie-hf: reinstall the package (`pip install -e .`) or run `pip install llguidance`."
 )
 
 
@@ -61,53 +61,87 @@ class JSONGrammarSettings:
     """How a JSON schema becomes a grammar, the same on every backend that constrains decoding.
 
     Compact JSON, no free whitespace: with free whitespace a model (small ones especially) can pad
-    an answer with spaces and newlines up to ``max_tokens`` and end unparseable. The transformers
-    engine compiles schemas with :meth:`xgrammar_kwargs`; the vLLM engine passes
-    :meth:`vllm_structured_outputs_config` as ``LLM(structured_outputs_config=...)``: vLLM reads the
-    whitespace setting only from its engine-level config (vllm 0.34 ``v1/structured_output/
-    backend_xgrammar.py:39-41``; ``StructuredOutputsParams.disable_any_whitespace`` of a request is
-    not read there) and then compiles with ``any_whitespace=False, separators=(",", ":")``
-    (``backend_xgrammar.py:144-155``), which is what :meth:`xgrammar_kwargs` gives xgrammar here.
+    an answer with spaces and newlines up to ``max_tokens`` and end unparseable. No property the schema
+    does not list (``additionalProperties: false`` where a schema says nothing). Both engines compile
+    with llguidance: the transformers engine with :meth:`llguidance_options` and :meth:`json_schema`, the
+    vLLM engine through ``LLM(structured_outputs_config=...)`` = :meth:`vllm_structured_outputs_config`:
+    vLLM reads these settings only from its engine-level config (``StructuredOutputsParams.
+    disable_any_whitespace`` of a request is not read), and its ``guidance`` backend compiles with
+    ``whitespace_flexible = not disable_any_whitespace`` and llguidance's default separators ``,`` and ``:``
+    (vllm 0.32 and 0.34 ``v1/structured_output/backend_guidance.py`` ``serialize_guidance_grammar``),
+    adding ``additionalProperties: false`` with ``disable_additional_properties``
+    (``process_for_additional_properties``), which is what this module does for the transformers engine.
 
     Example:
-        >>> JSON_GRAMMAR.xgrammar_kwargs()
-        {'any_whitespace': False, 'separators': (',', ':')}
+        >>> JSON_GRAMMAR.llguidance_options()
+        {'whitespace_flexible': False}
         >>> JSON_GRAMMAR.vllm_structured_outputs_config()
-        {'backend': 'xgrammar', 'disable_any_whitespace': True}
+        {'backend': 'guidance', 'disable_any_whitespace': True, 'disable_additional_properties': True}
+        >>> JSON_GRAMMAR.json_schema({"type": "object", "properties": {"a": {"type": "string"}}})
+        {'type': 'object', 'properties': {'a': {'type': 'string'}}, 'additionalProperties': False}
     """
 
-    #: the grammar engine (vLLM's ``StructuredOutputsConfig.backend``; the transformers engine always uses xgrammar)
-    backend: str = "xgrammar"
+    #: vLLM's ``StructuredOutputsConfig.backend`` (``guidance`` = llguidance, what the transformers engine uses)
+    backend: str = "guidance"
     any_whitespace: bool = False
     #: item and key separators of compact JSON
     separators: tuple[str, str] = (",", ":")
+    #: allow properties a schema does not list where it does not say (JSON Schema's default); off: strict
+    additional_properties: bool = False
 
-    def xgrammar_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``xgrammar.GrammarCompiler.compile_json_schema``."""
-        return {"any_whitespace": self.any_whitespace, "separators": self.separators}
+    def llguidance_options(self) -> dict[str, Any]:
+        """llguidance's JSON compile options (``LLMatcher.grammar_from_json_schema(defaults=...)``): separators
+        only where they differ from llguidance's own ``,`` and ``:``, so that the grammar is the very one vLLM's
+        guidance backend builds (it passes ``whitespace_flexible`` alone)."""
+        options: dict[str, Any] = {"whitespace_flexible": self.any_whitespace}
+        if self.separators != (",", ":"):
+            options.update(item_separator=self.separators[0], key_separator=self.separators[1])
+        return options
+
+    def json_schema(self, schema: dict | str) -> dict:
+        """``schema`` as compiled: with ``additionalProperties: false`` on every object that lists properties
+        and does not say (unless :attr:`additional_properties`), as vLLM's ``disable_additional_properties``."""
+        value = json.loads(schema) if isinstance(schema, str) else schema
+        return value if self.additional_properties else _no_additional_properties(value)
 
     def vllm_structured_outputs_config(self) -> dict[str, Any]:
         """``vllm.LLM(structured_outputs_config=...)`` (fields of vLLM's ``StructuredOutputsConfig``,
-        vllm 0.34 ``config/structured_outputs.py:18-35``)."""
-        if self.backend != "xgrammar" or (not self.any_whitespace and self.separators != (",", ":")):
+        vllm 0.32/0.34 ``config/structured_outputs.py``)."""
+        if self.backend != "guidance" or self.separators != (",", ":"):
             raise ValueError(
-                "vLLM compiles whitespace-free JSON with xgrammar and separators (',', ':') only; "
-                f"{self} cannot be given to vLLM."
+                "vLLM's guidance backend compiles JSON with llguidance's separators (',', ':') only, as the "
+                f"transformers engine does; {self} cannot be given to vLLM."
             )
-        return {"backend": self.backend, "disable_any_whitespace": not self.any_whitespace}
+        return {
+            "backend": self.backend,
+            "disable_any_whitespace": not self.any_whitespace,
+            "disable_additional_properties": not self.additional_properties,
+        }
 
     def vllm_server_args(self) -> list[str]:
         """The flags that give vLLM's OpenAI-compatible server the same grammar: vLLM reads the whitespace
-        setting from its engine config only (``v1/structured_output/backend_xgrammar.py:38-40,110-120`` in
-        0.32; a request's ``disable_any_whitespace`` is not used), so a server started without them answers
-        the judges' schemas with indented JSON, which takes several times the tokens and can overrun
-        ``max_tokens``.
+        setting from its engine config only (a request's ``disable_any_whitespace`` is not used), so a server
+        started without them answers the judges' schemas with indented JSON, which takes several times the
+        tokens and can overrun ``max_tokens``.
 
         Example:
             >>> JSON_GRAMMAR.vllm_server_args()
-            ['--structured-outputs-config', '{"backend":"xgrammar","disable_any_whitespace":true}']
+            ['--structured-outputs-config', '{"backend":"guidance","disable_any_whitespace":true,"disable_additional_properties":true}']
         """
         return ["--structured-outputs-config", json.dumps(self.vllm_structured_outputs_config(), separators=(",", ":"))]
+
+
+def _no_additional_properties(schema: Any) -> Any:
+    """A copy of ``schema`` with ``additionalProperties: false`` on every object that lists properties and
+    says nothing about others (in subschemas too)."""
+    if isinstance(schema, dict):
+        out = {key: _no_additional_properties(value) for key, value in schema.items()}
+        if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_no_additional_properties(value) for value in schema]
+    return schema
 
 
 #: the one JSON grammar setting both backends are built from
@@ -115,55 +149,77 @@ JSON_GRAMMAR = JSONGrammarSettings()
 
 
 def constrained_decoding_available() -> bool:
-    """Whether xgrammar can be imported (so :func:`json_schema_logits_processor` works)."""
+    """Whether llguidance can be imported (so :func:`json_schema_logits_processor` works)."""
     try:
-        import xgrammar  # noqa: F401
+        import llguidance  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-def _import_xgrammar() -> Any:
+def _import_llguidance() -> Any:
     try:
-        import xgrammar
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(_INSTALL_HINT) from err
-    return xgrammar
+    return llguidance
 
 
-# Compilers and compiled grammars per tokenizer object (dropped with the tokenizer). Building the
-# tokenizer info and compiling a grammar cost tens to hundreds of milliseconds; a processor is per call.
+# llguidance tokenizers and compiled grammars per tokenizer object (dropped with the tokenizer). Reading the
+# vocabulary takes about a second (once per tokenizer), a grammar one to a few milliseconds; a processor is per call.
 _CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
-def _compiled(tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...], kind: str, spec: str) -> Any:
-    """The xgrammar ``CompiledGrammar`` of a JSON schema (``kind="json"``) or a regex (``kind="regex"``)."""
-    xgr = _import_xgrammar()
+def _ll_tokenizer(tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> Any:
+    llg = _import_llguidance()
     cache = _CACHE.setdefault(tokenizer, {})
     key = (vocab_size, stop_token_ids)
     if key not in cache:
-        info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) or None
-        )
-        cache[key] = xgr.GrammarCompiler(info)
-    if (*key, kind, spec) not in cache:
+        try:
+            cache[key] = llg.hf.from_tokenizer(
+                tokenizer, n_vocab=vocab_size, eos_token=list(stop_token_ids) or None
+            )
+        except ValueError as err:  # a slow (Python) tokenizer
+            raise ValueError(
+                f"Constrained decoding needs a fast (Rust) tokenizer, as vLLM's does; {type(tokenizer).__name__} "
+                f"is not one ({err}). Load the model with its tokenizer.json, or run the step with constrained=False."
+            ) from err
+    return cache[key]
+
+
+def _compiled(tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...], kind: str, spec: str) -> Any:
+    """A fresh-state llguidance ``LLMatcher`` of a JSON schema (``kind="json"``) or a regex (``kind="regex"``),
+    to be copied for every row."""
+    llg = _import_llguidance()
+    ll_tokenizer = _ll_tokenizer(tokenizer, vocab_size, stop_token_ids)
+    cache = _CACHE[tokenizer]
+    key = (vocab_size, stop_token_ids, kind, spec)
+    if key not in cache:
         if kind == "json":
             # compact JSON (no free whitespace): small models otherwise loop on spaces and newlines
-            compiled = cache[key].compile_json_schema(spec, **JSON_GRAMMAR.xgrammar_kwargs())
+            grammar = llg.LLMatcher.grammar_from_json_schema(
+                JSON_GRAMMAR.json_schema(spec), defaults=JSON_GRAMMAR.llguidance_options()
+            )
         else:
-            # what vLLM does with StructuredOutputsParams.regex (vllm 0.34 v1/structured_output/backend_xgrammar.py:162-165)
-            compiled = cache[key].compile_regex(spec)
-        cache[(*key, kind, spec)] = compiled
-    return cache[(*key, kind, spec)]
+            # what vLLM's guidance backend does with StructuredOutputsParams.regex (serialize_guidance_grammar)
+            grammar = llg.grammar_from("regex", spec)
+        error = llg.LLMatcher.validate_grammar(grammar, ll_tokenizer)
+        if error:
+            raise ValueError(error)
+        cache[key] = llg.LLMatcher(ll_tokenizer, grammar, log_level=0)
+    return cache[key]
 
 
 class GrammarRowState:
     """Grammar state of one generated row: feed it each sampled token with :meth:`accept`."""
 
-    __slots__ = ("matcher", "done")
+    __slots__ = ("matcher", "done", "stop_token_ids")
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, stop_token_ids: Sequence[int] = ()) -> None:
         self.matcher = matcher
+        self.stop_token_ids = frozenset(stop_token_ids)
         #: the output is complete (stop token accepted) or the row left the grammar; no more masking
         self.done = False
 
@@ -171,8 +227,9 @@ class GrammarRowState:
         """Advance by the sampled token; False (and ``done``) when the grammar cannot take it."""
         if self.done:
             return False
-        ok = bool(self.matcher.accept_token(int(token_id)))
-        if not ok or self.matcher.is_terminated():
+        token_id = int(token_id)
+        ok = bool(self.matcher.consume_token(token_id))
+        if not ok or token_id in self.stop_token_ids:
             self.done = True
         return ok
 
@@ -188,7 +245,8 @@ class GrammarConstraint:
         scores = constraint.mask(scores, [r.grammar for r in active])  # before choosing tokens
         row.grammar.accept(token)                                   # after choosing, for every row
 
-    The row may end (take a stop token) only where the JSON or the regex match is complete.
+    The row may end (take a stop token) only where the JSON or the regex match is complete. Where the
+    grammar forces the next characters, llguidance allows only the tokenizer's own split of them.
     """
 
     def __init__(
@@ -202,22 +260,25 @@ class GrammarConstraint:
     ) -> None:
         if (json_schema is None) == (regex is None):
             raise ValueError("GrammarConstraint takes exactly one of json_schema= or regex=.")
-        self._xgr = _import_xgrammar()
+        self._llg = _import_llguidance()
         stops = tuple(sorted({int(t) for t in stop_token_ids}))
         if json_schema is not None:
             # key order is the order fields are written
             kind, spec, what = "json", json_schema if isinstance(json_schema, str) else json.dumps(json_schema), "JSON schema"
         else:
             kind, spec, what = "regex", str(regex), "regex"
+        size = max(int(vocab_size or 0), len(tokenizer))  # as vLLM's guidance backend
         try:
-            self._grammar = _compiled(tokenizer, int(vocab_size or len(tokenizer)), stops, kind, spec)
-        except RuntimeError as err:
+            self._matcher = _compiled(tokenizer, size, stops, kind, spec)
+        except ValueError as err:
             raise ValueError(f"Cannot compile {what} for constrained decoding: {err}") from err
-        self.vocab_size = self._grammar.tokenizer_info.vocab_size
+        ll_tokenizer = _CACHE[tokenizer][(size, stops)]
+        self.vocab_size = ll_tokenizer.vocab_size
+        self.stop_token_ids = tuple(stops) or (ll_tokenizer.eos_token,)
         self._bitmask: Any = None
 
     def new_row(self) -> GrammarRowState:
-        return GrammarRowState(self._xgr.GrammarMatcher(self._grammar))
+        return GrammarRowState(self._matcher.deep_copy(), self.stop_token_ids)
 
     def mask(self, scores: Any, rows: Sequence[GrammarRowState]) -> Any:
         """Set to -inf, in place, the logits each unfinished row may not take next; returns ``scores``."""
@@ -229,10 +290,12 @@ class GrammarConstraint:
         if not active:
             return scores
         if self._bitmask is None or self._bitmask.shape[0] < len(active):
-            self._bitmask = self._xgr.allocate_token_bitmask(max(len(active), 8), self.vocab_size)
-        for slot, i in enumerate(active):
-            rows[i].matcher.fill_next_token_bitmask(self._bitmask, slot)
-        allowed = _unpack_bitmask(self._bitmask[: len(active)], self.vocab_size).to(scores.device)
+            self._bitmask = torch.full((max(len(active), 8), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        bitmask = self._bitmask[: len(active)]
+        self._llg.torch.fill_next_token_bitmask_par(
+            _executor(), [(rows[i].matcher, slot) for slot, i in enumerate(active)], bitmask
+        )
+        allowed = _unpack_bitmask(bitmask, self.vocab_size).to(scores.device)
         width = scores.shape[-1]
         if allowed.shape[-1] < width:  # model vocab padded beyond the tokenizer: never allowed
             pad = torch.zeros(len(active), width - allowed.shape[-1], dtype=torch.bool, device=scores.device)
@@ -240,6 +303,12 @@ class GrammarConstraint:
         index = torch.tensor(active, device=scores.device)
         scores[index] = scores[index].masked_fill(~allowed[:, :width], float("-inf"))
         return scores
+
+
+@functools.lru_cache(maxsize=1)
+def _executor() -> Any:
+    """llguidance's thread pool that computes the masks of a batch's rows in parallel."""
+    return _import_llguidance().LLExecutor()
 
 
 class JSONSchemaConstraint(GrammarConstraint):
@@ -284,7 +353,7 @@ JSONSchemaLogitsProcessor = GrammarLogitsProcessor
 
 
 def _unpack_bitmask(bitmask: Any, vocab_size: int) -> Any:
-    """xgrammar's packed int32 bitmask ``[rows, ceil(V/32)]`` -> bool ``[rows, V]`` (any device)."""
+    """A packed int32 token bitmask ``[rows, ceil(V/32)]`` (llguidance's, as vLLM's) -> bool ``[rows, V]``."""
     import torch
 
     shifts = torch.arange(32, dtype=torch.int32)
@@ -302,14 +371,14 @@ def json_schema_logits_processor(
     """A fresh logits processor that constrains every row of one ``model.generate`` call to ``schema``.
 
     Args:
-        tokenizer: the model's Hugging Face tokenizer.
+        tokenizer: the model's Hugging Face tokenizer (a fast one).
         schema: a JSON schema (dict or JSON string).
         vocab_size: the model's logits width (``model.config.vocab_size``); defaults to ``len(tokenizer)``.
         stop_token_ids: tokens that end a row once the JSON is complete (the ids passed as
             ``eos_token_id``); defaults to the tokenizer's EOS.
 
     Raises:
-        ImportError: xgrammar is not installed.
+        ImportError: llguidance is not installed.
         ValueError: the schema cannot be compiled.
     """
     constraint = JSONSchemaConstraint(tokenizer, schema, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
@@ -326,7 +395,8 @@ def regex_to_gbnf(pattern: str) -> str:
     by Python's own regex parser and written with GBNF's literals, character classes, groups,
     alternation and repetition (``*``, ``+``, ``?``, ``{m,n}``). Anchors, lookarounds, backreferences
     and inline flags have no GBNF form and raise ``ValueError``; the pattern already has to match the
-    whole output, as for vLLM's and SGLang's ``regex``. ``.`` is any character (newlines too, as xgrammar reads it), ``\\d``
+    whole output, as for vLLM's and SGLang's ``regex``. ``.`` is any character but a newline (as llguidance reads it: the
+    transformers engine and vLLM's guidance backend; SGLang's xgrammar takes newlines too), ``\\d``
     ``[0-9]``, ``\\s`` ASCII whitespace and ``\\w`` ``[a-zA-Z0-9_]`` (ASCII only).
 
     Example:
@@ -368,7 +438,7 @@ def _gbnf_item(op: Any, av: Any, c: Any, pattern: str) -> str:
     if op is c.NOT_LITERAL:
         return _gbnf_class([(c.NEGATE, None), (c.LITERAL, av)], c, pattern)
     if op is c.ANY:
-        return "[\\x00-\\U0010FFFF]"  # any character, as xgrammar (vLLM, SGLang) reads "."
+        return "[^\\n]"  # any character but a newline, as llguidance (the transformers engine, vLLM) reads "."
     if op is c.IN:
         return _gbnf_class(av, c, pattern)
     if op is c.CATEGORY:

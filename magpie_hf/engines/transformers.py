@@ -7,7 +7,7 @@ distinct prompt text is prefilled once per admission and its cache copied to all
 decoded tail of each row only. Models whose cache is not a plain full-attention ``DynamicCache``
 (sliding-window or hybrid layers) fall back to batched ``model.generate``. A
 ``SamplingConfig.json_schema`` or ``SamplingConfig.regex`` constrains every row in both paths
-(:mod:`magpie_hf.engines.constrained`, xgrammar), and the first-step rules
+(:mod:`magpie_hf.engines.constrained`, llguidance), and the first-step rules
 (``first_token_banned_ids``, ``first_token_temperature_scale``) change the logits of each row's
 first generated token only (:class:`_FirstTokenRule`).
 
@@ -266,7 +266,7 @@ class TransformersEngine(Engine):
         self.model = None  # type: ignore[assignment]
 
     def _constraint(self, sampling: SamplingConfig) -> Any:
-        """The compiled constraint of ``sampling`` (its JSON schema or regex, with xgrammar), or None."""
+        """The compiled constraint of ``sampling`` (its JSON schema or regex, with llguidance), or None."""
         if sampling.json_schema is None and sampling.regex is None:
             return None
         from magpie_hf.engines.constrained import GrammarConstraint

@@ -30,12 +30,12 @@ What this adapter relies on:
   (``v1/engine/__init__.py:37,69-89``); abort/error (and repetition, which we never enable) become
   failed completions with the reason.
 - JSON schemas and regexes go in ``SamplingParams(structured_outputs=StructuredOutputsParams(json=...))``
-  / ``(regex=...)`` (``sampling_params.py:102-113``; xgrammar compiles a regex with ``compile_regex``,
-  ``v1/structured_output/backend_xgrammar.py:162-165``, as the transformers engine does); the
-  whitespace setting is engine-level only
-  (``LLM(structured_outputs_config=...)``, ``entrypoints/llm.py:219-285``;
-  ``v1/structured_output/backend_xgrammar.py:39-41,144-155``), built from
-  :data:`magpie_hf.engines.constrained.JSON_GRAMMAR` like the transformers engine's grammar.
+  / ``(regex=...)`` (``sampling_params.py:102-113``), compiled by vLLM's ``guidance`` backend with
+  llguidance, as the transformers engine does (``v1/structured_output/backend_guidance.py``
+  ``serialize_guidance_grammar``: ``llguidance.grammar_from("regex", ...)``, ``grammar_from_json_schema``); the
+  whitespace and additional-properties settings are engine-level only
+  (``LLM(structured_outputs_config=...)``, ``entrypoints/llm.py:219-285``; ``GuidanceBackend.__post_init__``),
+  built from :data:`magpie_hf.engines.constrained.JSON_GRAMMAR` like the transformers engine's grammar.
 - First-step rules (``SamplingConfig.first_token_banned_ids``, ``first_token_temperature_scale``): vLLM's
   V1 engine dropped per-request logits-processor callables; a custom ``LogitsProcessor`` class is given
   to ``LLM(logits_processors=[...])`` as a ``module:Class`` name (``entrypoints/llm.py:228,342``,
@@ -93,7 +93,7 @@ def llm_kwargs(config: EngineConfig) -> dict[str, Any]:
 
     Example:
         >>> llm_kwargs(EngineConfig("m", backend="vllm"))["structured_outputs_config"]
-        {'backend': 'xgrammar', 'disable_any_whitespace': True}
+        {'backend': 'guidance', 'disable_any_whitespace': True, 'disable_additional_properties': True}
         >>> "logits_processors" in llm_kwargs(EngineConfig("m", backend="vllm"))
         False
         >>> llm_kwargs(EngineConfig("m", backend="vllm", first_token_rules=True))["logits_processors"]

@@ -215,7 +215,7 @@ class LlamaGuard(Step):
             self.stats["empty_input"] += 1
         conversations = [self.conversation(instructions[i], responses[i]) for i in todo]
         taxonomy = self.resolved_taxonomy()
-        # the answer is constrained to the verdict format on every engine (xgrammar on transformers and
+        # the answer is constrained to the verdict format on every engine (llguidance on transformers and
         # vLLM; each OpenAI-compatible server's regex/grammar field), so every row gets a verdict
         # (with room for the longest verdict, so a constrained answer is never cut inside the format)
         sampling = SamplingConfig(temperature=0.0, max_tokens=self.max_tokens)

