@@ -14,7 +14,7 @@ FLOOR_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python)
 FLOOR_VENV ?= .venv-floor
 FPY := $(FLOOR_VENV)/bin/python
 
-.PHONY: setup setup-dev setup-vllm setup-floor demo test test-fast test-vllm test-floor
+.PHONY: setup setup-dev setup-vllm setup-floor demo lint test test-fast test-vllm test-floor
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ setup-floor: $(FLOOR_VENV)/.ready
 
 demo: setup
 	$(PY) recipes/magpie_pro.py --preset cpu --output-dir runs/demo
+
+lint: setup-dev
+	$(PY) -m ruff check magpie_hf recipes tests bench
 
 # the two-node Ray cluster test gets a driver process of its own: Ray Data keeps process-wide state across
 # ray.shutdown()/ray.init(), and after the local-cluster tests of tests/test_ray.py its actors never start

@@ -102,8 +102,8 @@ def main() -> None:
     timed = timer.run
 
     for r in range(args.rounds):
-        a = ("pipeline", lambda: run_pipeline(config, args.rows, args.max_tokens, work / f"run{r}", seed=r))
-        b = ("generate", lambda: run_generate(model, tokenizer, pre_query, stop_ids, args.rows, args.batch_size, args.max_tokens, seed=r))
+        a = ("pipeline", lambda r=r: run_pipeline(config, args.rows, args.max_tokens, work / f"run{r}", seed=r))
+        b = ("generate", lambda r=r: run_generate(model, tokenizer, pre_query, stop_ids, args.rows, args.batch_size, args.max_tokens, seed=r))
         for name, fn in (a, b) if r % 2 == 0 else (b, a):
             timed(name, fn)
     if not args.skip_distilabel:

@@ -57,8 +57,8 @@ def main() -> None:
     import ray
 
     from magpie_hf.engines import EngineConfig
-    from magpie_hf.pipeline import Pipeline
     from magpie_hf.executors.ray import RayExecutor, RayStageResources
+    from magpie_hf.pipeline import Pipeline
     from magpie_hf.steps import Responses
 
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="magpie-hf-scale-"))

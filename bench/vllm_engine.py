@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="the transformers engine's batch")
     args = parser.parse_args()
 
-    from magpie_hf.utils.embedded import dequantize_gguf, embedded_chat_model
     from magpie_hf.engines import EngineConfig, load_engine, release_engines
+    from magpie_hf.utils.embedded import dequantize_gguf, embedded_chat_model
 
     work = Path(tempfile.mkdtemp(prefix="magpie_bench_vllm_"))
     print(f"saving the dequantized embedded model to {work / 'model'}", flush=True)
@@ -86,8 +86,8 @@ def main() -> None:
     print(f"vLLM engine loaded in {time.perf_counter() - start:.1f}s", flush=True)
     run_pipeline(engine, 8, 16, work / "warmup", seed=99)  # first-call costs (compilation, caches) out of the timings
     for r in range(args.rounds):
-        a = ("pipeline", lambda: run_pipeline(engine, args.rows, args.max_tokens, work / f"run{r}", seed=r))
-        b = ("raw", lambda: run_raw(engine, args.rows, args.max_tokens, seed=r))
+        a = ("pipeline", lambda r=r: run_pipeline(engine, args.rows, args.max_tokens, work / f"run{r}", seed=r))
+        b = ("raw", lambda r=r: run_raw(engine, args.rows, args.max_tokens, seed=r))
         for name, fn in (a, b) if r % 2 == 0 else (b, a):
             timed(name, fn)
     release_engines([vllm_config])

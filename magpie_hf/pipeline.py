@@ -39,14 +39,14 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from magpie_hf import engines
-from magpie_hf.executors import Executor, LocalExecutor, StageFailedError
+from magpie_hf.errors import ShardsNotVisibleError
+from magpie_hf.executors import Executor, LocalExecutor
 from magpie_hf.executors.layout import PipelineMismatchError, RunLayout
 from magpie_hf.executors.progress import StageProgress
-from magpie_hf.utils.redaction import redact
 from magpie_hf.executors.runner import ShardReport, ShardTask, run_global
 from magpie_hf.seeds import row_seed, stage_seed
 from magpie_hf.steps.base import GeneratorStep, GlobalStep, Step
-from magpie_hf.errors import ShardsNotVisibleError
+from magpie_hf.utils.redaction import redact
 
 if TYPE_CHECKING:
     import datasets

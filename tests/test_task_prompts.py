@@ -155,7 +155,7 @@ def test_task_control_on_the_embedded_model(embedded_engine):
     batch = step.generate(offset=0, num_rows=24, seed=11)
     assert len(batch["instruction"]) == 24 - step.stats["dropped_empty_instruction"]
     mix = step.task
-    for cid, key, config in zip(batch["conversation_id"], batch["system_prompt_key"], batch["gen_input_configs"]):
+    for key, config in zip(batch["system_prompt_key"], batch["gen_input_configs"]):
         assert config["system_prompt"] == mix.prompts[key]
         assert mix.prompts[key] in config["pre_query_template"]
     row_keys = [mix.key_for_row(i, 1) for i in range(24)]

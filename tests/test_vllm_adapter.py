@@ -12,7 +12,6 @@ Triton, which vLLM's CPU build refuses).
 
 from __future__ import annotations
 
-import collections
 import json
 
 import pytest
@@ -23,12 +22,10 @@ from magpie_hf.engines import EngineConfig, SamplingConfig, resolve_backend
 from magpie_hf.engines.vllm import VLLMEngine
 from magpie_hf.postprocess import markdown_heading_token_ids
 from magpie_hf.seeds import row_seed, row_seeds, stage_seed
-from magpie_hf.steps import MagpieInstructions, Responses
-from magpie_hf.steps.generate import PRO_MIXTURE
+from magpie_hf.steps import MagpieInstructions
 from magpie_hf.steps.multi_turn import MultiTurn
 from magpie_hf.steps.preferences import MultiResponses
 from magpie_hf.steps.reward import JudgeReward
-from magpie_hf.steps.safety import LlamaGuard, verdict_max_chars, verdict_regex
 from magpie_hf.task_prompts import TaskControlledInstructions
 from tests import vllm_standin
 

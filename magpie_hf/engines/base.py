@@ -395,6 +395,6 @@ class Engine(abc.ABC):
         """:meth:`generate` for a non-empty list of prompts that fit in the context, with one seed per
         prompt (or none): what each backend implements. Greedy requests come with ``n == 1``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (an optional hook: server-backed engines hold no model)
         """Free the model and any accelerator memory it holds."""
 

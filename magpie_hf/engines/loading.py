@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Iterable
 
-from magpie_hf.engines.base import Completion, Engine, SamplingConfig
+from magpie_hf.engines.base import Engine
 from magpie_hf.engines.config import EngineConfig
 from magpie_hf.hardware import Hardware, Resources, vllm_installed
 

@@ -78,8 +78,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.engines.base import Completion, Engine, FinishReason, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
-from magpie_hf.utils.redaction import redact
 from magpie_hf.errors import OpenAIServerError
+from magpie_hf.utils.redaction import redact
 
 if TYPE_CHECKING:
     from magpie_hf.templates import ChatTemplates

@@ -11,8 +11,8 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Sequence
 
+from magpie_hf.errors import StageFailedError as StageFailedError  # importable here, where it is raised
 from magpie_hf.hardware import Hardware
-from magpie_hf.errors import StageFailedError
 
 if TYPE_CHECKING:
     from magpie_hf.executors.layout import RunLayout
@@ -24,10 +24,10 @@ if TYPE_CHECKING:
 class Executor(abc.ABC):
     """Runs the shard tasks of one stage at a time."""
 
-    def start(self) -> None:
+    def start(self) -> None:  # noqa: B027  (an optional hook)
         """Get ready to run (connect to a cluster); called once before the first stage."""
 
-    def check_steps(self, steps: Sequence["Step"]) -> None:
+    def check_steps(self, steps: Sequence["Step"]) -> None:  # noqa: B027  (an optional hook)
         """Refuse, after :meth:`start` and before the first stage, steps the workers can never run (default:
         nothing to check)."""
 

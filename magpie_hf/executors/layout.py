@@ -48,6 +48,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from magpie_hf.errors import PipelineMismatchError, RunLockedError
 
 logger = logging.getLogger(__name__)

@@ -70,9 +70,9 @@ import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from magpie_hf.executors.base import Executor, StageFailedError
-from magpie_hf.hardware import Hardware, Resources
 from magpie_hf.executors.layout import RunLayout
 from magpie_hf.executors.runner import ShardReport, ShardTask, run_shard
+from magpie_hf.hardware import Hardware, Resources
 
 if TYPE_CHECKING:
     from magpie_hf.executors.progress import StageProgress

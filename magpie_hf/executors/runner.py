@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from magpie_hf.errors import ColumnTypeError
 from magpie_hf.executors.layout import RunLayout
 from magpie_hf.seeds import row_seed
 from magpie_hf.steps.base import Batch, GeneratorStep, GlobalStep, ProgressCallback, Step, batch_len
-from magpie_hf.errors import ColumnTypeError
 
 if TYPE_CHECKING:
     import datasets

@@ -21,13 +21,11 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
-
+from magpie_hf.errors import CardTemplateNotFound
 from magpie_hf.utils.redaction import local_path
 
 from .layout import CARD_FILE, RUN_FILE, FolderLayout, read_layout
-from magpie_hf.errors import CardTemplateNotFound
 
 TEMPLATE = "dataset_card.md.j2"
 PAPER_URL = "https://arxiv.org/abs/2406.08464"

@@ -10,7 +10,14 @@ import importlib
 from typing import Any
 
 from magpie_hf.steps.base import Batch, GeneratorStep, GlobalStep, Step, StepChain
-from magpie_hf.steps.generate import AIR_MIXTURE, EMBEDDED_MIXTURE, PRO_MIXTURE, DecodingSetting, MagpieInstructions, Responses
+from magpie_hf.steps.generate import (
+    AIR_MIXTURE,
+    EMBEDDED_MIXTURE,
+    PRO_MIXTURE,
+    DecodingSetting,
+    MagpieInstructions,
+    Responses,
+)
 
 _LAZY = {
     "magpie_hf.steps.judges": ("TaskCategory", "InputQuality", "Difficulty"),

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import pyarrow as pa
 
-from magpie_hf.hardware import Hardware, Resources
 from magpie_hf.errors import MissingColumnsError
+from magpie_hf.hardware import Hardware, Resources
 from magpie_hf.utils.serialization import jsonable
 
 if TYPE_CHECKING:

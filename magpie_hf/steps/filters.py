@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from magpie_hf.steps.base import GlobalStep
-
 from magpie_hf.prompts.labels import ORDINAL_SCALES
+from magpie_hf.steps.base import GlobalStep
 
 if TYPE_CHECKING:
     import datasets

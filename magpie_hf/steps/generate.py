@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
-from magpie_hf.steps.postprocess import apply_filters
 from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import (
     BOOL,
@@ -34,6 +33,7 @@ from magpie_hf.steps.base import (
     select_rows,
     struct,
 )
+from magpie_hf.steps.postprocess import apply_filters
 
 logger = logging.getLogger(__name__)
 

@@ -23,13 +23,12 @@ import json
 import logging
 from typing import Any, ClassVar, Sequence
 
-
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
-from magpie_hf.seeds import row_seeds
-from magpie_hf.prompts.labels import DIFFICULTIES, INPUT_QUALITIES, TASK_CATEGORIES
-from magpie_hf.steps.base import STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
 from magpie_hf.errors import JudgeError
+from magpie_hf.prompts.labels import DIFFICULTIES, INPUT_QUALITIES, TASK_CATEGORIES
+from magpie_hf.seeds import row_seeds
+from magpie_hf.steps.base import STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Sequence
 
 from magpie_hf.engines import Engine, EngineConfig, SamplingConfig
-from magpie_hf.steps.postprocess import InstructionFilter, apply_filters
 from magpie_hf.seeds import SEEDS_PER_ROW, row_seeds
 from magpie_hf.steps.base import INT, MESSAGES, STRING, Batch, Features, Step, resolve_engine, select_rows
 from magpie_hf.steps.generate import ChatTemplateMixin
+from magpie_hf.steps.postprocess import InstructionFilter, apply_filters
 
 if TYPE_CHECKING:
     from magpie_hf.engines import Completion
@@ -189,7 +189,7 @@ class MultiTurn(Step, ChatTemplateMixin):
                 self.stats["dropped_empty_first_turn"] += 1
             keep_row.append(usable)
             ended.append("truncated_response@1" if usable and self.end_on_truncated and reason == "length" else None)
-        for i, why in enumerate(ended):
+        for why in ended:
             if why:
                 self.stats["ended_early_truncated_response"] += 1
 

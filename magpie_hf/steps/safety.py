@@ -21,12 +21,11 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-
 from magpie_hf.engines.base import Engine, SamplingConfig
 from magpie_hf.engines.config import EngineConfig
+from magpie_hf.errors import VerdictError
 from magpie_hf.seeds import row_seeds
 from magpie_hf.steps.base import BOOL, STRING, STRINGS, Batch, Features, Step, batch_len, resolve_engine
-from magpie_hf.errors import VerdictError
 
 PAPER_GUARD_MODEL = "meta-llama/Meta-Llama-Guard-2-8B"
 
