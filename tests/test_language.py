@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from magpie_hf.errors import ConfigError
 from magpie_hf.steps.language import Language
 
 TEXTS = {
@@ -136,7 +137,7 @@ def test_language_flag_steers_step_one_tags_and_filters():
 def test_bad_language_settings_stop_before_loading(argv, message):
     from magpie_hf.recipe import parse_recipe
 
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ConfigError, match=message):
         parse_recipe(_pro(), ["--preset", "cpu", *argv])
 
 

@@ -36,7 +36,7 @@ def test_cli_lists_its_subcommands(capsys):
 def test_recipe_commands_run_the_scripts(tmp_path, capsys):
     """``magpie-hf pro ...`` runs recipes/magpie_pro.py with the same arguments; ``--config`` takes a shipped name."""
     from magpie_hf.cli import main
-    from magpie_hf.recipes_cli import RECIPES, recipes_dir
+    from magpie_hf.cli.recipes import RECIPES, recipes_dir
 
     assert all((recipes_dir() / f"{script}.py").is_file() for script in RECIPES.values())
     assert main(["pro", "--preset", "cpu", "--dry_run", "--output_dir", str(tmp_path / "a")]) == 0

@@ -26,17 +26,25 @@ _EXPORTS = {
     "push_later_hint": "publishing",
     "render_card": "card",
     "read_layout": "layout",
-    "finish_recipe": "cli",
+    "finish_recipe": "publishing",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .card import render_card
-    from .cli import finish_recipe
     from .folder import save_dataset_folder
     from .layout import read_layout
-    from .publishing import HubAuthError, PublishError, PublishResult, TagExistsError, parse_version, publish, push_later_hint
+    from .publishing import (
+        HubAuthError,
+        PublishError,
+        PublishResult,
+        TagExistsError,
+        finish_recipe,
+        parse_version,
+        publish,
+        push_later_hint,
+    )
 
 
 def __getattr__(name: str):

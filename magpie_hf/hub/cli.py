@@ -1,108 +1,12 @@
-"""Command line: ``magpie-hf push``, and what a recipe does with its dataset folder at the end.
+"""Deprecated: ``magpie-hf push`` moved to :mod:`magpie_hf.cli.push`, :func:`finish_recipe` to
+:mod:`magpie_hf.hub.publishing`. This module re-exports them for one release."""
 
-Example:
-    $ magpie-hf push runs/pro/dataset me/magpie-pro --version 1.0.0
-    $ python recipes/magpie_pro.py --preset cpu --push_to_hub me/magpie-pro-demo --version 0.1.0
+import warnings
 
-In code::
+from magpie_hf.cli.push import register_cli
+from magpie_hf.hub.publishing import finish_recipe
 
-    folder = save_dataset_folder(out / "dataset", configs, run_info, license="apache-2.0")
-    finish_recipe(folder, repo_id="me/magpie-pro", version="v1.0.0")   # publishes, or prints how to push later
-"""
+__all__ = ["finish_recipe", "register_cli"]
 
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-from pathlib import Path
-
-
-def _version(text: str) -> str:
-    from .publishing import parse_version
-
-    try:
-        return parse_version(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def finish_recipe(
-    folder: str | os.PathLike,
-    *,
-    repo_id: str | None = None,
-    version: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    force: bool = False,
-    token: str | None = None,
-):
-    """Publish ``folder`` to ``repo_id`` as ``version``; without a ``repo_id``, print how to load and push it.
-
-    Returns the :class:`~magpie_hf.hub.PublishResult`, or None when nothing was to be pushed. A refused publish
-    (existing tag, auth error, no version) exits with the reason; the folder is always kept.
-    """
-    from .layout import read_layout
-    from .publishing import PublishError, parse_version, publish, push_later_hint
-
-    folder = Path(folder)
-    if repo_id:
-        if not version:
-            raise SystemExit("error: publishing needs a version X.Y.Z (the tag that pins it, e.g. --version 1.0.0)")
-        try:
-            return publish(folder, repo_id, parse_version(version), token=token, private=private, revision=revision,
-                           force=force)
-        except PublishError as err:
-            raise SystemExit(f"error: {err}") from None
-    default = read_layout(folder).configs[0]
-    print(
-        f"Dataset written to {folder}\n"
-        f"  load it:  datasets.load_dataset({str(folder)!r}, {default!r})\n"
-        f"  push it:  {push_later_hint(folder, 'USER/REPO', version or 'v1.0.0')}"
-    )
-    return None
-
-
-def _push(args: argparse.Namespace) -> int:
-    from .publishing import HubAuthError, PublishError, publish
-
-    try:
-        result = publish(
-            args.folder,
-            args.repo,
-            args.version,
-            private=args.private,
-            revision=args.revision,
-            force=args.force,
-            commit_message=args.commit_message,
-        )
-    except HubAuthError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (PublishError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if result.pushed:
-        print(result.message)
-        print(f"  load it: datasets.load_dataset({result.repo_id!r}, revision={result.tag!r})")
-        return 0
-    return 1
-
-
-def register_cli(subparsers) -> None:
-    """Add ``magpie-hf push FOLDER REPO --version X.Y.Z``."""
-    parser = subparsers.add_parser(
-        "push",
-        help="publish a dataset folder to the Hub as one commit tagged vX.Y.Z",
-        description="Upload a dataset folder (Parquet per config, dataset card, plots) to a Hub dataset repository in "
-        "one commit and tag it vX.Y.Z. The token comes from HF_TOKEN or `hf auth login`; an existing tag is refused "
-        "unless --force.",
-    )
-    parser.add_argument("folder", help="dataset folder written by a recipe (OUTPUT_DIR/dataset)")
-    parser.add_argument("repo", help="Hub dataset repository, user/name (created if missing)")
-    parser.add_argument("--version", type=_version, required=True, metavar="X.Y.Z", help="semantic version; the tag is vX.Y.Z")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--revision", default=None, metavar="BRANCH", help="commit to this branch instead of main")
-    parser.add_argument("--force", action="store_true", help="move an existing tag instead of refusing")
-    parser.add_argument("--commit-message", default=None, help="default: 'Publish <recipe> vX.Y.Z'")
-    parser.set_defaults(func=_push)
+warnings.warn("magpie_hf.hub.cli is deprecated; import finish_recipe from magpie_hf.hub (the push command is "
+              "magpie_hf.cli.push)", DeprecationWarning, stacklevel=2)

@@ -1,7 +1,8 @@
 """The ``magpie-hf`` command.
 
-Each subcommand lives in the module that owns its idea and exposes ``register_cli(subparsers)``,
-which adds its parser and sets ``func`` to the function that runs it.
+Each subcommand is a module of :mod:`magpie_hf.cli` (``template``, ``push``, the recipes) that exposes
+``register_cli(subparsers)``, which adds its parser and sets ``func`` to the function that runs it. A
+:class:`~magpie_hf.errors.MagpieError` ends as one ``error:`` line (:func:`magpie_hf.cli.command.command_line`).
 
 Example:
     $ magpie-hf template HuggingFaceTB/SmolLM2-135M-Instruct
@@ -17,7 +18,7 @@ import logging
 import sys
 
 #: modules that contribute subcommands
-SUBCOMMAND_MODULES = ("magpie_hf.templates", "magpie_hf.hub.cli", "magpie_hf.recipes_cli")
+SUBCOMMAND_MODULES = ("magpie_hf.cli.template", "magpie_hf.cli.push", "magpie_hf.cli.recipes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,16 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from magpie_hf.cli.command import command_line
+    from magpie_hf.cli.recipes import RECIPES, run_recipe_script
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    from magpie_hf.recipes_cli import RECIPES, run_recipe_script
-
     if argv and argv[0] in RECIPES:  # every argument after it, --help included, belongs to the recipe
-        return run_recipe_script(RECIPES[argv[0]], argv[1:])
+        with command_line(logs=False):  # the script sets up its own
+            return run_recipe_script(RECIPES[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
-    from magpie_hf.logs import setup_logging
-
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    return int(args.func(args) or 0)
+    with command_line(logging.DEBUG if args.verbose else logging.INFO):
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":
