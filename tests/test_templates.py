@@ -422,7 +422,7 @@ def test_cli_on_embedded_model(capsys, monkeypatch):
     assert 'template kwargs:   {"enable_thinking": false}' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args, "--chat-template-kwargs", '["enable_thinking"]'])
-    assert "expected a JSON object" in capsys.readouterr().err
+    assert "--chat-template-kwargs must be a JSON object" in capsys.readouterr().err
     assert main([*args, "--chat-template-kwargs", '{"tokenize": true}']) == 2
     assert "may not set ['tokenize']" in capsys.readouterr().err
     assert main([*args, "--pre-query-template", "<|im_start|>user\\nQ: ", "--json"]) == 0

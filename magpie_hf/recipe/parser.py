@@ -211,7 +211,7 @@ def parse_json_object(text: str | dict | None, flag: str) -> dict[str, Any] | No
         >>> parse_json_object("[1]", "--chat_template_kwargs")
         Traceback (most recent call last):
         ...
-        ValueError: --chat_template_kwargs must be a JSON object, got '[1]'
+        ValueError: --chat_template_kwargs must be a JSON object such as '{"enable_thinking": false}', got '[1]'
     """
     if text is None or isinstance(text, dict):
         return text
@@ -220,5 +220,5 @@ def parse_json_object(text: str | dict | None, flag: str) -> dict[str, Any] | No
     except json.JSONDecodeError as err:
         raise ValueError(f"{flag} must be a JSON object, e.g. '{{\"enable_thinking\": false}}': {err}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
+        raise ValueError(f"{flag} must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
     return value
