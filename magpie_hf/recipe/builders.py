@@ -78,7 +78,7 @@ def instruction_step(config: RecipeConfig, *, postprocess: Sequence[Any] = ()) -
 
 def response_step(config: RecipeConfig) -> Step:
     """Magpie step 2 with the run's response model and sampling; a reasoning recipe (one with
-    :class:`~magpie_hf.config.ReasoningArguments`) splits the thinking off (:class:`~magpie_hf.steps.reasoning.ReasoningResponses`)."""
+    :class:`~magpie_hf.recipe.arguments.ReasoningArguments`) splits the thinking off (:class:`~magpie_hf.steps.reasoning.ReasoningResponses`)."""
     from magpie_hf.steps import Responses
 
     r = config.responses
