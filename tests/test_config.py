@@ -7,14 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import load_recipe
 import yaml
 
 from magpie_hf.errors import ConfigError
-from magpie_hf.recipe.arguments import InstructionArguments, RunArguments
 from magpie_hf.recipe import instruction_step, parse_recipe
+from magpie_hf.recipe.arguments import InstructionArguments, RunArguments
 from magpie_hf.steps.generate import PRO_MIXTURE, DecodingSetting
+from tests.conftest import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
