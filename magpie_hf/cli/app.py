@@ -13,28 +13,19 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-
-#: modules that contribute subcommands
-SUBCOMMAND_MODULES = ("magpie_hf.cli.template", "magpie_hf.cli.push", "magpie_hf.cli.recipes")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from magpie_hf import __version__
+    from magpie_hf.cli import push, recipes, template
 
     parser = argparse.ArgumentParser(prog="magpie-hf", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"magpie-hf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # the module is not part of this install
-                continue
-            raise
+    for module in (template, push, recipes):
         module.register_cli(subparsers)
     return parser
 
