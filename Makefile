@@ -80,4 +80,4 @@ test-floor: $(FLOOR_VENV)/.ready
 	$(FPY) -m pip check
 	$(FPY) tests/import_all.py
 	$(FPY) -m pytest -q -m "not slow" -p no:cacheprovider tests/test_package.py tests/test_config.py tests/test_filters.py \
-		tests/test_postprocess.py tests/test_openai_engine.py tests/test_judges.py magpie_hf/engines/constrained.py magpie_hf/cli_config.py
+		tests/test_postprocess.py tests/test_openai_engine.py tests/test_judges.py magpie_hf/engines/constrained.py magpie_hf/recipe/parser.py

@@ -573,3 +573,19 @@ def parse_recipe_args(
             if variable in env and hasattr(section, name) and getattr(section, name) is None:
                 setattr(section, name, kind(env[variable]))
     return parsed
+
+
+def train_and_save(trainer: Any, training_args: TrainingArguments, script_args: RecipeArguments) -> Path:
+    """Train, then end as TRL's ``trl/scripts/sft.py`` and ``dpo.py`` do (``save_model``, ``push_to_hub``, ``end``),
+    plus ``trainer_state.json`` (the loss curve) and a model card for a local run too; returns the output folder."""
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    trainer.create_model_card(model_name=Path(training_args.output_dir).name)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    trainer.end()  # finish the trackers and destroy the process group (transformers >= 5.18)
+    return Path(training_args.output_dir)

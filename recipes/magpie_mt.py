@@ -16,21 +16,15 @@ from __future__ import annotations
 
 import sys
 
-from magpie_hf.config import MultiTurnArguments
-from magpie_hf.languages import language_system_prompt
-from magpie_hf.postprocess import filters_from_names
-from magpie_hf.logs import setup_logging
+from magpie_hf.cli import command_line
 from magpie_hf.recipe import (
+    MultiTurnArguments,
     Recipe,
-    RecipeConfig,
-    filtered_and_raw,
-    generation_steps,
-    hygiene_step,
+    multi_turn_outputs,
+    multi_turn_steps,
     parse_recipe,
-    response_chat_template_kwargs,
     run_recipe,
 )
-from magpie_hf.steps.multi_turn import MULTI_TURN_SYSTEM_PROMPT, MultiTurn
 
 PRO_MT = Recipe(
     name="magpie_mt",
@@ -42,56 +36,11 @@ PRO_MT = Recipe(
 )
 
 
-def multi_turn_step(config: RecipeConfig, filters: tuple = ()) -> MultiTurn:
-    """The follow-up turns, from the instruction model, as ``config``'s multi-turn section says."""
-    mt = config.section(MultiTurnArguments)
-    if mt.n_turns < 1 or not 1 <= mt.min_turns <= mt.n_turns:
-        raise SystemExit("error: need --n_turns >= 1 and 1 <= --min_turns <= --n_turns")
-    if config.run.instructions_only:
-        raise SystemExit("error: multi-turn conversations need responses; drop --instructions_only")
-    r = config.responses
-    if r.response_model != config.instructions.model or response_chat_template_kwargs(config) != config.instructions.template_kwargs():
-        raise SystemExit("error: in magpie_mt one model writes every turn, queries and replies (one engine, one set of "
-                         "chat template options); drop --response_model and --response_chat_template_kwargs")
-    system = {"default": MULTI_TURN_SYSTEM_PROMPT, "none": None}.get(mt.mt_system_prompt or "none", mt.mt_system_prompt)
-    language = config.instructions.target_language()
-    if language is not None and mt.mt_system_prompt == "default":
-        # --language steers the follow-up queries too: the built-in prompt plus the language's own (or the
-        # --system_prompt written in it, for a language without a built-in one)
-        try:
-            steer = config.instructions.system_prompt or language_system_prompt(language)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
-        system = f"{MULTI_TURN_SYSTEM_PROMPT}\n\n{steer}"
-    return MultiTurn(  # follow-up queries and their replies come from the instruction model
-        engine=config.instruction_engine(),
-        n_turns=mt.n_turns,
-        end_with_user=mt.end_with_user,
-        mt_system_prompt=system,
-        query_max_tokens=config.instructions.instruction_max_tokens,
-        temperature=r.response_temperature,  # later replies are sampled as turn 1's
-        top_p=r.response_top_p,
-        repetition_penalty=r.response_repetition_penalty,
-        max_tokens=r.response_max_tokens,
-        postprocess=filters,
-        min_turns=mt.min_turns,
-        chat_template_kwargs=config.instructions.template_kwargs(),
-    )
-
-
 def main(argv: list[str] | None = None, recipe: Recipe = PRO_MT) -> int:
-    setup_logging()
-    config = parse_recipe(recipe, argv)
-    try:
-        filters = filters_from_names(config.section(MultiTurnArguments).instruction_filters)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    multi_turn = multi_turn_step(config, filters)
-    steps = generation_steps(config, postprocess=filters) >> multi_turn
-    steps = steps >> hygiene_step(steps)  # `filtered` (the default config): no errored or truncated first response
-    return run_recipe(config, steps, lambda pipeline, last: filtered_and_raw(
-        pipeline, last, {"multi_turn": multi_turn.config_summary(), "instruction_filters": [f.name for f in filters]}
-    ))
+    with command_line() as cli:
+        config = parse_recipe(recipe, argv)
+        cli.debug = config.run.debug
+        return run_recipe(config, multi_turn_steps(config), multi_turn_outputs)
 
 
 if __name__ == "__main__":

@@ -14,22 +14,18 @@ guard-unsafe row, then the --filter preset) and `raw` (every tagged row).
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from magpie_hf.config import FilterArguments
-from magpie_hf.logs import setup_logging
+from magpie_hf.cli import command_line
 from magpie_hf.recipe import (
+    TAGGING_STAGES,
+    FilterArguments,
     Recipe,
-    filter_needs_reward_difference,
-    filter_report,
-    filter_step,
-    generation_steps,
+    filter_outputs,
+    filtered_steps,
     parse_recipe,
     run_recipe,
-    tagging_steps,
 )
-from magpie_hf.config import TAGGING_STAGES
 
 PRO = Recipe(
     name="magpie_pro",
@@ -40,32 +36,12 @@ PRO = Recipe(
     stages=TAGGING_STAGES,
 )
 
-logger = logging.getLogger(__name__)
-
 
 def main(argv: list[str] | None = None, recipe: Recipe = PRO) -> int:
-    setup_logging()
-    config = parse_recipe(recipe, argv)
-    options = config.section(FilterArguments)
-    filtering = not options.no_filter and not config.run.instructions_only
-    steps = generation_steps(config)
-    if not config.run.instructions_only:
-        steps = steps >> tagging_steps(config, reward_difference=filtering and filter_needs_reward_difference(options.filter))
-    if filtering:
-        steps = steps >> filter_step(config, steps)
-
-    def finish(pipeline, last):
-        if not filtering:
-            return {"raw": last}, {}
-        configs = {"filtered": last, "raw": pipeline.stage_dataset(len(steps) - 2)}  # the first is the default
-        report = filter_report(pipeline.manifest()["stages"][-1])
-        if len(last) == 0:  # datasets cannot load an empty split: say so instead of writing one
-            del configs["filtered"]
-            logger.warning("Filter %s removed every row (%s); writing only the 'raw' config. Try another --filter.",
-                           options.filter, ", ".join(f"{r['condition']}: {r['removed']}" for r in report))
-        return configs, {"filter": options.filter, "filter_report": report}
-
-    return run_recipe(config, steps, finish)
+    with command_line() as cli:
+        config = parse_recipe(recipe, argv)
+        cli.debug = config.run.debug
+        return run_recipe(config, filtered_steps(config), filter_outputs(config))
 
 
 if __name__ == "__main__":

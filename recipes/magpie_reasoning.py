@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import sys
 
-from magpie_hf.config import ReasoningArguments
-from magpie_hf.logs import setup_logging
+from magpie_hf.cli import command_line
 from magpie_hf.recipe import (
+    ReasoningArguments,
     Recipe,
-    filtered_and_raw,
-    generation_steps,
-    hygiene_step,
     parse_recipe,
+    reasoning_outputs,
+    reasoning_steps,
     run_recipe,
-    tagging_steps,
 )
 
 REASONING = Recipe(
@@ -66,14 +64,10 @@ REASONING = Recipe(
 
 
 def main(argv: list[str] | None = None, recipe: Recipe = REASONING) -> int:
-    setup_logging()
-    config = parse_recipe(recipe, argv)
-    steps = generation_steps(config)
-    if config.run.instructions_only:
-        return run_recipe(config, steps)
-    steps = steps >> tagging_steps(config)
-    steps = steps >> hygiene_step(steps)  # `filtered` (the default config): no errored or truncated answer
-    return run_recipe(config, steps, filtered_and_raw)
+    with command_line() as cli:
+        config = parse_recipe(recipe, argv)
+        cli.debug = config.run.debug
+        return run_recipe(config, reasoning_steps(config), reasoning_outputs(config))
 
 
 if __name__ == "__main__":

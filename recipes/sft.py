@@ -44,6 +44,7 @@ from magpie_hf.training import (  # noqa: E402
     resolve_dataset_config,
     set_model_init_kwargs,
     to_messages,
+    train_and_save,
     use_llama3_template_if_missing,
 )
 
@@ -160,18 +161,7 @@ def main(argv: list[str] | None = None) -> Path:
     script_args, training_args, model_args = parse_recipe_args(make_parser(), PRESETS, argv)
     set_seed(training_args.seed)
     trainer = build_trainer(script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.accelerator.print("Training completed.")
-    # As trl/scripts/sft.py ends, plus trainer_state.json (the loss curve) and a model card for a local run too.
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    trainer.create_model_card(model_name=Path(training_args.output_dir).name)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
-    trainer.end()  # finish the trackers and destroy the process group (transformers >= 5.18)
-    return Path(training_args.output_dir)
+    return train_and_save(trainer, training_args, script_args)
 
 
 if __name__ == "__main__":

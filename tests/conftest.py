@@ -46,8 +46,6 @@ def load_recipe(name: str):
     import importlib.util
     import sys
 
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))  # magpie_air imports magpie_pro like a script does
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses defined in the recipe look their module up

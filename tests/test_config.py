@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import load_recipe
 import yaml
 
-from magpie_hf.config import InstructionArguments, RunArguments
+from magpie_hf.errors import ConfigError
 from magpie_hf.recipe import instruction_step, parse_recipe
+from magpie_hf.recipe.arguments import InstructionArguments, RunArguments
 from magpie_hf.steps.generate import PRO_MIXTURE, DecodingSetting
+from tests.conftest import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -60,23 +60,23 @@ def test_bad_settings_stop_before_anything_loads(tmp_path):
     recipe = load_recipe("magpie_pro").PRO
     bad = tmp_path / "bad.yaml"
     bad.write_text("respons_temperature: 0.6\n")
-    with pytest.raises(SystemExit, match="did you mean 'response_temperature'"):
+    with pytest.raises(ConfigError, match="did you mean 'response_temperature'"):
         parse_recipe(recipe, ["--config", str(bad)])
-    with pytest.raises(SystemExit, match="Unknown --stages"):
+    with pytest.raises(ConfigError, match="Unknown --stages"):
         parse_recipe(recipe, ["--stages", "quality"])
-    with pytest.raises(SystemExit, match="needs --version"):
+    with pytest.raises(ConfigError, match="needs --version"):
         parse_recipe(recipe, ["--push_to_hub", "me/data"])
-    with pytest.raises(SystemExit, match="weights must sum to 1"):
+    with pytest.raises(ConfigError, match="weights must sum to 1"):
         parse_recipe(recipe, ["--task_mix", "math=0.7,coding=0.2"])
     with pytest.raises(SystemExit):
         parse_recipe(recipe, ["--response-temperature", "hot"])
-    with pytest.raises(SystemExit, match="Did you mean 'Filter1'"):
+    with pytest.raises(ConfigError, match="Did you mean 'Filter1'"):
         parse_recipe(recipe, ["--filter", "filter1"])
-    with pytest.raises(SystemExit, match="drop --system_prompt and --pre_query_template"):
+    with pytest.raises(ConfigError, match="drop --system_prompt and --pre_query_template"):
         parse_recipe(recipe, ["--task", "math", "--system_prompt", "You are a tutor."])
-    with pytest.raises(SystemExit, match="add --engine openai"):
+    with pytest.raises(ConfigError, match="add --engine openai"):
         parse_recipe(recipe, ["--preset", "cpu", "--base_url", "http://127.0.0.1:8000/v1"])
-    with pytest.raises(SystemExit, match="magpie_po runs fixed stages \\(reward\\); drop --stages"):
+    with pytest.raises(ConfigError, match="magpie_po runs fixed stages \\(reward\\); drop --stages"):
         parse_recipe(load_recipe("magpie_po").PO, ["--preset", "cpu", "--stages", "safety"])
     # the default filter reads the reward and neighbour columns: without those stages the plan is refused
     with pytest.raises(SystemExit, match="(?s)'Filter' needs columns .*--no_filter"):

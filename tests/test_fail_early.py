@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from magpie_hf.layout import PipelineMismatchError, RunLayout, settings_diff
+from magpie_hf.errors import ConfigError
+from magpie_hf.executors.layout import PipelineMismatchError, RunLayout, settings_diff
 from magpie_hf.pipeline import Pipeline
 from magpie_hf.recipe import parse_recipe
 from tests.conftest import load_recipe
@@ -61,9 +62,9 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
-def test_a_bad_flag_is_one_error_line_naming_it(pro, argv, message, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        parse_recipe(pro, ["--preset", "cpu", "--output_dir", str(tmp_path / "out"), *argv])
+def test_a_bad_flag_is_one_error_line_naming_it(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as info:  # the library raises ConfigError; the script's main makes it one line
+        load_recipe("magpie_pro").main(["--preset", "cpu", "--output_dir", str(tmp_path / "out"), *argv])
     text = str(info.value.code)
     assert text.startswith("error: ") and len(text.splitlines()) == 1, text
     assert __import__("re").search(message, text), text
@@ -84,23 +85,23 @@ BAD_FILES = [
 def test_a_bad_config_file_value_is_held_to_the_flag_rules(pro, text, message, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(text)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ConfigError, match=message):
         parse_recipe(pro, ["--config", str(path)])
 
 
 def test_po_pairs_and_mt_turns_from_a_file_are_checked(tmp_path):
     path = tmp_path / "po.yaml"
     path.write_text("pairs: best-of-three\n")
-    with pytest.raises(SystemExit, match="--pairs 'best-of-three' is not one of the choices: instruct-vs-base, best-of-n"):
+    with pytest.raises(ConfigError, match="--pairs 'best-of-three' is not one of the choices: instruct-vs-base, best-of-n"):
         parse_recipe(load_recipe("magpie_po").PO, ["--preset", "cpu", "--config", str(path)])
-    with pytest.raises(SystemExit, match="--min_turns 3 is more than --n_turns 2"):
+    with pytest.raises(ConfigError, match="--min_turns 3 is more than --n_turns 2"):
         parse_recipe(load_recipe("magpie_mt").PRO_MT, ["--preset", "cpu", "--min_turns", "3"])
 
 
 def test_output_dir_that_is_a_file_or_not_writable(pro, tmp_path):
     file = tmp_path / "a-file"
     file.write_text("x")
-    with pytest.raises(SystemExit, match="--output_dir .*a-file is a file, not a folder"):
+    with pytest.raises(ConfigError, match="--output_dir .*a-file is a file, not a folder"):
         parse_recipe(pro, ["--preset", "cpu", "--output_dir", str(file)])
     if os.geteuid() == 0:
         pytest.skip("root writes anywhere")
@@ -108,7 +109,7 @@ def test_output_dir_that_is_a_file_or_not_writable(pro, tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        with pytest.raises(SystemExit, match="--output_dir .*locked is not writable here"):
+        with pytest.raises(ConfigError, match="--output_dir .*locked is not writable here"):
             parse_recipe(pro, ["--preset", "cpu", "--output_dir", str(locked / "run")])
     finally:
         locked.chmod(0o700)
@@ -281,7 +282,7 @@ def test_recipe_server_flags_reach_the_engine(pro):
 def test_a_key_in_base_url_reaches_no_log_line_file_or_hub(server, hub, tmp_path):
     """The key planted in --base_url authenticates (it goes in the header) and appears in no byte of stdout,
     stderr, the output folder or what reached the Hub (files and commit messages); nor does the Hub token."""
-    from magpie_hf.embedded import embedded_chat_model
+    from magpie_hf.utils.embedded import embedded_chat_model
 
     model_dir, gguf = embedded_chat_model()
     host = server.base_url.split("://", 1)[1]
@@ -380,7 +381,7 @@ def test_setup_logging_quiets_other_libraries_whoever_configured_logging_first()
     lines (an HTTP client's request URLs) through: ``setup_logging`` sets the root level itself."""
     import logging
 
-    from magpie_hf.logs import setup_logging
+    from magpie_hf.utils.logs import setup_logging
 
     root = logging.getLogger()
     before = root.level

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from magpie_hf.labels import DIFFICULTIES, INPUT_QUALITIES
+from magpie_hf.prompts.labels import DIFFICULTIES, INPUT_QUALITIES
 from magpie_hf.steps.filters import (
     DEDUPLICATE,
     FILTER_PRESETS,

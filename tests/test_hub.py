@@ -415,7 +415,7 @@ def test_branch_revision_and_cli(hub, tmp_path, monkeypatch, capsys):
     assert main(["push", str(folder), f"{USER}/cli", "--version", "2.0.0"]) == 1
     assert "already has the tag v2.0.0" in capsys.readouterr().err
 
-    from magpie_hf.config import HubArguments
+    from magpie_hf.recipe.arguments import HubArguments
 
     with pytest.raises(ValueError, match="needs --version"):
         HubArguments(push_to_hub=f"{USER}/r").check()
@@ -423,7 +423,7 @@ def test_branch_revision_and_cli(hub, tmp_path, monkeypatch, capsys):
     assert f"magpie-hf push {folder} USER/REPO --version 1.0.0" in capsys.readouterr().out
     pushed = finish_recipe(folder, repo_id=f"{USER}/recipe", version="1.0.0", private=True)
     assert pushed.pushed and hub.repo(f"{USER}/recipe").private
-    with pytest.raises(SystemExit, match="already has the tag"):
+    with pytest.raises(TagExistsError, match="already has the tag"):  # the recipe's main makes it one error line
         finish_recipe(folder, repo_id=f"{USER}/recipe", version="1.0.0")
 
 
@@ -486,7 +486,7 @@ def test_card_license_and_name_of_a_qwen_run(tmp_path):
 def test_pipeline_json_holds_no_absolute_local_path(tmp_path):
     """A model folder inside the run's folder is written relative to it, one elsewhere by name, a package by its
     folder name; the same settings still match on a rerun."""
-    from magpie_hf.layout import RunLayout
+    from magpie_hf.executors.layout import RunLayout
 
     layout = RunLayout(tmp_path / "run")
     settings = {"steps": [{"engine": {"model": str(tmp_path / "run" / "models" / "m1"),

@@ -130,7 +130,7 @@ def test_json_schema_processor_masks_per_row(embedded_tokenizer):
     import json
 
     pytest.importorskip("llguidance")
-    from magpie_hf.constrained import json_schema_logits_processor
+    from magpie_hf.engines.constrained import json_schema_logits_processor
 
     tok = embedded_tokenizer
     step = Difficulty(max_field_chars=60)
@@ -163,7 +163,7 @@ def test_json_schema_processor_masks_per_row(embedded_tokenizer):
 def test_constrained_decoding_makes_embedded_answers_parse(embedded_engine):
     """Plain model.generate with the JSON-schema processor: every answer parses and is in the set."""
     pytest.importorskip("llguidance")
-    from magpie_hf.constrained import json_schema_logits_processor
+    from magpie_hf.engines.constrained import json_schema_logits_processor
 
     tok, model = embedded_engine.tokenizer, embedded_engine.model
     step = TaskCategory(engine=embedded_engine)

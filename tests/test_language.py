@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from magpie_hf.errors import ConfigError
 from magpie_hf.steps.language import Language
 
 TEXTS = {
@@ -70,8 +71,8 @@ def test_target_language_rows_are_counted():
 
 
 def test_every_built_in_prompt_is_written_in_its_language(step):
-    from magpie_hf.languages import LANGUAGE_SYSTEM_PROMPTS, LANGUAGE_TASK_PROMPTS
-    from magpie_hf.task_prompts import TASK_PROMPTS
+    from magpie_hf.prompts.languages import LANGUAGE_SYSTEM_PROMPTS, LANGUAGE_TASK_PROMPTS
+    from magpie_hf.prompts.tasks import TASK_PROMPTS
 
     assert {"zh", "de", "fr", "es", "ja"} <= set(LANGUAGE_SYSTEM_PROMPTS) and set(LANGUAGE_TASK_PROMPTS) <= set(LANGUAGE_SYSTEM_PROMPTS)
     texts = dict(LANGUAGE_SYSTEM_PROMPTS)
@@ -83,8 +84,8 @@ def test_every_built_in_prompt_is_written_in_its_language(step):
 
 
 def test_localized_task_prompts():
-    from magpie_hf.languages import LANGUAGE_SYSTEM_PROMPTS, LANGUAGE_TASK_PROMPTS, localize_task_prompts
-    from magpie_hf.task_prompts import TASK_PROMPTS
+    from magpie_hf.prompts.languages import LANGUAGE_SYSTEM_PROMPTS, LANGUAGE_TASK_PROMPTS, localize_task_prompts
+    from magpie_hf.prompts.tasks import TASK_PROMPTS
 
     mine = "Du hilfst bei Kochrezepten."
     out = localize_task_prompts({"math": TASK_PROMPTS["math"], "planning": TASK_PROMPTS["planning"], "cooking": mine}, "de")
@@ -102,7 +103,7 @@ def _pro():
 
 
 def test_language_flag_steers_step_one_tags_and_filters():
-    from magpie_hf.languages import LANGUAGE_SYSTEM_PROMPTS, LANGUAGE_TASK_PROMPTS
+    from magpie_hf.prompts.languages import LANGUAGE_SYSTEM_PROMPTS, LANGUAGE_TASK_PROMPTS
     from magpie_hf.recipe import generation_steps, parse_recipe, tagging_steps
     from magpie_hf.steps import Filter
 
@@ -136,7 +137,7 @@ def test_language_flag_steers_step_one_tags_and_filters():
 def test_bad_language_settings_stop_before_loading(argv, message):
     from magpie_hf.recipe import parse_recipe
 
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ConfigError, match=message):
         parse_recipe(_pro(), ["--preset", "cpu", *argv])
 
 

@@ -8,10 +8,11 @@ import copy
 import pytest
 
 from magpie_hf.engines import Completion, Engine, EngineConfig
+from magpie_hf.errors import ConfigError
 from magpie_hf.pipeline import Pipeline
-from magpie_hf.postprocess import DropSystemPromptEcho
 from magpie_hf.steps import MagpieInstructions, Responses
 from magpie_hf.steps.multi_turn import MULTI_TURN_SYSTEM_PROMPT, MultiTurn, alternates, turn_columns
+from magpie_hf.steps.postprocess import DropSystemPromptEcho
 from magpie_hf.templates import PRE_QUERY_OVERRIDES, ChatTemplateError
 from tests.conftest import chat_template_fixtures, load_recipe
 
@@ -186,13 +187,13 @@ def test_three_turns_on_the_embedded_model(embedded_engine, tmp_path):
 
 
 def test_language_steers_the_follow_up_queries(tmp_path):
-    from magpie_hf.languages import language_system_prompt
-    from magpie_hf.recipe import parse_recipe
+    from magpie_hf.prompts.languages import language_system_prompt
+    from magpie_hf.recipe import multi_turn_step, parse_recipe
 
     mt = load_recipe("magpie_mt")
 
     def step(*flags):
-        return mt.multi_turn_step(parse_recipe(mt.PRO_MT, ["--preset", "cpu", "--output-dir", str(tmp_path), *flags]))
+        return multi_turn_step(parse_recipe(mt.PRO_MT, ["--preset", "cpu", "--output-dir", str(tmp_path), *flags]))
 
     assert step().mt_system_prompt == MULTI_TURN_SYSTEM_PROMPT
     german = step("--language", "de").mt_system_prompt
@@ -200,9 +201,9 @@ def test_language_steers_the_follow_up_queries(tmp_path):
     assert step("--language", "de", "--mt_system_prompt", "none").mt_system_prompt is None  # the user's choice stands
     own = "Der Nutzer schreibt immer auf Koreanisch."  # a language without a built-in prompt brings its own
     assert step("--language", "ko", "--system_prompt", own).mt_system_prompt.endswith(own)
-    with pytest.raises(SystemExit, match="--min_turns"):
+    with pytest.raises(ConfigError, match="--min_turns"):
         step("--n_turns", "2", "--min_turns", "3")
-    with pytest.raises(SystemExit, match="one model writes every turn"):
+    with pytest.raises(ConfigError, match="one model writes every turn"):
         step("--response_model", "someone/else")
     sampled = step("--response_temperature", "0.7", "--response_top_p", "0.9")
     assert (sampled.temperature, sampled.top_p) == (0.7, 0.9)  # later replies are sampled as turn 1's

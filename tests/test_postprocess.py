@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from magpie_hf.postprocess import (
+from magpie_hf.prompts.tasks import TASK_PROMPTS
+from magpie_hf.steps.postprocess import (
     DropSystemPromptEcho,
     InstructionFilter,
     NoMarkdownHeading,
@@ -17,7 +18,6 @@ from magpie_hf.postprocess import (
     sanitize_family,
     sanitize_filters,
 )
-from magpie_hf.task_prompts import TASK_PROMPTS
 
 
 @pytest.mark.parametrize(

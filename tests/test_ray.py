@@ -20,11 +20,11 @@ ray = pytest.importorskip("ray")
 
 from magpie_hf.engines import EngineConfig  # noqa: E402
 from magpie_hf.executors import StageFailedError  # noqa: E402
+from magpie_hf.executors.layout import RunLayout  # noqa: E402
 from magpie_hf.executors.ray import RayExecutor, RayStageResources  # noqa: E402
 from magpie_hf.hardware import Hardware, Resources  # noqa: E402
-from magpie_hf.layout import RunLayout  # noqa: E402
 from magpie_hf.pipeline import Pipeline  # noqa: E402
-from magpie_hf.config import RayArguments  # noqa: E402
+from magpie_hf.recipe.arguments import RayArguments  # noqa: E402
 from magpie_hf.steps import GeneratorStep, MagpieInstructions, Responses, Step  # noqa: E402
 from magpie_hf.steps.base import INT, STRING  # noqa: E402
 from magpie_hf.steps.filters import Condition, Filter  # noqa: E402

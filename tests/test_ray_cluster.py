@@ -27,8 +27,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from magpie_hf.executors import StageFailedError  # noqa: E402
+from magpie_hf.executors.layout import RunLayout  # noqa: E402
 from magpie_hf.executors.ray import RayExecutor  # noqa: E402
-from magpie_hf.layout import RunLayout  # noqa: E402
 from magpie_hf.pipeline import Pipeline, ShardsNotVisibleError  # noqa: E402
 from magpie_hf.steps import GeneratorStep, Step  # noqa: E402
 from magpie_hf.steps.base import STRING  # noqa: E402

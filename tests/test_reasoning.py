@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from magpie_hf.engines import Completion, Engine, EngineConfig
-from magpie_hf.config import ReasoningArguments
+from magpie_hf.errors import ConfigError
 from magpie_hf.pipeline import Pipeline
+from magpie_hf.recipe.arguments import ReasoningArguments
 from magpie_hf.steps.base import INT, STRING
 from magpie_hf.steps.reasoning import ReasoningResponses, split_reasoning
 from magpie_hf.templates import ReasoningMarkers, derive_templates
@@ -219,7 +220,7 @@ def test_reasoning_recipe_configuration(tmp_path):
     for argv, message in ((["--reasoning_tags", "<think>"], "two different"),
                           (["--answer_budget", "0"], "answer_budget must be >= 1"),
                           (["--response_chat_template_kwargs", "{enable"], "response_chat_template_kwargs must be a JSON")):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(ConfigError, match=message):
             parse_recipe(recipe, argv)
 
 

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pytest
 
 from magpie_hf.engines import SamplingConfig
-from magpie_hf.postprocess import markdown_heading_token_ids, sanitize_filters
-from magpie_hf.runner import typed_table
+from magpie_hf.executors.runner import typed_table
 from magpie_hf.seeds import row_seeds
 from magpie_hf.steps import MagpieInstructions
 from magpie_hf.steps.generate import GEN_INPUT_CONFIGS
+from magpie_hf.steps.postprocess import markdown_heading_token_ids, sanitize_filters
 from magpie_hf.steps.safety import LlamaGuard, verdict_regex
-from magpie_hf.task_prompts import TaskControlledInstructions
+from magpie_hf.steps.task_control import TaskControlledInstructions
 
 #: a chat turn after which the small model often opens its answer with a markdown heading (8 of these 24 seeds)
 README = (

@@ -11,8 +11,9 @@ import pytest
 
 from magpie_hf import engines
 from magpie_hf.engines import Engine, EngineConfig
-from magpie_hf.labels import TASK_CATEGORIES
-from magpie_hf.task_prompts import (
+from magpie_hf.errors import ConfigError
+from magpie_hf.prompts.labels import TASK_CATEGORIES
+from magpie_hf.prompts.tasks import (
     TASK_PROMPT_CATEGORIES,
     TASK_PROMPTS,
     TaskControlledInstructions,
@@ -103,9 +104,9 @@ def test_flags(tmp_path):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({"legal": "You are an AI assistant for legal questions."}))
     assert _task(["--task_mix", "legal=0.5,math=0.5", "--task_prompts", str(prompts)]).keys == ["legal", "math"]
-    with pytest.raises(SystemExit, match="must sum to 1"):
+    with pytest.raises(ConfigError, match="must sum to 1"):
         _task(["--task-mix", "math=0.5,coding=0.4"])
-    with pytest.raises(SystemExit, match="not both"):
+    with pytest.raises(ConfigError, match="not both"):
         _task(["--task", "math", "--task-mix", "math=1"])
 
 

@@ -19,7 +19,7 @@ from magpie_hf.steps.multi_turn import MultiTurn
 from magpie_hf.steps.preferences import MultiResponses
 from magpie_hf.steps.reward import RewardModelScorer
 from magpie_hf.steps.safety import LlamaGuard
-from magpie_hf.task_prompts import TaskControlledInstructions
+from magpie_hf.steps.task_control import TaskControlledInstructions
 from tests.conftest import chat_template_fixtures
 
 OFF = {"enable_thinking": False}

@@ -394,7 +394,7 @@ def test_cli_on_embedded_model(capsys, monkeypatch):
     import transformers
 
     from magpie_hf.cli import main
-    from magpie_hf.embedded import embedded_chat_model
+    from magpie_hf.utils.embedded import embedded_chat_model
 
     model_dir, gguf_file = embedded_chat_model()
     args = ["template", str(model_dir), "--gguf-file", gguf_file]
@@ -422,7 +422,7 @@ def test_cli_on_embedded_model(capsys, monkeypatch):
     assert 'template kwargs:   {"enable_thinking": false}' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args, "--chat-template-kwargs", '["enable_thinking"]'])
-    assert "expected a JSON object" in capsys.readouterr().err
+    assert "--chat-template-kwargs must be a JSON object" in capsys.readouterr().err
     assert main([*args, "--chat-template-kwargs", '{"tokenize": true}']) == 2
     assert "may not set ['tokenize']" in capsys.readouterr().err
     assert main([*args, "--pre-query-template", "<|im_start|>user\\nQ: ", "--json"]) == 0

@@ -77,7 +77,7 @@ def sft_rows() -> list[dict]:
 
 def dpo_rows(long_prompts: int = 1) -> list[dict]:
     rows = []
-    for i, (question, answer) in enumerate(QA):
+    for question, answer in QA:
         rows.append({"prompt": [{"role": "user", "content": question}],
                      "chosen": [{"role": "assistant", "content": answer}],
                      "rejected": [{"role": "assistant", "content": "I do not know."}]})

@@ -17,16 +17,16 @@ import json
 import pytest
 
 import magpie_hf.engines.vllm as vllm_adapter
-from magpie_hf.constrained import JSON_GRAMMAR, JSONSchemaConstraint
 from magpie_hf.engines import EngineConfig, SamplingConfig, resolve_backend
+from magpie_hf.engines.constrained import JSON_GRAMMAR, JSONSchemaConstraint
 from magpie_hf.engines.vllm import VLLMEngine
-from magpie_hf.postprocess import markdown_heading_token_ids
 from magpie_hf.seeds import row_seed, row_seeds, stage_seed
 from magpie_hf.steps import MagpieInstructions
 from magpie_hf.steps.multi_turn import MultiTurn
+from magpie_hf.steps.postprocess import markdown_heading_token_ids
 from magpie_hf.steps.preferences import MultiResponses
 from magpie_hf.steps.reward import JudgeReward
-from magpie_hf.task_prompts import TaskControlledInstructions
+from magpie_hf.steps.task_control import TaskControlledInstructions
 from tests import vllm_standin
 
 PROMPT = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"

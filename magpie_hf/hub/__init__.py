@@ -26,17 +26,23 @@ _EXPORTS = {
     "push_later_hint": "publishing",
     "render_card": "card",
     "read_layout": "layout",
-    "finish_recipe": "cli",
+    "finish_recipe": "publishing",
 }
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .card import render_card
-    from .cli import finish_recipe
-    from .folder import save_dataset_folder
-    from .layout import read_layout
-    from .publishing import HubAuthError, PublishError, PublishResult, TagExistsError, parse_version, publish, push_later_hint
+if TYPE_CHECKING:  # the names as type checkers and IDEs see them (``X as X``: re-exported)
+    from .card import render_card as render_card
+    from .folder import save_dataset_folder as save_dataset_folder
+    from .layout import read_layout as read_layout
+    from .publishing import HubAuthError as HubAuthError
+    from .publishing import PublishError as PublishError
+    from .publishing import PublishResult as PublishResult
+    from .publishing import TagExistsError as TagExistsError
+    from .publishing import finish_recipe as finish_recipe
+    from .publishing import parse_version as parse_version
+    from .publishing import publish as publish
+    from .publishing import push_later_hint as push_later_hint
 
 
 def __getattr__(name: str):

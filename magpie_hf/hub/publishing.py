@@ -30,9 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from magpie_hf.errors import CommitConflictError, ConfigError, HubAuthError, PublishError, TagExistsError
+
 from .card import render_card
 from .layout import CARD_FILE, DATA_DIR, PLOTS_DIR, RUN_FILE, read_layout
-from magpie_hf.errors import CommitConflictError, HubAuthError, PublishError, TagExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -440,3 +441,40 @@ def publish(
         raise
     logger.info(result.message)
     return result
+
+
+def finish_recipe(
+    folder: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    version: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    force: bool = False,
+    token: str | None = None,
+) -> PublishResult | None:
+    """What a recipe does with its dataset folder at the end: publish ``folder`` to ``repo_id`` as ``version``;
+    without a ``repo_id``, print how to load and push it.
+
+    Returns the :class:`PublishResult`, or None when nothing was to be pushed. A refused publish raises
+    (:class:`~magpie_hf.errors.ConfigError` without a version, :class:`PublishError` for an existing tag or a refused
+    token); the folder is always kept.
+
+    Example::
+
+        folder = save_dataset_folder(out / "dataset", configs, run_info, license="apache-2.0")
+        finish_recipe(folder, repo_id="me/magpie-pro", version="v1.0.0")   # publishes, or prints how to push later
+    """
+    folder = Path(folder)
+    if repo_id:
+        if not version:
+            raise ConfigError("publishing needs a version X.Y.Z (the tag that pins it, e.g. --version 1.0.0)")
+        return publish(folder, repo_id, parse_version(version), token=token, private=private, revision=revision,
+                       force=force)
+    default = read_layout(folder).configs[0]
+    print(
+        f"Dataset written to {folder}\n"
+        f"  load it:  datasets.load_dataset({str(folder)!r}, {default!r})\n"
+        f"  push it:  {push_later_hint(folder, 'USER/REPO', version or 'v1.0.0')}"
+    )
+    return None

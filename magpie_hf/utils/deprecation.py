@@ -41,6 +41,10 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "magpie_hf.redaction": ("magpie_hf.utils.redaction",),
     "magpie_hf.embedded": ("magpie_hf.utils.embedded",),
     "magpie_hf.logs": ("magpie_hf.utils.logs",),
+    "magpie_hf.config": ("magpie_hf.recipe.arguments", "magpie_hf.recipe.parser"),
+    "magpie_hf.cli_config": ("magpie_hf.recipe.parser",),
+    "magpie_hf.recipes_cli": ("magpie_hf.cli.recipes",),
+    "magpie_hf.hub.cli": ("magpie_hf.cli.push", "magpie_hf.hub.publishing"),
 }
 
 

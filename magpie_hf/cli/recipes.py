@@ -19,6 +19,8 @@ import runpy
 import sys
 from pathlib import Path
 
+from magpie_hf.errors import ConfigError
+
 #: command -> script name in recipes/
 RECIPES = {
     "pro": "magpie_pro",
@@ -33,7 +35,7 @@ RECIPES = {
 
 def recipes_dir() -> Path:
     """``<checkout>/recipes`` in a source checkout (editable installs), else the copy inside the installed package."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # magpie_hf/
     for candidate in (here.parent / "recipes", here / "recipes"):
         if (candidate / "magpie_pro.py").is_file():
             return candidate
@@ -56,8 +58,8 @@ def resolve_config(value: str, script: str, root: Path | None = None) -> str:
         if candidate.is_file():
             return str(candidate)
     shipped = sorted(p.stem for p in [*(root / "configs" / script).glob("*.yaml"), *root.glob(f"{script}_*.yaml")])
-    raise SystemExit(f"error: --config {value}: no such file, and no shipped configuration of that name for "
-                     f"{script}; shipped: {', '.join(shipped) or 'none'}")
+    raise ConfigError(f"--config {value}: no such file, and no shipped configuration of that name for {script}; "
+                      f"shipped: {', '.join(shipped) or 'none'}")
 
 
 def run_recipe_script(script: str, argv: list[str]) -> int:
@@ -70,9 +72,8 @@ def run_recipe_script(script: str, argv: list[str]) -> int:
         elif arg.startswith("--config="):
             argv[i] = "--config=" + resolve_config(arg.split("=", 1)[1], script, root)
     path = root / f"{script}.py"
-    saved_argv, saved_path = sys.argv, list(sys.path)
+    saved_argv = sys.argv
     sys.argv = [str(path), *argv]
-    sys.path.insert(0, str(root))  # magpie_air imports magpie_pro as a script does
     try:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as exit_:
@@ -81,7 +82,7 @@ def run_recipe_script(script: str, argv: list[str]) -> int:
             return code or 0
         raise
     finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
+        sys.argv = saved_argv
     return 0
 
 

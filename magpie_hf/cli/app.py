@@ -1,7 +1,8 @@
 """The ``magpie-hf`` command.
 
-Each subcommand lives in the module that owns its idea and exposes ``register_cli(subparsers)``,
-which adds its parser and sets ``func`` to the function that runs it.
+Each subcommand is a module of :mod:`magpie_hf.cli` (``template``, ``push``, the recipes) that exposes
+``register_cli(subparsers)``, which adds its parser and sets ``func`` to the function that runs it. A
+:class:`~magpie_hf.errors.MagpieError` ends as one ``error:`` line (:func:`magpie_hf.cli.command.command_line`).
 
 Example:
     $ magpie-hf template HuggingFaceTB/SmolLM2-135M-Instruct
@@ -12,43 +13,34 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-
-#: modules that contribute subcommands
-SUBCOMMAND_MODULES = ("magpie_hf.templates", "magpie_hf.hub.cli", "magpie_hf.recipes_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from magpie_hf import __version__
+    from magpie_hf.cli import push, recipes, template
 
     parser = argparse.ArgumentParser(prog="magpie-hf", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"magpie-hf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # the module is not part of this install
-                continue
-            raise
+    for module in (template, push, recipes):
         module.register_cli(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from magpie_hf.cli.command import command_line
+    from magpie_hf.cli.recipes import RECIPES, run_recipe_script
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    from magpie_hf.recipes_cli import RECIPES, run_recipe_script
-
     if argv and argv[0] in RECIPES:  # every argument after it, --help included, belongs to the recipe
-        return run_recipe_script(RECIPES[argv[0]], argv[1:])
+        with command_line(logs=False):  # the script sets up its own
+            return run_recipe_script(RECIPES[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
-    from magpie_hf.logs import setup_logging
-
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    return int(args.func(args) or 0)
+    with command_line(logging.DEBUG if args.verbose else logging.INFO):
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ turns every field into a flag (``--response_temperature 0.6`` or ``--response-te
 - :class:`RayArguments`, :class:`HubArguments`: where the stages run and where the dataset goes.
 
 Library code receives these objects (or what they build: engine configs, steps, executors), never an
-``argparse.Namespace``. :mod:`magpie_hf.cli_config` parses them; :mod:`magpie_hf.recipe` turns them
-into steps.
+``argparse.Namespace``. :mod:`magpie_hf.recipe.parser` parses them; :mod:`magpie_hf.recipe.builders` turns
+them into steps.
 
 Example:
     >>> args = InstructionArguments(temperature=0.8, top_p=1.0)
@@ -41,7 +41,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from magpie_hf.steps.generate import AIR_MIXTURE, EMBEDDED_MIXTURE, PRO_MIXTURE, DecodingSetting
+from magpie_hf.recipe.parser import parse_json_object
+from magpie_hf.steps.generate import (
+    AIR_MIXTURE,
+    EMBEDDED_MIXTURE,
+    PRO_MIXTURE,
+    DecodingSetting,
+)
 
 #: named step-1 decoding mixtures (``--mixture``)
 MIXTURES: dict[str, tuple[DecodingSetting, ...]] = {"pro": PRO_MIXTURE, "air": AIR_MIXTURE, "embedded": EMBEDDED_MIXTURE}
@@ -129,7 +135,7 @@ class InstructionArguments:
     language: str | None = _field(None, "Steer step 1 toward a language (ISO 639-1, e.g. de, zh): a system prompt in that "
                                   "language (the language's own task prompts with --task), the share of rows lingua "
                                   "tags as that language in the report and card. Languages with a built-in prompt: "
-                                  "see magpie_hf.languages; others need --system_prompt written in the language.")
+                                  "see magpie_hf.prompts.languages; others need --system_prompt written in the language.")
     keep_language_only: bool = _field(False, "With --language: keep only the instructions lingua tags as that language "
                                       "(before the responses are generated); the rest are removed and counted.")
     task: str | None = _field(None, "Steer every instruction with one task-control system prompt (paper A.2), e.g. math.")
@@ -188,7 +194,7 @@ class InstructionArguments:
             if self.keep_language_only:
                 raise ValueError("--keep_language_only needs --language CODE (e.g. --language de)")
             return None
-        from magpie_hf.languages import check_language
+        from magpie_hf.prompts.languages import check_language
 
         return check_language(self.language)
 
@@ -460,19 +466,6 @@ def parse_stage_resources(text: str) -> tuple[str, dict[str, float]]:
         except ValueError:
             raise ValueError(f"--ray_stage: {key} needs a number, got {value!r} in {text!r}") from None
     return name, values
-
-
-def parse_json_object(text: str | dict | None, flag: str) -> dict[str, Any] | None:
-    """A JSON object given on the command line (or already a dict from YAML); None stays None."""
-    if text is None or isinstance(text, dict):
-        return text
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{flag} must be a JSON object, e.g. '{{\"enable_thinking\": false}}': {err}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
-    return value
 
 
 def read_task_prompts(path: str | None) -> dict[str, str] | None:

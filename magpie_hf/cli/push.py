@@ -1,25 +1,18 @@
-"""Command line: ``magpie-hf push``, and what a recipe does with its dataset folder at the end.
+"""``magpie-hf push FOLDER REPO --version X.Y.Z``: publish a dataset folder (:func:`magpie_hf.hub.publish`).
 
 Example:
     $ magpie-hf push runs/pro/dataset me/magpie-pro --version 1.0.0
     $ python recipes/magpie_pro.py --preset cpu --push_to_hub me/magpie-pro-demo --version 0.1.0
-
-In code::
-
-    folder = save_dataset_folder(out / "dataset", configs, run_info, license="apache-2.0")
-    finish_recipe(folder, repo_id="me/magpie-pro", version="v1.0.0")   # publishes, or prints how to push later
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 
 def _version(text: str) -> str:
-    from .publishing import parse_version
+    from magpie_hf.hub.publishing import parse_version
 
     try:
         return parse_version(text)
@@ -27,44 +20,8 @@ def _version(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def finish_recipe(
-    folder: str | os.PathLike,
-    *,
-    repo_id: str | None = None,
-    version: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    force: bool = False,
-    token: str | None = None,
-):
-    """Publish ``folder`` to ``repo_id`` as ``version``; without a ``repo_id``, print how to load and push it.
-
-    Returns the :class:`~magpie_hf.hub.PublishResult`, or None when nothing was to be pushed. A refused publish
-    (existing tag, auth error, no version) exits with the reason; the folder is always kept.
-    """
-    from .layout import read_layout
-    from .publishing import PublishError, parse_version, publish, push_later_hint
-
-    folder = Path(folder)
-    if repo_id:
-        if not version:
-            raise SystemExit("error: publishing needs a version X.Y.Z (the tag that pins it, e.g. --version 1.0.0)")
-        try:
-            return publish(folder, repo_id, parse_version(version), token=token, private=private, revision=revision,
-                           force=force)
-        except PublishError as err:
-            raise SystemExit(f"error: {err}") from None
-    default = read_layout(folder).configs[0]
-    print(
-        f"Dataset written to {folder}\n"
-        f"  load it:  datasets.load_dataset({str(folder)!r}, {default!r})\n"
-        f"  push it:  {push_later_hint(folder, 'USER/REPO', version or 'v1.0.0')}"
-    )
-    return None
-
-
 def _push(args: argparse.Namespace) -> int:
-    from .publishing import HubAuthError, PublishError, publish
+    from magpie_hf.hub.publishing import HubAuthError, PublishError, publish
 
     try:
         result = publish(

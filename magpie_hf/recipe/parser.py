@@ -7,7 +7,7 @@ may stand where a flag takes a spec string (``mixture``). Unknown keys are refus
 known name.
 
 Example:
-    >>> from magpie_hf.config import RunArguments, InstructionArguments
+    >>> from magpie_hf.recipe.arguments import RunArguments, InstructionArguments
     >>> parser = ConfigParser((RunArguments, InstructionArguments), defaults={"num_rows": 100})
     >>> run, instructions = parser.parse(["--temperature", "0.7", "--num-rows", "8"])
     >>> run.num_rows, instructions.temperature
@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
-from magpie_hf.steps.base import jsonable
 from magpie_hf.errors import ConfigError
+from magpie_hf.steps.base import jsonable
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -199,3 +200,25 @@ def to_yaml(*sections: Any) -> str:
         blocks.append(f"# {type(section).__name__}\n{body}")
     return "\n".join(blocks)
 
+
+def parse_json_object(text: str | dict | None, flag: str) -> dict[str, Any] | None:
+    """A JSON object given on the command line (or already a dict from YAML); None stays None. The one parser of
+    JSON-object flags (``--chat_template_kwargs`` and friends, ``magpie-hf template --chat-template-kwargs``).
+
+    Example:
+        >>> parse_json_object('{"enable_thinking": false}', "--chat_template_kwargs")
+        {'enable_thinking': False}
+        >>> parse_json_object("[1]", "--chat_template_kwargs")
+        Traceback (most recent call last):
+        ...
+        ValueError: --chat_template_kwargs must be a JSON object such as '{"enable_thinking": false}', got '[1]'
+    """
+    if text is None or isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} must be a JSON object, e.g. '{{\"enable_thinking\": false}}': {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
