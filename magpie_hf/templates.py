@@ -538,84 +538,33 @@ def derive_templates(
     kwargs = check_chat_template_kwargs(tokenizer, chat_template_kwargs)
     chat_template = getattr(tokenizer, "chat_template", None)
     template_text = chat_template if isinstance(chat_template, str) else repr(chat_template) if chat_template else None
-    bos = getattr(tokenizer, "bos_token", None)
     common: dict[str, Any] = dict(
         system_prompt=system_prompt,
         keep_default_system_prompt=keep_default_system_prompt,
-        bos_token=bos,
+        bos_token=getattr(tokenizer, "bos_token", None),
         tokenizer_name=getattr(tokenizer, "name_or_path", None) or None,
         chat_template_sha256=hashlib.sha256(template_text.encode()).hexdigest() if template_text else None,
         chat_template_kwargs=kwargs,
         tokenizer=tokenizer,
     )
     specials = _added_tokens(tokenizer)
-
-    def render(messages: list[Message], generation_prompt: bool = False) -> str:
-        return _render(tokenizer, messages, add_generation_prompt=generation_prompt, chat_template_kwargs=kwargs)
-
     if pre_query_template is not None:
         stops = _dedupe([getattr(tokenizer, "eos_token", None), *extra_stops])
-        reasoning = None
-        if template_text:
-            try:
-                generation = render([{"role": "user", "content": USER_SENTINEL}], True).split(USER_SENTINEL)[-1]
-                reasoning = _reasoning_markers(template_text, generation)
-            except ChatTemplateError as err:
-                logger.debug("no generation prompt rendering: %s", err)
         return ChatTemplates(
             pre_query=pre_query_template,
             stop_strings=stops,
             stop_token_ids=_stop_token_ids(tokenizer, stops, specials),
             source="explicit",
-            reasoning=reasoning,
+            reasoning=_explicit_reasoning(tokenizer, template_text, kwargs),
             **common,
         )
 
-    user = {"role": "user", "content": USER_SENTINEL}
-    assistant = {"role": "assistant", "content": ASSISTANT_SENTINEL}
-    before, closed_tail = _split_at(render([user]), USER_SENTINEL)
-    _, generation_tail = _split_at(render([user], True), USER_SENTINEL)
-    reasoning = _reasoning_markers(template_text, generation_tail)
-    tags = [tag for pair in REASONING_TAGS for tag in pair]
-    try:
-        reply = render([user, assistant])
-        _, answered_tail = _split_at(reply, USER_SENTINEL)
-        _, assistant_tail = _split_at(reply, ASSISTANT_SENTINEL)
-    except ChatTemplateError as err:  # a template that wants more than one turn, or rejects assistant turns
-        logger.debug("assistant turn rendering failed: %s", err)
-        answered_tail, assistant_tail = generation_tail, ""
-    try:
-        third = render([user, assistant, {"role": "user", "content": SECOND_USER_SENTINEL}])
-        between: str | None = third.split(ASSISTANT_SENTINEL, 1)[1].split(SECOND_USER_SENTINEL, 1)[0]
-    except (ChatTemplateError, IndexError) as err:
-        logger.debug("multi-turn rendering failed: %s", err)
-        between = None
-
-    # what ALWAYS follows a user turn: the common start of the generation prompt and of an answered turn
-    # (<｜Assistant｜><think>\n vs <｜Assistant｜>reply: <｜Assistant｜>), so no thinking tag leaks into the stop
-    always_after_user = os.path.commonprefix([generation_tail, answered_tail])
-    user_stops = (
-        _end_markers(always_after_user, specials, tags=tags)
-        or _end_markers(closed_tail, specials, tags=tags)
-        or _end_markers(generation_tail, specials, tags=tags)
+    turns = _TurnTexts.render(tokenizer, kwargs)
+    reasoning = _reasoning_markers(template_text, turns.generation_tail)
+    stops, assistant_closing = _derive_stops(turns, specials, extra_stops, getattr(tokenizer, "eos_token", None))
+    lead, block = _derive_system_block(
+        tokenizer, turns, assistant_closing, kwargs, system_prompt, keep_default_system_prompt
     )
-    # an assistant turn ends with its closing marker, or (GLM: no closing marker) where the next user turn opens
-    assistant_closing = _end_markers(assistant_tail, specials, tags=tags)
-    assistant_stops = assistant_closing or _end_markers(between or "", specials, tags=tags)
-    stops = _dedupe([*user_stops, *assistant_stops, *extra_stops])
-    if not stops and getattr(tokenizer, "eos_token", None):
-        stops = [tokenizer.eos_token]
-    split = _default_system_block(
-        tokenizer, before, between, assistant_closing[0] if assistant_closing else None, kwargs
-    )
-    if split is None and not keep_default_system_prompt and system_prompt is None:
-        logger.warning(
-            "Could not locate the user-turn header in this chat template, so a default system block (if any) "
-            "is kept in %r. Pass system_prompt= or pre_query_template= to control it.",
-            before,
-        )
-    lead, block = split or ("", "")
-
     templates = ChatTemplates(
         pre_query="",
         stop_strings=stops,
@@ -631,6 +580,102 @@ def derive_templates(
     templates.pre_query, templates.overrides = templates._user_turn_prompt([], system_prompt)
     return templates
 
+
+def _explicit_reasoning(
+    tokenizer: Any, template_text: str | None, kwargs: Mapping[str, Any]
+) -> ReasoningMarkers | None:
+    """The reasoning markers of a template used with an explicit pre-query (None when it cannot render)."""
+    if not template_text:
+        return None
+    try:
+        rendered = _render(tokenizer, [{"role": "user", "content": USER_SENTINEL}], add_generation_prompt=True,
+                           chat_template_kwargs=kwargs)
+        generation = rendered.split(USER_SENTINEL)[-1]
+        return _reasoning_markers(template_text, generation)
+    except ChatTemplateError as err:
+        logger.debug("no generation prompt rendering: %s", err)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _TurnTexts:
+    """What the template writes around sentinel messages (the pieces stops and system block come from)."""
+
+    before: str  # text before the first user message (BOS, default system block, user header)
+    closed_tail: str  # after a lone user message, no generation prompt
+    generation_tail: str  # after a lone user message, with the generation prompt
+    answered_tail: str  # after the user message of a [user, assistant] rendering
+    assistant_tail: str  # after the assistant message of a [user, assistant] rendering ("" when it fails)
+    between: str | None  # between the assistant message and a second user message (None when it fails)
+
+    @classmethod
+    def render(cls, tokenizer: Any, kwargs: Mapping[str, Any]) -> _TurnTexts:
+        def render(messages: list[Message], generation_prompt: bool = False) -> str:
+            return _render(tokenizer, messages, add_generation_prompt=generation_prompt, chat_template_kwargs=kwargs)
+
+        user = {"role": "user", "content": USER_SENTINEL}
+        assistant = {"role": "assistant", "content": ASSISTANT_SENTINEL}
+        before, closed_tail = _split_at(render([user]), USER_SENTINEL)
+        _, generation_tail = _split_at(render([user], True), USER_SENTINEL)
+        try:
+            reply = render([user, assistant])
+            _, answered_tail = _split_at(reply, USER_SENTINEL)
+            _, assistant_tail = _split_at(reply, ASSISTANT_SENTINEL)
+        except ChatTemplateError as err:  # a template that wants more than one turn, or rejects assistant turns
+            logger.debug("assistant turn rendering failed: %s", err)
+            answered_tail, assistant_tail = generation_tail, ""
+        try:
+            third = render([user, assistant, {"role": "user", "content": SECOND_USER_SENTINEL}])
+            between: str | None = third.split(ASSISTANT_SENTINEL, 1)[1].split(SECOND_USER_SENTINEL, 1)[0]
+        except (ChatTemplateError, IndexError) as err:
+            logger.debug("multi-turn rendering failed: %s", err)
+            between = None
+        return cls(before, closed_tail, generation_tail, answered_tail, assistant_tail, between)
+
+
+def _derive_stops(
+    turns: _TurnTexts, specials: Sequence[str], extra_stops: Sequence[str], eos_token: str | None
+) -> tuple[list[str], list[str]]:
+    """The stop strings (end of a user turn, end of an assistant turn, ``extra_stops``; eos when none is
+    found) and the assistant turn's closing markers."""
+    tags = [tag for pair in REASONING_TAGS for tag in pair]
+    # what ALWAYS follows a user turn: the common start of the generation prompt and of an answered turn
+    # (<｜Assistant｜><think>\n vs <｜Assistant｜>reply: <｜Assistant｜>), so no thinking tag leaks into the stop
+    always_after_user = os.path.commonprefix([turns.generation_tail, turns.answered_tail])
+    user_stops = (
+        _end_markers(always_after_user, specials, tags=tags)
+        or _end_markers(turns.closed_tail, specials, tags=tags)
+        or _end_markers(turns.generation_tail, specials, tags=tags)
+    )
+    # an assistant turn ends with its closing marker, or (GLM: no closing marker) where the next user turn opens
+    assistant_closing = _end_markers(turns.assistant_tail, specials, tags=tags)
+    assistant_stops = assistant_closing or _end_markers(turns.between or "", specials, tags=tags)
+    stops = _dedupe([*user_stops, *assistant_stops, *extra_stops])
+    if not stops and eos_token:
+        stops = [eos_token]
+    return stops, assistant_closing
+
+
+def _derive_system_block(
+    tokenizer: Any,
+    turns: _TurnTexts,
+    assistant_closing: Sequence[str],
+    kwargs: Mapping[str, Any],
+    system_prompt: str | None,
+    keep_default_system_prompt: bool,
+) -> tuple[str, str]:
+    """``(lead, default_system_block)`` of the text before the first user turn; ``("", "")`` when the
+    user-turn header cannot be located (the whole prefix then stays in the pre-query)."""
+    split = _default_system_block(
+        tokenizer, turns.before, turns.between, assistant_closing[0] if assistant_closing else None, kwargs
+    )
+    if split is None and not keep_default_system_prompt and system_prompt is None:
+        logger.warning(
+            "Could not locate the user-turn header in this chat template, so a default system block (if any) "
+            "is kept in %r. Pass system_prompt= or pre_query_template= to control it.",
+            turns.before,
+        )
+    return split or ("", "")
 
 def _stop_token_ids(tokenizer: Any, stops: Sequence[str], specials: Sequence[str]) -> list[int]:
     ids: list[Any] = []

@@ -56,6 +56,69 @@ class _Row:
     grammar: Any = None  # grammar state (GrammarRowState) when decoding is constrained (JSON schema, regex)
 
 
+@dataclass
+class _LoopRun:
+    """One call of the continuous-batching loop: its queue, its results and what every step uses."""
+
+    prompt_ids: list[list[int]]  # token ids of each distinct prompt (``_Row.prompt`` indexes it)
+    waiting: list[_Row]  # rows not admitted yet, the next one last
+    results: list[Completion | None]  # one per requested completion, filled as rows finish
+    progress: Any  # the progress callback, or None
+    stop_ids: set[int]  # token ids that end a row (eos and ``stop_token_ids``), left out of its text
+    stops: list[str]  # stop strings, looked for in the decoded tail of each row
+    tail_tokens: int  # how many trailing tokens are decoded to look for them
+    penalty: Any  # RepetitionPenaltyLogitsProcessor, or None
+    constraint: Any  # GrammarConstraint (JSON schema, regex), or None
+    first_token_rule: _FirstTokenRule | None
+    sampler: _RowSampler | None  # None when greedy
+    batch_size: int
+    refill_at: int  # admit waiting rows once this many slots are free
+    pad_id: int
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded and their decoding state, one row of each tensor per row."""
+
+    rows: list[_Row] = field(default_factory=list)
+    cache: Any = None  # DynamicCache, None while the batch is empty
+    mask: Any = None  # attention mask [rows, width], left padded
+    positions: Any = None  # position of each row's next token [rows]
+    logits: Any = None  # logits of each row's next token [rows, vocab]
+    ids_seen: Any = None  # prompt and generated ids [rows, width] for the repetition penalty; None without one
+
+    def add(self, rows: list[_Row], prefilled: tuple, track_ids: bool) -> None:
+        """Append ``rows`` with their ``prefilled`` state (:meth:`TransformersEngine._prefill`)."""
+        if self.cache is None:
+            self.cache, self.mask, self.positions, self.logits, self.ids_seen = prefilled
+        else:
+            old = (self.cache, self.mask, self.positions, self.logits, self.ids_seen)
+            self.cache, self.mask, self.positions, self.logits, self.ids_seen = _merge(old, prefilled)
+        self.rows.extend(rows)
+        if not track_ids:
+            self.ids_seen = None
+
+    def keep(self, keep: list[int], next_tokens: Any) -> Any:
+        """Drop the rows not in ``keep`` (non-empty) and the padding columns no row needs any more;
+        returns the ``next_tokens`` of the rows kept."""
+        import torch
+
+        if len(keep) == len(self.rows):
+            return next_tokens
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, next_tokens = self.mask[index], self.positions[index], next_tokens[index]
+        if self.ids_seen is not None:
+            self.ids_seen = self.ids_seen[index]
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, trimmed = _trim_left(self.mask)
+        if trimmed:
+            _slice_cache(self.cache, trimmed)
+            if self.ids_seen is not None:
+                self.ids_seen = self.ids_seen[:, trimmed:]
+        return next_tokens
+
+
 class _RowSampler:
     """Samples one token per row, each row from its own random stream.
 
@@ -280,7 +343,24 @@ class TransformersEngine(Engine):
     def _generate_loop(
         self, prompts: list[str], sampling: SamplingConfig, generators: list[Any], progress: Any
     ) -> list[Completion]:
+        """Decode every completion of ``prompts``; each iteration admits waiting rows into free slots,
+        chooses the next token of every row, retires the rows that finished, and runs one decoding step."""
         import torch
+
+        run = self._plan_loop(prompts, sampling, generators, progress)
+        batch = _Batch()
+        with torch.inference_mode():
+            while batch.rows or run.waiting:
+                self._admit(run, batch)
+                next_tokens = self._retire(run, batch, self._choose(run, batch))
+                if next_tokens is not None:
+                    self._step(batch, next_tokens)
+        return run.results  # type: ignore[return-value]
+
+    def _plan_loop(
+        self, prompts: list[str], sampling: SamplingConfig, generators: list[Any], progress: Any
+    ) -> _LoopRun:
+        """Tokenize the distinct prompts, queue one :class:`_Row` per completion, and fix what every step uses."""
         from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
         tok = self._tokenizer
@@ -298,128 +378,124 @@ class TransformersEngine(Engine):
             for k in range(n)
         ]
         waiting.reverse()  # pop() from the end keeps the requested order
-        results: list[Completion | None] = [None] * len(waiting)
 
-        stop_ids = self._eos_ids | set(sampling.stop_token_ids)
         stops = [s for s in sampling.stop if s]
-        # enough trailing tokens to contain any stop string (every token decodes to >= 1 char, plus slack
-        # for tokens that decode to partial UTF-8)
-        tail_tokens = max((len(s) for s in stops), default=0) + 4
-        penalty = (
-            RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty) if sampling.repetition_penalty != 1 else None
-        )
-        constraint = self._constraint(sampling)
-        first_token_rule = _FirstTokenRule.of(sampling)
         batch_size = max(1, self.batch_size)
-        sampler = None if sampling.greedy else _RowSampler(sampling)
-        # refill when a quarter of the slots are free: prefill and cache merges are not free
-        refill_at = max(1, batch_size // 4)
-        device = self.device
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        return _LoopRun(
+            prompt_ids=prompt_ids,
+            waiting=waiting,
+            results=[None] * len(waiting),
+            progress=progress,
+            stop_ids=self._eos_ids | set(sampling.stop_token_ids),
+            stops=stops,
+            # enough trailing tokens to contain any stop string (every token decodes to >= 1 char, plus slack
+            # for tokens that decode to partial UTF-8)
+            tail_tokens=max((len(s) for s in stops), default=0) + 4,
+            penalty=(
+                RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
+                if sampling.repetition_penalty != 1
+                else None
+            ),
+            constraint=self._constraint(sampling),
+            first_token_rule=_FirstTokenRule.of(sampling),
+            sampler=None if sampling.greedy else _RowSampler(sampling),
+            batch_size=batch_size,
+            # refill when a quarter of the slots are free: prefill and cache merges are not free
+            refill_at=max(1, batch_size // 4),
+            pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        )
 
-        active: list[_Row] = []
-        cache = None
-        mask = ids_seen = positions = logits = None
+    def _admit(self, run: _LoopRun, batch: _Batch) -> None:
+        """Admit waiting rows into the free slots of ``batch`` (prefilled, then merged into its cache)."""
+        free = run.batch_size - len(batch.rows)
+        if not run.waiting or (free < run.refill_at and batch.rows):
+            return
+        new_rows = [run.waiting.pop() for _ in range(min(free, len(run.waiting)))]
+        if run.constraint is not None:
+            for row in new_rows:
+                row.grammar = run.constraint.new_row()
+        batch.add(new_rows, self._prefill(new_rows, run.prompt_ids, run.pad_id), track_ids=run.penalty is not None)
 
-        def finish(row: _Row, reason: str) -> None:
-            results[row.slot] = completion = self._completion(row.tokens, stops, reason == "stop")
-            if progress is not None:
-                progress(1, completion.num_tokens)
+    def _choose(self, run: _LoopRun, batch: _Batch) -> Any:
+        """The next token of every row of ``batch`` (a ``[rows]`` tensor)."""
+        scores = batch.logits.float()
+        if run.penalty is not None:
+            scores = run.penalty(batch.ids_seen, scores)
+        if run.constraint is not None:
+            scores = run.constraint.mask(scores, [row.grammar for row in batch.rows])
+        if run.first_token_rule is not None:  # the rows about to choose their first token
+            scores = run.first_token_rule.apply(scores, [i for i, row in enumerate(batch.rows) if not row.tokens])
+        if run.sampler is None:
+            return scores.argmax(dim=-1)
+        return run.sampler.choose(scores, [row.generator for row in batch.rows])
 
-        with torch.inference_mode():
-            while active or waiting:
-                # ---- admit waiting rows into free slots
-                free = batch_size - len(active)
-                if waiting and (free >= refill_at or not active):
-                    new_rows = [waiting.pop() for _ in range(min(free, len(waiting)))]
-                    if constraint is not None:
-                        for row in new_rows:
-                            row.grammar = constraint.new_row()
-                    new = self._prefill(new_rows, prompt_ids, pad_id)
-                    if cache is None:
-                        cache, mask, positions, logits, ids_seen = new
-                    else:
-                        cache, mask, positions, logits, ids_seen = _merge((cache, mask, positions, logits, ids_seen), new)
-                    active.extend(new_rows)
-                    if penalty is None:
-                        ids_seen = None
+    def _retire(self, run: _LoopRun, batch: _Batch, next_tokens: Any) -> Any:
+        """Record ``next_tokens``, finish the rows that are done and drop them from ``batch``.
 
-                # ---- choose the next token of every active row
-                scores = logits.float()
-                if penalty is not None:
-                    scores = penalty(ids_seen, scores)
-                if constraint is not None:
-                    scores = constraint.mask(scores, [row.grammar for row in active])
-                if first_token_rule is not None:  # the rows about to choose their first token
-                    scores = first_token_rule.apply(scores, [i for i, row in enumerate(active) if not row.tokens])
-                if sampler is None:
-                    next_tokens = scores.argmax(dim=-1)
-                else:
-                    next_tokens = sampler.choose(scores, [row.generator for row in active])
-                chosen = next_tokens.tolist()
+        Returns the next tokens of the rows left, or None when none is left (the batch is then empty).
+        """
+        keep = self._unfinished(run, batch.rows, next_tokens.tolist())
+        if not keep:
+            batch.rows, batch.cache = [], None
+            return None
+        return batch.keep(keep, next_tokens)
 
-                keep: list[int] = []
-                tails: list[list[int]] = []
-                tail_rows: list[int] = []
-                for i, (row, token) in enumerate(zip(active, chosen)):
-                    if row.grammar is not None:
-                        row.grammar.accept(token)
-                    if token in stop_ids:
-                        finish(row, "stop")
-                        continue
-                    row.tokens.append(token)
-                    if stops:
-                        tails.append(row.tokens[-tail_tokens:])
-                        tail_rows.append(i)
-                    keep.append(i)
-                if tails:
-                    stopped = {
-                        i
-                        for i, text in zip(tail_rows, tok.batch_decode(tails, skip_special_tokens=False))
-                        if any(s in text for s in stops)
-                    }
-                    if stopped:
-                        for i in stopped:
-                            finish(active[i], "stop")
-                        keep = [i for i in keep if i not in stopped]
-                done_by_length = {i for i in keep if len(active[i].tokens) >= active[i].limit}
-                for i in done_by_length:
-                    finish(active[i], "length")
-                if done_by_length:
-                    keep = [i for i in keep if i not in done_by_length]
+    def _unfinished(self, run: _LoopRun, rows: list[_Row], chosen: list[int]) -> list[int]:
+        """Append each row's ``chosen`` token and finish the rows that stopped or reached their limit;
+        returns the indices of the rows that go on."""
+        keep: list[int] = []
+        tails: list[list[int]] = []
+        tail_rows: list[int] = []
+        for i, (row, token) in enumerate(zip(rows, chosen)):
+            if row.grammar is not None:
+                row.grammar.accept(token)
+            if token in run.stop_ids:
+                self._finish(run, row, "stop")
+                continue
+            row.tokens.append(token)
+            if run.stops:
+                tails.append(row.tokens[-run.tail_tokens :])
+                tail_rows.append(i)
+            keep.append(i)
+        if tails:
+            stopped = {
+                i
+                for i, text in zip(tail_rows, self._tokenizer.batch_decode(tails, skip_special_tokens=False))
+                if any(s in text for s in run.stops)
+            }
+            if stopped:
+                for i in stopped:
+                    self._finish(run, rows[i], "stop")
+                keep = [i for i in keep if i not in stopped]
+        done_by_length = {i for i in keep if len(rows[i].tokens) >= rows[i].limit}
+        for i in done_by_length:
+            self._finish(run, rows[i], "length")
+        if done_by_length:
+            keep = [i for i in keep if i not in done_by_length]
+        return keep
 
-                # ---- drop finished rows from the batch
-                if len(keep) < len(active):
-                    if not keep:
-                        active, cache = [], None
-                        continue
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
-                    if ids_seen is not None:
-                        ids_seen = ids_seen[index]
-                    active = [active[i] for i in keep]
-                    mask, trimmed = _trim_left(mask)
-                    if trimmed:
-                        _slice_cache(cache, trimmed)
-                        if ids_seen is not None:
-                            ids_seen = ids_seen[:, trimmed:]
+    def _finish(self, run: _LoopRun, row: _Row, reason: str) -> None:
+        run.results[row.slot] = completion = self._completion(row.tokens, run.stops, reason == "stop")
+        if run.progress is not None:
+            run.progress(1, completion.num_tokens)
 
-                # ---- one decoding step
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                if ids_seen is not None:
-                    ids_seen = torch.cat([ids_seen, next_tokens[:, None]], dim=1)
-                out = self.model(
-                    input_ids=next_tokens[:, None],
-                    attention_mask=mask,
-                    position_ids=positions[:, None],
-                    **{self._cache_kwarg: cache},
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                positions = positions + 1
-                logits = out.logits[:, -1, :]
-        return results  # type: ignore[return-value]
+    def _step(self, batch: _Batch, next_tokens: Any) -> None:
+        """One decoding step: feed ``next_tokens`` (one per row) and keep the logits of the token after them."""
+        import torch
+
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
+        if batch.ids_seen is not None:
+            batch.ids_seen = torch.cat([batch.ids_seen, next_tokens[:, None]], dim=1)
+        out = self.model(
+            input_ids=next_tokens[:, None],
+            attention_mask=batch.mask,
+            position_ids=batch.positions[:, None],
+            **{self._cache_kwarg: batch.cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        batch.positions = batch.positions + 1
+        batch.logits = out.logits[:, -1, :]
 
     def _prefill(self, rows: list[_Row], prompt_ids: list[list[int]], pad_id: int):
         """Run the distinct prompts of ``rows`` once and expand the cache to one row per completion."""

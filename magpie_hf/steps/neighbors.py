@@ -202,27 +202,11 @@ def find_neighbors(
     n, d = x.shape
     info: dict[str, Any] = {"rows": n, "dim": d, "threshold": threshold}
 
-    if n <= exact_max_rows:
-        cpu_index = faiss.IndexFlatL2(d)
-        cpu_index.add(x)
-        info["index"] = "Flat"
-    else:
-        nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-        quantizer = faiss.IndexFlatL2(d)
-        cpu_index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
-        rng = np.random.default_rng(seed)
-        train = x[np.sort(rng.choice(n, size=min(n, nlist * 32), replace=False))]
-        cpu_index.cp.seed = seed
-        cpu_index.cp.niter = 10
-        cpu_index.train(train)
-        cpu_index.add(x)
-        info.update(index=f"IVF{nlist},Flat", nlist=nlist)
-
+    cpu_index = _build_index(x, exact_max_rows=exact_max_rows, nlist=nlist, seed=seed, info=info)
     if use_gpu is None:
         use_gpu = faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_all_gpus")
     index = faiss.index_cpu_to_all_gpus(cpu_index) if use_gpu else cpu_index
     info["gpu"] = bool(use_gpu)
-
     if isinstance(cpu_index, faiss.IndexIVF):
         if nprobe is None:
             nprobe, recall = _calibrate_nprobe(index, x, cpu_index.nlist, target_recall, calibration_rows, seed)
@@ -231,6 +215,47 @@ def find_neighbors(
         _search_params(cpu_index, nprobe)
         info["nprobe"] = nprobe
 
+    min_distance, nearest, repeat_count, components, heavy = _knn_pass(
+        index, x, k=k, threshold=threshold, chunk_size=chunk_size, zero_tolerance=zero_tolerance, progress=progress
+    )
+    # rows whose k nearest others were all repeats may have more: count them without a cap
+    info["range_searched_rows"] = int(len(heavy))
+    _recount_saturated(
+        cpu_index, x, heavy, repeat_count, components, threshold=threshold, chunk_size=range_chunk_size, progress=progress
+    )
+    return NeighborResult(min_distance, nearest, repeat_count, components.root, info)
+
+
+def _build_index(x: np.ndarray, *, exact_max_rows: int, nlist: int | None, seed: int, info: dict[str, Any]) -> Any:
+    """A CPU faiss index holding ``x``: flat (exact) up to ``exact_max_rows`` rows, else a trained IVF-Flat;
+    records its kind in ``info``."""
+    import faiss
+
+    n, d = x.shape
+    if n <= exact_max_rows:
+        cpu_index = faiss.IndexFlatL2(d)
+        cpu_index.add(x)
+        info["index"] = "Flat"
+        return cpu_index
+    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+    quantizer = faiss.IndexFlatL2(d)
+    cpu_index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+    rng = np.random.default_rng(seed)
+    train = x[np.sort(rng.choice(n, size=min(n, nlist * 32), replace=False))]
+    cpu_index.cp.seed = seed
+    cpu_index.cp.niter = 10
+    cpu_index.train(train)
+    cpu_index.add(x)
+    info.update(index=f"IVF{nlist},Flat", nlist=nlist)
+    return cpu_index
+
+
+def _knn_pass(
+    index: Any, x: np.ndarray, *, k: int, threshold: float, chunk_size: int, zero_tolerance: float, progress: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, _Components, np.ndarray]:
+    """Search the ``k`` nearest others of every row: ``(min_distance, nearest, repeat_count, components,
+    saturated)``, repeats capped at ``k`` and ``saturated`` the rows whose ``k`` nearest others are all repeats."""
+    n = len(x)
     min_distance = np.full(n, np.nan, dtype=np.float32)
     nearest = np.full(n, -1, dtype=np.int64)
     repeat_count = np.zeros(n, dtype=np.int64)
@@ -253,12 +278,24 @@ def find_neighbors(
         components.union(rows[r], I[r, c])
         bar.update(stop - start)
     bar.close()
+    return min_distance, nearest, repeat_count, components, np.concatenate(saturated)
 
-    # rows whose k nearest others were all repeats may have more: count them without a cap
-    heavy = np.concatenate(saturated)
-    info["range_searched_rows"] = int(len(heavy))
+
+def _recount_saturated(
+    cpu_index: Any,
+    x: np.ndarray,
+    heavy: np.ndarray,
+    repeat_count: np.ndarray,
+    components: _Components,
+    *,
+    threshold: float,
+    chunk_size: int,
+    progress: bool,
+) -> None:
+    """Rows whose k nearest others were all repeats may have more: count them without a cap (a range
+    search), updating ``repeat_count`` and ``components`` in place."""
     for start, stop in tqdm(
-        list(_chunks(len(heavy), range_chunk_size)), desc="repeat clusters", disable=not progress or not len(heavy)
+        list(_chunks(len(heavy), chunk_size)), desc="repeat clusters", disable=not progress or not len(heavy)
     ):
         rows = heavy[start:stop]
         lims, D, I = cpu_index.range_search(x[rows], threshold)
@@ -267,9 +304,6 @@ def find_neighbors(
         counted = np.bincount(slot[other], minlength=len(rows))
         repeat_count[rows] = np.maximum(repeat_count[rows], counted)
         components.union(rows[slot[other]], I[other])
-
-    return NeighborResult(min_distance, nearest, repeat_count, components.root, info)
-
 
 @dataclasses.dataclass(kw_only=True)
 class Neighbors(GlobalStep):
