@@ -77,10 +77,10 @@ from magpie_hf.recipe.outputs import (
     preference_outputs,
     reasoning_outputs,
 )
+from magpie_hf.recipe.parser import recipe_command
 from magpie_hf.recipe.provenance import (
     language_report,
     reasoning_report,
-    recipe_command,
     reproducibility_report,
     run_info,
 )

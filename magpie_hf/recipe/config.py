@@ -38,8 +38,7 @@ from magpie_hf.recipe.arguments import (
     check_limits,
     read_task_prompts,
 )
-from magpie_hf.recipe.parser import ConfigParser, parse_json_object
-from magpie_hf.recipe.provenance import recipe_command
+from magpie_hf.recipe.parser import ConfigParser, parse_json_object, recipe_command
 
 if TYPE_CHECKING:
     from magpie_hf.prompts.tasks import TaskMix

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,7 +28,8 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from magpie_hf.errors import ConfigError
-from magpie_hf.steps.base import jsonable
+from magpie_hf.utils.redaction import redact
+from magpie_hf.utils.serialization import jsonable
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -222,3 +224,8 @@ def parse_json_object(text: str | dict | None, flag: str) -> dict[str, Any] | No
     if not isinstance(value, dict):
         raise ValueError(f"{flag} must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
     return value
+
+
+def recipe_command(argv: Sequence[str] | None = None) -> str:
+    """The command line that ran this recipe, for provenance (secrets masked: :func:`magpie_hf.utils.redaction.redact`)."""
+    return redact(shlex.join(["python", *(sys.argv if argv is None else argv)]))

@@ -5,20 +5,12 @@ sampling and seeds, what the run's seed guarantees, the language and reasoning r
 
 from __future__ import annotations
 
-import shlex
-import sys
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from magpie_hf.engines import resolve_backend
-from magpie_hf.utils.redaction import redact
 
 if TYPE_CHECKING:
     from magpie_hf.recipe.config import RecipeConfig
-
-
-def recipe_command(argv: Sequence[str] | None = None) -> str:
-    """The command line that ran this recipe, for provenance (secrets masked: :func:`magpie_hf.utils.redaction.redact`)."""
-    return redact(shlex.join(["python", *(sys.argv if argv is None else argv)]))
 
 
 def language_report(config: RecipeConfig, stages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
