@@ -16,11 +16,11 @@ from magpie_hf.prompts.labels import TASK_CATEGORIES
 from magpie_hf.prompts.tasks import (
     TASK_PROMPT_CATEGORIES,
     TASK_PROMPTS,
-    TaskControlledInstructions,
     TaskMix,
     looks_like_math,
     parse_task_mix,
 )
+from magpie_hf.steps.task_control import TaskControlledInstructions
 from magpie_hf.templates import ChatTemplateError
 from tests.conftest import chat_template_fixtures
 
