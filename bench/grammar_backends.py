@@ -52,15 +52,10 @@ def constraints() -> dict[str, tuple[str, object]]:
 
 def strict(schema: object) -> object:
     """``additionalProperties: false`` on every object that lists properties and says nothing else (xgrammar's
-    strict mode, which vLLM's xgrammar backend uses)."""
-    if isinstance(schema, dict):
-        out = {k: strict(v) for k, v in schema.items()}
-        if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
-            out["additionalProperties"] = False
-        return out
-    if isinstance(schema, list):
-        return [strict(v) for v in schema]
-    return schema
+    strict mode, vLLM's ``disable_additional_properties``): what the library compiles."""
+    from magpie_hf.engines.constrained import JSON_GRAMMAR
+
+    return JSON_GRAMMAR.json_schema(schema)
 
 
 def python_accepts(kind: str, spec: object, text: str) -> bool:
