@@ -47,7 +47,7 @@ def run_recipe(config: RecipeConfig, steps: StepChain, finish: Finish | None = N
     (``{"raw": ...}``) and extra provenance for the card; by default the last stage is the ``raw`` config.
     ``--dry-run`` prints the resolved configuration and the stage plan and loads nothing. What the user's
     settings, files, servers or Hub cause is raised as a :class:`~magpie_hf.errors.MagpieError`
-    (:func:`magpie_hf.cli.errors.exit_on_error` turns it into one ``error:`` line).
+    (:func:`magpie_hf.cli.command.command_line` turns it into one ``error:`` line).
     """
     from magpie_hf.pipeline import Pipeline
 
