@@ -4,4 +4,5 @@ import sys
 
 from magpie_hf.cli.app import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (a tool that walks the package) runs nothing
+    sys.exit(main())
