@@ -272,7 +272,7 @@ class GrammarConstraint:
             self._matcher = _compiled(tokenizer, size, stops, kind, spec)
         except ValueError as err:
             raise ValueError(f"Cannot compile {what} for constrained decoding: {err}") from err
-        ll_tokenizer = _CACHE[tokenizer][(size, stops)]
+        ll_tokenizer = _ll_tokenizer(tokenizer, size, stops)  # cached by _compiled
         self.vocab_size = ll_tokenizer.vocab_size
         self.stop_token_ids = tuple(stops) or (ll_tokenizer.eos_token,)
         self._bitmask: Any = None
